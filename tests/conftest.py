@@ -1,0 +1,25 @@
+import os
+
+# Tests never reach a model hub: fail fast instead of retrying for half a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    from align.models import tiny_causal_lm
+
+    return tiny_causal_lm(seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct (converted once, then loaded from the cache)."""
+    from align.models import load_model
+
+    return load_model("smollm2-135m-instruct")

@@ -35,7 +35,9 @@ def main() -> None:
     gguf = embedded_gguf_path()
     cached = timed(lambda: load_model(), args.repeats)
     from_gguf = timed(
-        lambda: AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32),
+        lambda: AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        ),
         args.repeats,
     )
     print(f"{'load path':<34}{'median s':>10}")

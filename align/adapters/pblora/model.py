@@ -1,0 +1,17 @@
+"""PBLoRA tuner: injects PBLoRA layers into a transformers model."""
+
+from __future__ import annotations
+
+from align.adapters.base import PreferenceTuner
+from align.adapters.config_utils import QKV_TARGET_MODULES
+from align.adapters.pblora.layer import Linear, PBLoraLayer
+
+
+class PBLoraModel(PreferenceTuner):
+    """``get_peft_model(model, PBLoraConfig(objectives=[...]))`` builds one of these."""
+
+    prefix = "pblora_"
+    tuner_layer_cls = PBLoraLayer
+    layer_cls = PBLoraLayer
+    linear_cls = Linear
+    target_module_mapping = QKV_TARGET_MODULES

@@ -57,6 +57,10 @@ def test_missing_and_empty_folders_give_clear_errors(tmp_path):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(tmp_path)
+    model, _ = tiny_causal_lm()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="holds no tokenizer"):
+        load_model(tmp_path)
 
 
 def test_hub_id_without_network_names_the_embedded_alternative(monkeypatch):

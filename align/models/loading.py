@@ -162,11 +162,20 @@ def _hub_error(name: str, error: Exception) -> ModelLoadError:
     )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(
     name_or_path: str | os.PathLike = EMBEDDED_MODEL, **kwargs: Any
 ) -> PreTrainedTokenizerBase:
     """The tokenizer of a model, with a pad token (EOS when the model has none)."""
     source = resolve_model_path(name_or_path)
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{folder} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); save one next to the "
+            f"weights with tokenizer.save_pretrained({str(folder)!r})"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as error:

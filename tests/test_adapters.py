@@ -314,7 +314,7 @@ def test_gradients_with_gradient_checkpointing_equal_those_without(kind, which):
     plain = adapter_gradients(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    assert model.base_model.model.is_gradient_checkpointing
+    assert model.base_model.model.is_activation_checkpointing
     checkpointed = adapter_gradients(model, batch)
     assert plain.keys() == checkpointed.keys() and plain
     for name in plain:

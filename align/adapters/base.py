@@ -264,11 +264,10 @@ class PreferenceTuner(BaseTuner):
         if preference is None:
             yield
             return
-        if (
-            self.model.training
-            and getattr(self.model, "is_gradient_checkpointing", False)
-            and torch.is_grad_enabled()
-        ):
+        checkpointing = getattr(self.model, "is_activation_checkpointing", None)
+        if checkpointing is None:  # the name before transformers 5
+            checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
+        if self.model.training and checkpointing and torch.is_grad_enabled():
             # The recompute in backward would run after α is restored, with the wrong α.
             raise RuntimeError(
                 "pref= for a single call is unsafe with gradient checkpointing during training; "

@@ -358,3 +358,25 @@ def test_quantized_base_trains_one_step_with_finite_gradients(kind, bits, tmp_pa
     after = dict(model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert torch.isfinite(model(**batch, labels=batch["input_ids"]).loss)
+
+
+def test_import_align_alone_registers_the_tuners_for_from_pretrained(tmp_path):
+    import subprocess
+    import sys
+
+    model, tokenizer = tiny_causal_lm()
+    get_peft_model(model, make_config("pblora")).save_pretrained(tmp_path / "adapter")
+    script = f"""
+import align, torch
+from peft import PeftModel
+from align.models import tiny_causal_lm
+base, tok = tiny_causal_lm()
+model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r})
+align.adapters.set_preference(model, "helpful=0.5,harmless=0.5")
+print(type(model.base_model).__name__, model(**tok(["hi"], return_tensors="pt")).logits.shape)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "PBLoraModel" in result.stdout

@@ -1,5 +1,45 @@
-"""Datasets: the shipped prompt set (and, later, the multi-objective preference schema)."""
+"""Datasets: the shipped prompt set and the multi-objective preference schema with its loaders."""
 
+from align.data.loaders import (
+    detect_layout,
+    load_per_objective_pairs,
+    load_pku_saferlhf,
+    load_preference_data,
+    load_schema,
+    read_source,
+    split_transcripts,
+    train_test_split_pairs,
+)
 from align.data.prompts import load_prompts
+from align.data.schema import (
+    PREFERRED_PREFIX,
+    TIE,
+    load_jsonl,
+    make_preference_dataset,
+    objectives_of,
+    pairs_for_objective,
+    preferred_column,
+    save_preference_dataset,
+    validate_preference_dataset,
+)
 
-__all__ = ["load_prompts"]
+__all__ = [
+    "PREFERRED_PREFIX",
+    "TIE",
+    "detect_layout",
+    "load_jsonl",
+    "load_per_objective_pairs",
+    "load_pku_saferlhf",
+    "load_preference_data",
+    "load_prompts",
+    "load_schema",
+    "make_preference_dataset",
+    "objectives_of",
+    "pairs_for_objective",
+    "preferred_column",
+    "read_source",
+    "save_preference_dataset",
+    "split_transcripts",
+    "train_test_split_pairs",
+    "validate_preference_dataset",
+]

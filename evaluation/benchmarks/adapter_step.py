@@ -35,7 +35,12 @@ def dense_update_forward(self, x, *args, **kwargs):
     for adapter in self.active_adapters:
         alpha = self._require_preference(adapter)
         core = self.pblora_core[adapter].matrix(alpha)
-        delta = self.pblora_B[adapter].weight @ core @ self.pblora_A[adapter].weight * self.scaling[adapter]
+        delta = (
+            self.pblora_B[adapter].weight
+            @ core
+            @ self.pblora_A[adapter].weight
+            * self.scaling[adapter]
+        )
         result = result + F.linear(x, delta)
     return result
 
@@ -52,11 +57,17 @@ class DenseUpdatePBLoraPatch:
 def build(name):
     base, _ = load_model()
     if name == "LoRA r=8":
-        return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+        return get_peft_model(
+            base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
+        )
     if name == "SVD-LoRA r=8":
-        model = get_peft_model(base, SVDLoraConfig(objectives=OBJECTIVES, r=8, target_modules=TARGETS))
+        model = get_peft_model(
+            base, SVDLoraConfig(objectives=OBJECTIVES, r=8, target_modules=TARGETS)
+        )
     else:
-        config = PBLoraConfig(objectives=OBJECTIVES, r1=4, r2=4, lora_dropout=0.0, target_modules=TARGETS)
+        config = PBLoraConfig(
+            objectives=OBJECTIVES, r1=4, r2=4, lora_dropout=0.0, target_modules=TARGETS
+        )
         model = get_peft_model(base, config)
         if name.startswith("PBLoRA dense"):
             DenseUpdatePBLoraPatch(model)
@@ -83,7 +94,8 @@ def main() -> None:
     names = ["LoRA r=8", "PBLoRA r1=r2=4", "SVD-LoRA r=8", "PBLoRA dense ΔW per forward"]
     models = {name: build(name).train() for name in names}
     optimizers = {
-        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for name, m in models.items()
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        for name, m in models.items()
     }
     generator = torch.Generator().manual_seed(0)
     vocab = models[names[0]].config.vocab_size
@@ -96,14 +108,18 @@ def main() -> None:
             times[name].append(step(models[name], batch, optimizers[name]))
 
     lora = statistics.median(times[names[0]])
-    print(f"forward+backward+AdamW step, embedded SmolLM2-135M, batch {args.batch} x {args.seq} tokens, "
-          f"{args.rounds} rounds, {torch.get_num_threads()} threads")
+    print(
+        f"forward+backward+AdamW step, embedded SmolLM2-135M, batch {args.batch} x {args.seq} tokens, "
+        f"{args.rounds} rounds, {torch.get_num_threads()} threads"
+    )
     print(f"{'adapter':<30}{'median s':>10}{'min s':>9}{'vs LoRA':>9}")
     for name in names:
         median = statistics.median(times[name])
         print(f"{name:<30}{median:>10.3f}{min(times[name]):>9.3f}{median / lora:>8.2f}x")
     dense = statistics.median(times[names[3]])
-    print(f"PBLoRA low-rank path is {dense / statistics.median(times[names[1]]):.2f}x faster than the dense-update variant")
+    print(
+        f"PBLoRA low-rank path is {dense / statistics.median(times[names[1]]):.2f}x faster than the dense-update variant"
+    )
 
 
 if __name__ == "__main__":

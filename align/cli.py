@@ -125,5 +125,128 @@ def demo(
         console.print(f"wrote {output}")
 
 
+def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
+    texts = list(prompts)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise typer.BadParameter(f"no such file: {prompts_file}", param_hint="--prompts-file")
+        lines = [
+            line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+        if prompts_file.suffix == ".jsonl":
+            try:
+                texts += [json.loads(line)["prompt"] for line in lines]
+            except (json.JSONDecodeError, KeyError) as error:
+                raise typer.BadParameter(
+                    f"each line of {prompts_file} must be a JSON object with a 'prompt' field",
+                    param_hint="--prompts-file",
+                ) from error
+        else:
+            texts += lines
+    if not texts:
+        raise typer.BadParameter(
+            "give at least one --prompt or a --prompts-file", param_hint="--prompt"
+        )
+    return texts
+
+
+@app.command()
+def generate(
+    arm: Annotated[
+        list[str],
+        typer.Option(
+            help="PARM: one adapter folder. GenARM / MOD: NAME=PATH per objective, in α order."
+        ),
+    ],
+    preference: Annotated[str, typer.Option(help="α, e.g. helpful=0.7,harmless=0.3 (or 0.7,0.3).")],
+    base: Annotated[
+        str, typer.Option(help="The frozen base model (name, folder or hub id).")
+    ] = "smollm2-135m-instruct",
+    mode: Annotated[str, typer.Option(help="parm, genarm or mod.")] = "parm",
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeatable).")] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option(help="Prompts: .txt (one per line) or .jsonl ('prompt').")
+    ] = None,
+    beta: Annotated[float, typer.Option(help="β: the reward term is weighted 1/β (larger β, weaker guidance).")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts decoded together.")] = 8,
+    sample: Annotated[
+        bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")
+    ] = False,
+    temperature: Annotated[float, typer.Option()] = 1.0,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Write JSONL rows here instead of printing.")
+    ] = None,
+) -> None:
+    """Guided decoding: a frozen base steered token by token by PARM / GenARM rewards, or MOD."""
+    from tqdm.auto import tqdm
+
+    from align.decoding import genarm_guidance, guided_generate, mod_guidance, parm_guidance
+    from align.decoding.loading import load_guide
+    from align.io import atomic_file
+    from align.models import load_model
+    from align.preference import Preference
+
+    if mode not in ("parm", "genarm", "mod"):
+        raise typer.BadParameter(
+            f"unknown mode {mode!r}; use parm, genarm or mod", param_hint="--mode"
+        )
+    texts = _read_prompts(prompt or [], prompts_file)
+    base_model, tokenizer = (None, None) if mode == "mod" else load_model(base)
+    if mode == "parm":
+        if len(arm) != 1 or "=" in arm[0]:
+            raise typer.BadParameter("PARM takes one --arm: the adapter folder", param_hint="--arm")
+        model, arm_tokenizer = load_guide(arm[0], base)
+        guidance = parm_guidance(model, beta, tokenizer=arm_tokenizer)
+    else:
+        pairs = [item.split("=", 1) for item in arm]
+        if any(len(pair) != 2 for pair in pairs):
+            raise typer.BadParameter(
+                f"{mode} takes --arm NAME=PATH per objective", param_hint="--arm"
+            )
+        loaded = {name: load_guide(path, base) for name, path in pairs}
+        models = {name: model for name, (model, _) in loaded.items()}
+        tokenizers = [tok for _, tok in loaded.values()]
+        if mode == "genarm":
+            guidance = genarm_guidance(models, beta, tokenizers)
+        else:
+            guidance = mod_guidance(models, tokenizers)
+            tokenizer = tokenizers[0]
+    try:
+        alpha = Preference.parse(preference, guidance.objectives)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--preference") from error
+
+    responses: list[str] = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="guided decoding", unit="batch"):
+        responses += guided_generate(
+            base_model,
+            tokenizer,
+            texts[start : start + batch_size],
+            guidance,
+            alpha,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=None if seed is None else seed + start,
+        )
+    rows = [
+        {"prompt": p, "response": r, "preference": alpha.to_dict(), "mode": mode}
+        for p, r in zip(texts, responses)
+    ]
+    if output is None:
+        for row in rows:
+            console.print(f"[bold]{row['prompt']}[/bold]\n{row['response']}\n")
+        return
+    with atomic_file(output) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    console.print(f"wrote {len(rows)} rows to {output}")
+
+
 if __name__ == "__main__":
     app()

@@ -293,3 +293,41 @@ def test_parm_guidance_on_the_embedded_model_matches_the_reference():
     assert torch.equal(cached, reference)
     answers = guided_generate(base, tokenizer, PROMPTS[:2], guidance, alpha, max_new_tokens=12)
     assert all(answers)
+
+
+def test_generate_cli_with_a_parm_adapter_and_with_genarm_checkpoints(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from align.cli import app
+
+    base, tokenizer = tiny_causal_lm(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    parm_arm().save_pretrained(tmp_path / "parm")
+    for name, seed in (("helpful", 2), ("harmless", 3)):
+        tiny(seed).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
+    runner = CliRunner()
+    common = ["--base", str(tmp_path / "base"), "--max-new-tokens", "6", "--prompts-file", str(prompts)]
+
+    out = tmp_path / "parm.jsonl"
+    result = runner.invoke(app, ["generate", "--arm", str(tmp_path / "parm"), "--preference",
+                                 "helpful=0.7,harmless=0.3", "--output", str(out), *common])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert rows[0]["preference"] == {"helpful": 0.7, "harmless": 0.3} and rows[0]["mode"] == "parm"
+
+    arms = ["--arm", f"helpful={tmp_path / 'helpful'}", "--arm", f"harmless={tmp_path / 'harmless'}"]
+    out = tmp_path / "genarm.jsonl"
+    result = runner.invoke(app, ["generate", "--mode", "genarm", *arms, "--preference", "0.5,0.5",
+                                 "--output", str(out), *common])
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == len(PROMPTS)
+
+    bad = runner.invoke(app, ["generate", "--mode", "genarm", *arms, "--preference", "helpful=2", *common])
+    assert bad.exit_code == 2 and "preference" in bad.output

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
 
@@ -27,7 +27,7 @@ from align.data.schema import (
 )
 from align.preference import check_objectives
 
-Source = Union[str, os.PathLike, Dataset]
+Source = str | os.PathLike | Dataset
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "better_response_id", "safer_response_id")

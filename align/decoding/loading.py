@@ -1,0 +1,29 @@
+"""Loading guiding models (ARMs, PARMs, policies) for decoding from the command line or configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from align.models import load_model
+
+
+def load_guide(reference: str, base: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a guide: a PEFT adapter folder (loaded onto the base it names,
+    or ``base`` when it names none) or any model :func:`align.models.load_model` accepts."""
+    folder = Path(reference).expanduser()
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        return load_model(reference, **kwargs)
+    import align.adapters  # noqa: F401  registers PBLoRA / SVD-LoRA with PEFT
+    from peft import PeftModel
+
+    named = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    source = named or base
+    if source is None:
+        raise ValueError(
+            f"the adapter in {folder} names no base model; pass the base it was trained on"
+        )
+    model, tokenizer = load_model(source, **kwargs)
+    return PeftModel.from_pretrained(model, folder).eval(), tokenizer

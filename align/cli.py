@@ -167,7 +167,9 @@ def generate(
     prompts_file: Annotated[
         Path | None, typer.Option(help="Prompts: .txt (one per line) or .jsonl ('prompt').")
     ] = None,
-    beta: Annotated[float, typer.Option(help="β: the reward term is weighted 1/β (larger β, weaker guidance).")] = 1.0,
+    beta: Annotated[
+        float, typer.Option(help="β: the reward term is weighted 1/β (larger β, weaker guidance).")
+    ] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts decoded together.")] = 8,
     sample: Annotated[

@@ -331,3 +331,29 @@ def test_generate_cli_with_a_parm_adapter_and_with_genarm_checkpoints(tmp_path):
 
     bad = runner.invoke(app, ["generate", "--mode", "genarm", *arms, "--preference", "helpful=2", *common])
     assert bad.exit_code == 2 and "preference" in bad.output
+
+
+def test_parm_sharing_the_base_runs_one_batched_forward_with_the_same_tokens(setup):
+    """PARM = base + adapter on the same module: base rows run with the adapter gated off."""
+    _, tokenizer, batch = setup
+    separate_base = tiny_causal_lm(seed=0)[0]
+    torch.manual_seed(7)
+    config = PBLoraConfig(objectives=list(OBJECTIVES), init_weights=False, lora_dropout=0.0)
+    arm = get_peft_model(tiny_causal_lm(seed=0)[0], config).eval()  # same weights as separate_base
+    with torch.no_grad():
+        for name, p in arm.named_parameters():
+            if "pblora_B" in name:
+                p.mul_(50)
+    shared_base = arm.get_base_model()
+    alpha = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]])
+    guidance = parm_guidance(arm, beta=0.5)
+    shared = decode(shared_base, tokenizer, guidance, batch, alpha)
+    separate = decode(separate_base, tokenizer, guidance, batch, alpha)
+    assert torch.equal(shared, separate)
+    assert not torch.equal(shared, decode(separate_base, tokenizer, parm_guidance(arm, beta=float("inf")), batch, alpha))
+    guidance.beta = float("inf")  # only the gated-off base rows remain: the base's own output
+    expected = separate_base.generate(**batch, max_new_tokens=8, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    assert torch.equal(decode(shared_base, tokenizer, guidance, batch, alpha), expected)
+    # the gate and α were put back: the adapter applies to every row again
+    assert all(layer._row_gate is None for layer in arm.base_model.preference_layers())

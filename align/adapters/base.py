@@ -51,6 +51,9 @@ class PreferenceLayer(BaseTunerLayer):
         self.dropout = nn.ModuleDict({})
         self._preferences: dict[str, torch.Tensor] = {}
         self._merged_preferences: dict[str, torch.Tensor] = {}
+        # Optional per-row on/off switch for the update (B,), so base-model rows and adapted
+        # rows can share one batched forward (guided decoding with PARM = base + adapter).
+        self._row_gate: torch.Tensor | None = None
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
@@ -147,6 +150,8 @@ class PreferenceLayer(BaseTunerLayer):
                     f"give one α per example (generate(pref=...) expands it for beams and samples)"
                 )
             hidden = self._core_apply(adapter, hidden, alpha)
+            if self._row_gate is not None:  # gate the r-dim hidden: cheaper than the output
+                hidden = hidden * self._row_gate.reshape(-1, *([1] * (hidden.ndim - 1))).to(hidden)
             result = result + (self._output_factor[adapter](hidden) * self.scaling[adapter]).to(
                 result_dtype
             )
@@ -248,6 +253,11 @@ class PreferenceTuner(BaseTuner):
                 if name in layer.objectives:
                     layer.set_preference(name, tensor)
         return chosen
+
+    def set_row_gate(self, gate: torch.Tensor | None) -> None:
+        """Per-row 0/1 switch for the adapter's update, shape (B,); None switches it off."""
+        for layer in self.preference_layers():
+            layer._row_gate = gate
 
     def get_preference(self, adapter: str | None = None) -> Preference | None:
         adapter = adapter or self.active_adapters[0]

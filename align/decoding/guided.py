@@ -153,21 +153,62 @@ def sampling_processors(
     return processors
 
 
-def _components(
-    base: nn.Module | None, guidance: Guidance, alpha: torch.Tensor
-) -> list[tuple[nn.Module, torch.Tensor]]:
-    """(model, per-row coefficient) pairs; models whose coefficient is 0 on every row are skipped."""
+@dataclass
+class _Group:
+    """One forward per step: a model (own KV cache) run on ``copies`` stacked copies of the
+    batch, copy i weighted by ``coefficients[i]`` (per row)."""
+
+    scorer: _CachedScorer
+    coefficients: list[torch.Tensor]
+
+
+def _plan(base: nn.Module | None, guidance: Guidance, preference: Preference, vocab_size: int):
+    """The forwards each step needs, and a function restoring the guides' state afterwards.
+
+    Models whose coefficient is 0 on every row are skipped. When the PARM is the base model plus
+    its adapter (the same module object), base and PARM rows run as one batched forward with
+    the adapter gated off on the base rows: the weights are read once per step, not twice.
+    """
+    alpha = preference.to_tensor(torch.float32)
     rows = alpha.shape[0]
     inverse_beta = 0.0 if guidance.beta == float("inf") else 1.0 / guidance.beta
+    ones = torch.ones(rows)
     if guidance.mode == "parm":
-        pairs = [(base, torch.ones(rows)), (guidance.models[0], torch.full((rows,), inverse_beta))]
-    elif guidance.mode == "genarm":
-        pairs = [(base, torch.ones(rows))] + [
+        from align.adapters import get_preference, preference_tuner, set_preference
+
+        arm = guidance.models[0]
+        tuner = preference_tuner(arm)
+        previous = get_preference(arm)
+        shared = base is not None and arm.get_base_model() is base
+        if shared:
+            copies = 2 if inverse_beta else 1
+            set_preference(
+                arm, Preference(preference.weights.repeat(copies, 1), preference.objectives)
+            )
+            tuner.set_row_gate(torch.cat([torch.zeros(rows), torch.ones(rows)])[: copies * rows])
+            coefficients = [ones, torch.full((rows,), inverse_beta)][:copies]
+            groups = [_Group(_CachedScorer(arm, vocab_size), coefficients)]
+        else:
+            set_preference(arm, preference)
+            groups = [_Group(_CachedScorer(base, vocab_size), [ones])]
+            if inverse_beta:
+                groups.append(
+                    _Group(_CachedScorer(arm, vocab_size), [torch.full((rows,), inverse_beta)])
+                )
+
+        def restore() -> None:
+            tuner.set_row_gate(None)
+            set_preference(arm, previous)
+
+        return groups, restore
+    if guidance.mode == "genarm":
+        pairs = [(base, ones)] + [
             (arm, alpha[:, j] * inverse_beta) for j, arm in enumerate(guidance.models)
         ]
     else:
         pairs = [(policy, alpha[:, j]) for j, policy in enumerate(guidance.models)]
-    return [(model, coefficient) for model, coefficient in pairs if bool((coefficient != 0).any())]
+    groups = [_Group(_CachedScorer(m, vocab_size), [c]) for m, c in pairs if bool((c != 0).any())]
+    return groups, lambda: None
 
 
 @torch.no_grad()
@@ -194,30 +235,33 @@ def guided_decode(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     rows = input_ids.shape[0]
-    alpha_pref = Preference.coerce(preference, guidance.objectives).expand(rows)
-    alpha = alpha_pref.to_tensor(torch.float32)
+    preference = Preference.coerce(preference, guidance.objectives).expand(rows)
     device = input_ids.device
-    components = _components(base, guidance, alpha)
-    scorers = [_CachedScorer(model, vocab_size) for model, _ in components]
-    coefficients = [coefficient.to(device)[:, None] for _, coefficient in components]
     processors = logits_processor if logits_processor is not None else LogitsProcessorList()
     eos = torch.tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=device
     )
 
-    restore = _inject_preference(guidance, alpha_pref)
+    groups, restore = _plan(base, guidance, preference, vocab_size)
+    weights = [[c.to(device)[:, None] for c in group.coefficients] for group in groups]
     try:
         sequences, mask = input_ids, attention_mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        step_input, step_positions = sequences, positions
+        step_input = sequences
+        step_positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         for _ in range(max_new_tokens):
-            scores = sum(
-                c * scorer(step_input, mask, step_positions)
-                for scorer, c in zip(scorers, coefficients)
-            )
+            scores = 0
+            for group, coefficients in zip(groups, weights):
+                copies = len(coefficients)
+                log_probs = group.scorer(
+                    step_input.repeat(copies, 1),
+                    mask.repeat(copies, 1),
+                    step_positions.repeat(copies, 1),
+                )
+                for copy, coefficient in enumerate(coefficients):
+                    scores = scores + coefficient * log_probs[copy * rows : (copy + 1) * rows]
             scores = torch.log_softmax(scores, dim=-1)  # the normaliser log Z
             scores = processors(sequences, scores)
             if do_sample:
@@ -246,18 +290,6 @@ def guided_decode(
         if streamer is not None:
             streamer.end()
     return sequences
-
-
-def _inject_preference(guidance: Guidance, preference: Preference):
-    """PARM reads α from its adapter layers: set it per row, and put the old α back after."""
-    if guidance.mode != "parm":
-        return lambda: None
-    from align.adapters import get_preference, set_preference
-
-    arm = guidance.models[0]
-    previous = get_preference(arm)
-    set_preference(arm, preference)
-    return lambda: set_preference(arm, previous)
 
 
 def _check_tokenizers(tokenizer: Any, guidance: Guidance) -> None:

@@ -16,8 +16,9 @@ def load_guide(reference: str, base: str | None = None, **kwargs: Any) -> tuple[
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         return load_model(reference, **kwargs)
-    import align.adapters  # noqa: F401  registers PBLoRA / SVD-LoRA with PEFT
     from peft import PeftModel
+
+    import align.adapters  # noqa: F401  registers PBLoRA / SVD-LoRA with PEFT
 
     named = json.loads(config_file.read_text()).get("base_model_name_or_path")
     source = named or base

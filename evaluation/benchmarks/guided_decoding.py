@@ -8,7 +8,8 @@ Rows, each generating exactly ``--new-tokens`` tokens per prompt (EOS ignored) w
   * the one-prompt-at-a-time PARM loop, as the reference implementations decode (KV caches, but
     one prompt after another; its throughput does not depend on the batch, so it is measured on
     at most ``--loop-prompts`` prompts),
-  * PARM with more objectives, to show its cost does not grow with m.
+  * PARM with more objectives, to show its cost does not grow with m,
+  * PARM = base + adapter on the same weights, base and PARM rows run as one batched forward.
 
     python evaluation/benchmarks/guided_decoding.py [--batch-sizes 1 8 32] [--new-tokens 128]
 """
@@ -128,6 +129,19 @@ def main() -> None:
                 base, tokenizer, parm_guidance(p), prompts[:b], a, args.new_tokens
             ),
         )
+    shared_parm, _ = make_parm(first)  # the PARM's own base decodes: one batched forward per step
+    shared_base = shared_parm.get_base_model()
+    row(
+        f"PARM-guided, m={first}, base shared",
+        lambda b: timed_guided(
+            shared_base,
+            tokenizer,
+            parm_guidance(shared_parm),
+            prompts[:b],
+            [1.0 / first] * first,
+            args.new_tokens,
+        ),
+    )
     for m in args.m_values:
         arms = {f"objective_{i}": arm for i in range(m)}
         alpha = [1.0 / m] * m

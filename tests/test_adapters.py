@@ -380,3 +380,28 @@ print(type(model.base_model).__name__, model(**tok(["hi"], return_tensors="pt"))
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "PBLoraModel" in result.stdout
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_pref_keyword_and_merge_through_every_peft_wrapper(task_type):
+    """PeftModel and PeftModelForCausalLM (what TRL users get) both route pref= to the layers."""
+    base, tokenizer = tiny_causal_lm()
+    model = get_peft_model(base, make_config("svdlora", task_type=task_type)).eval()
+    assert type(model).__name__ == ("PeftModelForCausalLM" if task_type else "PeftModel")
+    batch = tokenizer(
+        ["Hi", "Tell me more"], return_tensors="pt", padding=True, padding_side="left"
+    )
+    set_preference(model, [0.2, 0.8])
+    expected = logits(model, batch)
+    set_preference(model, [1.0, 0.0])
+    torch.testing.assert_close(logits(model, batch, pref=[0.2, 0.8]), expected)
+    out = model.generate(
+        **batch,
+        pref=[[1.0, 0.0], [0.0, 1.0]],
+        max_new_tokens=3,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    assert out.shape == (2, batch["input_ids"].shape[1] + 3)
+    merged = model.merge_and_unload(preference=[0.2, 0.8])
+    torch.testing.assert_close(logits(merged, batch), expected, rtol=1e-4, atol=1e-5)

@@ -312,24 +312,61 @@ def test_generate_cli_with_a_parm_adapter_and_with_genarm_checkpoints(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
     runner = CliRunner()
-    common = ["--base", str(tmp_path / "base"), "--max-new-tokens", "6", "--prompts-file", str(prompts)]
+    common = [
+        "--base",
+        str(tmp_path / "base"),
+        "--max-new-tokens",
+        "6",
+        "--prompts-file",
+        str(prompts),
+    ]
 
     out = tmp_path / "parm.jsonl"
-    result = runner.invoke(app, ["generate", "--arm", str(tmp_path / "parm"), "--preference",
-                                 "helpful=0.7,harmless=0.3", "--output", str(out), *common])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--arm",
+            str(tmp_path / "parm"),
+            "--preference",
+            "helpful=0.7,harmless=0.3",
+            "--output",
+            str(out),
+            *common,
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == PROMPTS
     assert rows[0]["preference"] == {"helpful": 0.7, "harmless": 0.3} and rows[0]["mode"] == "parm"
 
-    arms = ["--arm", f"helpful={tmp_path / 'helpful'}", "--arm", f"harmless={tmp_path / 'harmless'}"]
+    arms = [
+        "--arm",
+        f"helpful={tmp_path / 'helpful'}",
+        "--arm",
+        f"harmless={tmp_path / 'harmless'}",
+    ]
     out = tmp_path / "genarm.jsonl"
-    result = runner.invoke(app, ["generate", "--mode", "genarm", *arms, "--preference", "0.5,0.5",
-                                 "--output", str(out), *common])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--mode",
+            "genarm",
+            *arms,
+            "--preference",
+            "0.5,0.5",
+            "--output",
+            str(out),
+            *common,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == len(PROMPTS)
 
-    bad = runner.invoke(app, ["generate", "--mode", "genarm", *arms, "--preference", "helpful=2", *common])
+    bad = runner.invoke(
+        app, ["generate", "--mode", "genarm", *arms, "--preference", "helpful=2", *common]
+    )
     assert bad.exit_code == 2 and "preference" in bad.output
 
 
@@ -350,10 +387,18 @@ def test_parm_sharing_the_base_runs_one_batched_forward_with_the_same_tokens(set
     shared = decode(shared_base, tokenizer, guidance, batch, alpha)
     separate = decode(separate_base, tokenizer, guidance, batch, alpha)
     assert torch.equal(shared, separate)
-    assert not torch.equal(shared, decode(separate_base, tokenizer, parm_guidance(arm, beta=float("inf")), batch, alpha))
+    assert not torch.equal(
+        shared,
+        decode(separate_base, tokenizer, parm_guidance(arm, beta=float("inf")), batch, alpha),
+    )
     guidance.beta = float("inf")  # only the gated-off base rows remain: the base's own output
-    expected = separate_base.generate(**batch, max_new_tokens=8, do_sample=False,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    expected = separate_base.generate(
+        **batch,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=None,
+    )
     assert torch.equal(decode(shared_base, tokenizer, guidance, batch, alpha), expected)
     # the gate and α were put back: the adapter applies to every row again
     assert all(layer._row_gate is None for layer in arm.base_model.preference_layers())

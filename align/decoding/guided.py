@@ -155,8 +155,8 @@ def sampling_processors(
 
 @dataclass
 class _Group:
-    """One forward per step: a model (own KV cache) run on ``copies`` stacked copies of the
-    batch, copy i weighted by ``coefficients[i]`` (per row)."""
+    """One forward per step: a model (own KV cache) run on ``len(coefficients)`` stacked copies
+    of the batch, copy i weighted per row by ``coefficients[i]``."""
 
     scorer: _CachedScorer
     coefficients: list[torch.Tensor]

@@ -1,0 +1,121 @@
+"""Autoregressive reward models (GenARM): a causal LM whose reward is a sum of token log-probs.
+
+``r(x, y) = Σ_t log π(y_t | x, y_<t)`` over the response tokens only (no length normalisation by
+default, as in GenARM and PARM). Trained pairwise with no reference model:
+``−log σ(β (r(x, y_w) − r(x, y_l)))``. Because the reward decomposes over tokens, the same model
+guides decoding token by token (:mod:`align.decoding.guided`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from align.chat import format_prompt
+
+IGNORE_INDEX = -100
+
+
+def encode_responses(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    max_length: int = 512,
+    max_prompt_length: int | None = None,
+    chat_template: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (response tokens only).
+
+    Prompt and response are tokenized separately and concatenated, so the boundary is exact.
+    The response ends with EOS (for chat models, the end-of-turn token), which is part of the
+    reward: an ARM learns when an answer should stop. Over-long prompts lose their start;
+    responses are cut to fit ``max_length``.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    max_prompt_length = max_prompt_length or max_length // 2
+    rows, labels = [], []
+    for prompt, response in zip(prompts, responses):
+        prompt_text = format_prompt(tokenizer, prompt) if chat_template else prompt
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=not chat_template)["input_ids"]
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+        response_ids = response_ids[: max(1, max_length - len(prompt_ids))]
+        rows.append(prompt_ids + response_ids)
+        labels.append([IGNORE_INDEX] * len(prompt_ids) + response_ids)
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in rows]),
+        "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
+        "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
+    }
+
+
+def sequence_log_probs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    average: bool = False,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """``Σ_t log π(label_t | ·)`` per row over the labelled (response) tokens, shape (B,).
+
+    ``average=True`` divides by the number of response tokens (a length-normalised variant; the
+    references do not normalise). Extra keyword arguments (e.g. ``pref=``) go to the model.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits
+    targets = labels[:, 1:]
+    # cross_entropy fuses log-softmax and gather: no (B, T, V) log-prob tensor is kept.
+    token_log_probs = -F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view_as(targets)
+    mask = targets != IGNORE_INDEX
+    total = (token_log_probs * mask).sum(dim=1)
+    return total / mask.sum(dim=1).clamp(min=1) if average else total
+
+
+def pairwise_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Per-pair ``−log σ(β (r_w − r_l))`` (GenARM / PARM's ARM objective), shape (B,)."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return -F.logsigmoid(beta * (chosen_rewards - rejected_rewards))
+
+
+@torch.no_grad()
+def arm_rewards(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_length: int = 512,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """The ARM reward of each (prompt, response), batched; pass ``pref=α`` for a PARM."""
+    device = next(model.parameters()).device
+    rewards = []
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_responses(
+            tokenizer,
+            prompts[start : start + batch_size],
+            responses[start : start + batch_size],
+            max_length=max_length,
+        )
+        batch = {key: value.to(device) for key, value in batch.items()}
+        rewards.append(sequence_log_probs(model, **batch, **model_kwargs).cpu())
+    return torch.cat(rewards) if rewards else torch.zeros(0)

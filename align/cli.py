@@ -201,7 +201,9 @@ def generate(
     if mode == "parm":
         if len(arm) != 1 or "=" in arm[0]:
             raise typer.BadParameter("PARM takes one --arm: the adapter folder", param_hint="--arm")
-        model, arm_tokenizer = load_guide(arm[0], base)
+        # An adapter trained on --base is attached to the loaded base (PEFT injects in place), so
+        # decoding runs base and PARM rows as one batched forward.
+        model, arm_tokenizer = load_guide(arm[0], base, base_model=base_model)
         guidance = parm_guidance(model, beta, tokenizer=arm_tokenizer)
     else:
         pairs = [item.split("=", 1) for item in arm]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from peft.utils import get_quantization_kwargs, resolve_quantization_backend
 from torch import nn
@@ -149,12 +150,16 @@ class PreferenceLayer(BaseTunerLayer):
                     f"the preference has {alpha.shape[0]} rows but the input batch has {hidden.shape[0]}; "
                     f"give one α per example (generate(pref=...) expands it for beams and samples)"
                 )
-            hidden = self._core_apply(adapter, hidden, alpha)
             if self._row_gate is not None:  # gate the r-dim hidden: cheaper than the output
                 hidden = hidden * self._row_gate.reshape(-1, *([1] * (hidden.ndim - 1))).to(hidden)
-            result = result + (self._output_factor[adapter](hidden) * self.scaling[adapter]).to(
-                result_dtype
-            )
+            up = self._output_factor[adapter].weight
+            if alpha.ndim == 1:
+                # One α for the batch: fold the r×r core into the output factor (weight-sized
+                # work), so the per-token cost is exactly LoRA's two thin matmuls.
+                delta = F.linear(hidden, up @ self.core_matrix(adapter, alpha))
+            else:
+                delta = F.linear(self._core_apply(adapter, hidden, alpha), up)
+            result = result + (delta * self.scaling[adapter]).to(result_dtype)
         return result
 
     # --- merging -------------------------------------------------------------------------

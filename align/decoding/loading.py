@@ -9,9 +9,16 @@ from typing import Any
 from align.models import load_model
 
 
-def load_guide(reference: str, base: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
+def load_guide(
+    reference: str, base: str | None = None, base_model: Any = None, **kwargs: Any
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a guide: a PEFT adapter folder (loaded onto the base it names,
-    or ``base`` when it names none) or any model :func:`align.models.load_model` accepts."""
+    or ``base`` when it names none) or any model :func:`align.models.load_model` accepts.
+
+    When the adapter belongs on ``base`` and that model is already loaded (``base_model``), it
+    is attached to it instead of a second copy: guided decoding then runs base and guide rows as
+    one batched forward, and the weights sit in memory once.
+    """
     folder = Path(reference).expanduser()
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():

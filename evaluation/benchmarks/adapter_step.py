@@ -6,7 +6,12 @@ Compares, side by side in this process (rounds interleaved so machine noise hits
   * SVD-LoRA r = 8 (align, low-rank path),
   * PBLoRA rebuilding the dense out×in ΔW(α) on every forward, as PARM's public code does.
 All adapt q/k/v with dropout 0; batch 4 × 256 tokens by default. Prints median seconds per step
-and the ratio to LoRA:
+and the ratio to LoRA.
+
+In a full step the adapters are a small part of the work (SmolLM2's 576x49152 LM head and MLPs
+dominate), so a second table times one adapted layer alone, forward+backward, at SmolLM2's
+q_proj (576->576) and k_proj (576->192) shapes on the same number of tokens: there the cost of
+the adapter itself, and of rebuilding a dense ΔW, is visible.
 
     python evaluation/benchmarks/adapter_step.py [--batch 4] [--seq 256] [--rounds 5]
 """
@@ -84,12 +89,72 @@ def step(model, batch, optimizer):
     return time.perf_counter() - start
 
 
+class OneLayer(torch.nn.Module):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return self.q_proj(x)
+
+
+def layer_models(in_features: int, out_features: int) -> dict[str, torch.nn.Module]:
+    def fresh():
+        torch.manual_seed(0)
+        return OneLayer(in_features, out_features)
+
+    lora = get_peft_model(fresh(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))
+    pblora_config = PBLoraConfig(objectives=OBJECTIVES, lora_dropout=0.0, target_modules=["q_proj"])
+    pblora = get_peft_model(fresh(), pblora_config)
+    svd = get_peft_model(fresh(), SVDLoraConfig(objectives=OBJECTIVES, target_modules=["q_proj"]))
+    dense = get_peft_model(fresh(), pblora_config)
+    DenseUpdatePBLoraPatch(dense)
+    for model in (pblora, svd, dense):
+        set_preference(model, [0.3, 0.7])
+    return {
+        "base layer, no adapter": fresh(),
+        "LoRA r=8": lora,
+        "PBLoRA r1=r2=4": pblora,
+        "SVD-LoRA r=8": svd,
+        "PBLoRA dense ΔW per forward": dense,
+    }
+
+
+def layer_table(tokens: int, rounds: int) -> None:
+    for in_features, out_features in ((576, 576), (576, 192)):
+        models = layer_models(in_features, out_features)
+        x = torch.randn(tokens, in_features, requires_grad=True)
+
+        def run(model, repeats=20, x=x):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(x).sum().backward()
+            return (time.perf_counter() - start) / repeats
+
+        for model in models.values():
+            run(model, 3)
+        times = {name: [] for name in models}
+        for _ in range(rounds * 3):
+            for name, model in models.items():
+                times[name].append(run(model))
+        lora = statistics.median(times["LoRA r=8"])
+        print(f"one {in_features}->{out_features} layer, {tokens} tokens, forward+backward:")
+        print(f"  {'adapter':<30}{'median ms':>10}{'vs LoRA':>9}")
+        for name in models:
+            median = statistics.median(times[name])
+            print(f"  {name:<30}{median * 1e3:>10.2f}{median / lora:>8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers-only", action="store_true", help="only the one-layer table")
     args = parser.parse_args()
+    if args.layers_only:
+        layer_table(args.batch * args.seq, args.rounds)
+        return
 
     names = ["LoRA r=8", "PBLoRA r1=r2=4", "SVD-LoRA r=8", "PBLoRA dense ΔW per forward"]
     models = {name: build(name).train() for name in names}

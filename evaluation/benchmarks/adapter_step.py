@@ -112,7 +112,6 @@ def layer_models(in_features: int, out_features: int) -> dict[str, torch.nn.Modu
     for model in (pblora, svd, dense):
         set_preference(model, [0.3, 0.7])
     return {
-        "base layer, no adapter": fresh(),
         "LoRA r=8": lora,
         "PBLoRA r1=r2=4": pblora,
         "SVD-LoRA r=8": svd,
@@ -185,6 +184,8 @@ def main() -> None:
     print(
         f"PBLoRA low-rank path is {dense / statistics.median(times[names[1]]):.2f}x faster than the dense-update variant"
     )
+    print()
+    layer_table(args.batch * args.seq, args.rounds)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft.config import PeftConfig
-
-from align.adapters.config_utils import validate_common
+from align.adapters.config import PreferenceAdapterConfig
 
 PBLORA = "PBLORA"
 
 
 @dataclass
-class PBLoraConfig(PeftConfig):
+class PBLoraConfig(PreferenceAdapterConfig):
     """``ΔW(α) = s · (B1 W1 A1 + B2 W2(α) A2)`` with ``W2(α) = reshape(Θ α, r2×r2)``.
 
     Defaults are PARM's: r1 = r2 = 4, lora_alpha = 8, scaling ``s = lora_alpha / r2`` on both
@@ -20,9 +18,6 @@ class PBLoraConfig(PeftConfig):
     adapter starts as the identity).
     """
 
-    objectives: list[str] | None = field(
-        default=None, metadata={"help": "Objective names, in the order of α's weights."}
-    )
     r1: int = field(
         default=4, metadata={"help": "Rank of the preference-agnostic block (may be 0)."}
     )
@@ -31,22 +26,10 @@ class PBLoraConfig(PeftConfig):
         default=8, metadata={"help": "Scaling numerator: s = lora_alpha / r2."}
     )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
-    target_modules: list[str] | str | None = field(
-        default=None,
-        metadata={"help": "Module names or a regex; default: the attention q/k/v projections."},
-    )
-    exclude_modules: list[str] | str | None = field(default=None)
-    modules_to_save: list[str] | None = field(default=None)
-    init_weights: bool = field(
-        default=True,
-        metadata={"help": "B = 0 (identity at start); False: B random too (for tests)."},
-    )
-    bias: str = field(default="none")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PBLORA
-        validate_common(self, "PBLoraConfig")
         if self.r1 < 0 or self.r2 < 1:
             raise ValueError(
                 f"PBLoraConfig needs r1 >= 0 and r2 >= 1, got r1={self.r1}, r2={self.r2}"

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft.config import PeftConfig
-
-from align.adapters.config_utils import validate_common
+from align.adapters.config import PreferenceAdapterConfig
 
 SVDLORA = "SVDLORA"
 
 
 @dataclass
-class SVDLoraConfig(PeftConfig):
+class SVDLoraConfig(PreferenceAdapterConfig):
     """``ΔW(α) = (lora_alpha / r) · U diag(σ_1..σ_r, s·α_1..s·α_m) V``.
 
     Panacea's parameterisation: r learnable singular values shared by all preferences plus one
@@ -20,30 +18,15 @@ class SVDLoraConfig(PeftConfig):
     U, V ~ N(0, init_std) and σ = s = 0 at start, so ΔW starts at 0.
     """
 
-    objectives: list[str] | None = field(
-        default=None, metadata={"help": "Objective names, in the order of α's weights."}
-    )
     r: int = field(
         default=8, metadata={"help": "Preference-agnostic singular values (rank r + m)."}
     )
     lora_alpha: float = field(default=8, metadata={"help": "Scaling numerator: lora_alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the U and V initialisation."})
-    target_modules: list[str] | str | None = field(
-        default=None,
-        metadata={"help": "Module names or a regex; default: the attention q/k/v projections."},
-    )
-    exclude_modules: list[str] | str | None = field(default=None)
-    modules_to_save: list[str] | None = field(default=None)
-    init_weights: bool = field(
-        default=True, metadata={"help": "σ = s = 0 (identity at start); False: random (for tests)."}
-    )
-    bias: str = field(default="none")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SVDLORA
-        validate_common(self, "SVDLoraConfig")
         if self.r < 0:
             raise ValueError(f"SVDLoraConfig needs r >= 0, got {self.r}")
         if self.init_std <= 0:

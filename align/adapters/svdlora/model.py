@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from align.adapters.base import PreferenceTuner
-from align.adapters.config_utils import QKV_TARGET_MODULES
+from align.adapters.config import QKV_TARGET_MODULES
 from align.adapters.svdlora.layer import Linear, SVDLoraLayer
 
 

@@ -1,10 +1,38 @@
 """align: multi-objective alignment of language models along a preference vector α."""
 
-from align.preference import Preference, sample_preferences, simplex_grid
+from __future__ import annotations
 
-# Registers SVD-LoRA and PBLoRA with PEFT, so PeftModel.from_pretrained finds them after `import align`.
-from align import adapters  # noqa: E402,F401  isort: skip
+import importlib
+
+from align import _peft_hook
 
 __version__ = "0.1.0"
 
+# Heavy imports (torch, PEFT) wait until used, so `align --help` answers at once.
+_LAZY = {
+    "Preference": "align.preference",
+    "sample_preferences": "align.preference",
+    "simplex_grid": "align.preference",
+}
+
 __all__ = ["Preference", "__version__", "sample_preferences", "simplex_grid"]
+
+# SVD-LoRA and PBLoRA are registered with PEFT as soon as PEFT is imported.
+_peft_hook.install()
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in {
+        "adapters",
+        "data",
+        "decoding",
+        "models",
+        "pareto",
+        "preference",
+        "rewards",
+        "scorers",
+    }:
+        return importlib.import_module(f"align.{name}")
+    raise AttributeError(f"module 'align' has no attribute {name!r}")

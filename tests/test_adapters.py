@@ -273,6 +273,16 @@ def test_generate_with_per_row_alpha_and_expansion():
     for i in range(2):
         alone = model.generate(**batch, pref=rows[i], **common)
         assert torch.equal(together[i], alone[i])
+    for extra in (dict(num_beams=2), dict(num_beams=2, num_return_sequences=2)):
+        together = model.generate(**batch, pref=rows, **common, **extra)
+        width = extra.get("num_return_sequences", 1)
+        assert together.shape[0] == 2 * width
+        for i in range(2):  # each prompt's beams ran with that prompt's own α
+            alone = model.generate(**batch, pref=rows[i], **common, **extra)
+            assert torch.equal(
+                together[i * width : (i + 1) * width], alone[i * width : (i + 1) * width]
+            )
+    torch.manual_seed(0)
     sampled = model.generate(
         **batch,
         pref=rows,
@@ -282,15 +292,17 @@ def test_generate_with_per_row_alpha_and_expansion():
         pad_token_id=tokenizer.pad_token_id,
     )
     assert sampled.shape[0] == 6
-    beams = model.generate(
-        **batch,
-        pref=rows,
-        num_beams=2,
-        max_new_tokens=4,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    assert beams.shape[0] == 2
+
+
+def test_half_precision_adapter_keeps_alpha_exact_and_merges():
+    base, tokenizer = tiny_causal_lm()
+    model = get_peft_model(base, make_config("pblora")).to(torch.bfloat16).eval()
+    set_preference(model, [0.1, 0.9])
+    assert get_preference(model).to_dict() == {"helpful": 0.1, "harmless": 0.9}  # not bf16-rounded
+    batch = tokenizer(["a b c"], return_tensors="pt")
+    expected = logits(model, batch).float()
+    merged = merge_at_preference(model, [0.1, 0.9])
+    torch.testing.assert_close(logits(merged, batch).float(), expected, rtol=0.05, atol=0.05)
 
 
 # --- training paths ------------------------------------------------------------------------
@@ -347,7 +359,10 @@ def test_quantized_base_trains_one_step_with_finite_gradients(kind, bits, tmp_pa
     assert "bitsandbytes" in type(layer.base_layer).__module__
     set_preference(model, [0.4, 0.6])
     batch = tokenizer(["Quantized bases train adapters too."], return_tensors="pt")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # weight_decay=0: only a gradient can move a parameter, so "changed" proves training
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()

@@ -2,9 +2,10 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from align.adapters import PBLoraConfig, set_preference
+from align.adapters import PBLoraConfig, get_preference, set_preference
 from align.chat import format_prompt
 from align.decoding import (
+    Guidance,
     check_same_tokenizer,
     genarm_guidance,
     guided_custom_generate,
@@ -266,7 +267,7 @@ def test_tokenizer_mismatch_is_a_clear_error(setup):
 def test_bad_inputs_are_clear_errors(setup):
     base, tokenizer, _ = setup
     with pytest.raises(ValueError, match="needs 2 model"):
-        genarm_guidance({"helpful": tiny(2)}).__class__("genarm", [tiny(2)], OBJECTIVES)
+        Guidance("genarm", [tiny(2)], OBJECTIVES)
     with pytest.raises(ValueError, match="beta must be > 0"):
         genarm_guidance({"helpful": tiny(2), "harmless": tiny(3)}, beta=0)
     with pytest.raises(ValueError, match="sums to"):
@@ -400,5 +401,70 @@ def test_parm_sharing_the_base_runs_one_batched_forward_with_the_same_tokens(set
         eos_token_id=None,
     )
     assert torch.equal(decode(shared_base, tokenizer, guidance, batch, alpha), expected)
-    # the gate and α were put back: the adapter applies to every row again
+    # the gate and α were put back: the adapter applies to every row again, α is unset
     assert all(layer._row_gate is None for layer in arm.base_model.preference_layers())
+    assert get_preference(arm) is None
+
+
+def test_custom_generate_samples_per_prompt_alpha_rejects_beams_and_needs_no_pad(setup):
+    base, tokenizer, batch = setup
+    guidance = guidance_for("genarm")
+    rows = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    common = dict(custom_generate=guided_custom_generate, guidance=guidance, max_new_tokens=5)
+    greedy = base.generate(
+        **batch, preference=rows, do_sample=False, pad_token_id=tokenizer.pad_token_id, **common
+    )
+    torch.manual_seed(0)
+    sampled = base.generate(
+        **batch,
+        preference=rows,
+        do_sample=True,
+        num_return_sequences=2,
+        pad_token_id=tokenizer.pad_token_id,
+        **common,
+    )
+    assert sampled.shape[0] == 6
+    with pytest.raises(ValueError, match="beam search"):
+        base.generate(**batch, preference=rows, num_beams=2, **common)
+    saved = base.generation_config.pad_token_id
+    base.generation_config.pad_token_id = None  # a model without a pad token
+    try:
+        no_pad = base.generate(**batch, preference=rows, do_sample=False, **common)
+    finally:
+        base.generation_config.pad_token_id = saved
+    assert torch.equal(no_pad, greedy)
+
+    class Recorder:
+        chunks, ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value)
+
+        def end(self):
+            self.ended = True
+
+    recorder = Recorder()
+    base.generate(
+        **batch,
+        preference=rows,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        guided_streamer=recorder,
+        **common,
+    )
+    assert recorder.ended and len(recorder.chunks) == 1 + 5
+
+
+def test_load_guide_attaches_an_adapter_for_the_same_base_to_the_loaded_base(tmp_path):
+    from align.decoding.loading import load_guide
+    from align.models import load_model
+
+    base, tokenizer = tiny_causal_lm(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    parm_arm().save_pretrained(tmp_path / "parm")
+    loaded_base, _ = load_model(tmp_path / "base")
+    guide, _ = load_guide(str(tmp_path / "parm"), str(tmp_path / "base"), base_model=loaded_base)
+    assert guide.get_base_model() is loaded_base  # one copy of the weights, shared-base decoding
+    separate, _ = load_guide(str(tmp_path / "parm"), str(tmp_path / "base"))
+    assert separate.get_base_model() is not loaded_base

@@ -50,7 +50,8 @@ class PreferenceLayer(BaseTunerLayer):
         self.objectives: dict[str, tuple[str, ...]] = {}
         self.scaling: dict[str, float] = {}
         self.dropout = nn.ModuleDict({})
-        self._preferences: dict[str, torch.Tensor] = {}
+        self._preferences: dict[str, torch.Tensor] = {}  # in the adapter's dtype and device
+        self._validated_preferences: dict[str, torch.Tensor] = {}
         self._merged_preferences: dict[str, torch.Tensor] = {}
         # Optional per-row on/off switch for the update (B,), so base-model rows and adapted
         # rows can share one batched forward (guided decoding with PARM = base + adapter).
@@ -110,13 +111,15 @@ class PreferenceLayer(BaseTunerLayer):
                 )
         if alpha is None:
             self._preferences.pop(adapter, None)
+            self._validated_preferences.pop(adapter, None)
             return
-        core = self._core[adapter]
-        param = next(core.parameters())
+        param = next(self._core[adapter].parameters())
         self._preferences[adapter] = alpha.to(device=param.device, dtype=param.dtype)
+        # Kept as given (float64): a bf16 copy no longer sums to 1 within the α tolerance.
+        self._validated_preferences[adapter] = alpha
 
     def get_preference(self, adapter: str) -> torch.Tensor | None:
-        return self._preferences.get(adapter)
+        return self._validated_preferences.get(adapter)
 
     def _require_preference(self, adapter: str) -> torch.Tensor:
         alpha = self._preferences.get(adapter)
@@ -151,7 +154,11 @@ class PreferenceLayer(BaseTunerLayer):
                     f"give one α per example (generate(pref=...) expands it for beams and samples)"
                 )
             if self._row_gate is not None:  # gate the r-dim hidden: cheaper than the output
-                hidden = hidden * self._row_gate.reshape(-1, *([1] * (hidden.ndim - 1))).to(hidden)
+                if self._row_gate.shape[0] != hidden.shape[0]:
+                    raise ValueError(
+                        f"the row gate has {self._row_gate.shape[0]} rows but the batch has {hidden.shape[0]}"
+                    )
+                hidden = hidden * self._row_gate.reshape(-1, *([1] * (hidden.ndim - 1)))
             up = self._output_factor[adapter].weight
             if alpha.ndim == 1:
                 # One α for the batch: fold the r×r core into the output factor (weight-sized
@@ -174,7 +181,7 @@ class PreferenceLayer(BaseTunerLayer):
             if down.device.type == "cpu" and down.dtype in (torch.float16, torch.bfloat16)
             else down.dtype
         )
-        core = self.core_matrix(adapter, alpha.to(device=down.device, dtype=compute))
+        core = self.core_matrix(adapter, alpha.to(device=down.device, dtype=down.dtype)).to(compute)
         delta = up.to(compute) @ core.to(compute) @ down.to(compute) * self.scaling[adapter]
         return delta.to(down.dtype)
 
@@ -262,7 +269,12 @@ class PreferenceTuner(BaseTuner):
     def set_row_gate(self, gate: torch.Tensor | None) -> None:
         """Per-row 0/1 switch for the adapter's update, shape (B,); None switches it off."""
         for layer in self.preference_layers():
-            layer._row_gate = gate
+            if gate is None:
+                layer._row_gate = None
+                continue
+            # Moved once here, not per forward: a per-layer host-to-device copy would sync CUDA.
+            weight = next(iter(layer._input_factor.values())).weight
+            layer._row_gate = gate.to(device=weight.device, dtype=weight.dtype)
 
     def get_preference(self, adapter: str | None = None) -> Preference | None:
         adapter = adapter or self.active_adapters[0]
@@ -291,18 +303,21 @@ class PreferenceTuner(BaseTuner):
         objectives = self.objectives_of()
         preference = Preference.coerce(preference, objectives)
         if preference.is_batched:
-            factor = _generation_expansion(kwargs)
+            factor = _generation_expansion(kwargs, getattr(self.model, "generation_config", None))
             if factor > 1:  # generate() repeats each prompt this many times, rows kept together
                 preference = Preference(
                     preference.weights.repeat_interleave(factor, dim=0), objectives
                 )
-        saved = [(layer, dict(layer._preferences)) for layer in self.preference_layers()]
+        saved = [
+            (layer, dict(layer._preferences), dict(layer._validated_preferences))
+            for layer in self.preference_layers()
+        ]
         try:
             self.set_preference(preference)
             yield
         finally:
-            for layer, preferences in saved:
-                layer._preferences = preferences
+            for layer, preferences, validated in saved:
+                layer._preferences, layer._validated_preferences = preferences, validated
 
     def merge_and_unload(
         self,
@@ -319,9 +334,10 @@ class PreferenceTuner(BaseTuner):
         )
 
 
-def _generation_expansion(kwargs: dict[str, Any]) -> int:
-    """How many rows ``generate`` makes of each prompt: beams for beam search, else samples."""
-    config = kwargs.get("generation_config")
+def _generation_expansion(kwargs: dict[str, Any], model_config: Any = None) -> int:
+    """How many rows ``generate`` makes of each prompt: beams for beam search, else samples
+    (from the call, else its generation config, else the model's saved generation config)."""
+    config = kwargs.get("generation_config") or model_config
     beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
     returns = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
     return beams if beams > 1 else returns

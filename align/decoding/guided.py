@@ -132,7 +132,9 @@ class _CachedScorer:
         )
         self.cache = output.past_key_values
         # Embedding tables may be padded past the tokenizer: those ids are never real tokens.
-        return torch.log_softmax(output.logits[:, -1, : self.vocab_size].float(), dim=-1)
+        log_probs = torch.log_softmax(output.logits[:, -1, : self.vocab_size].float(), dim=-1)
+        # Finite floor: a coefficient of 0 times -inf would be NaN.
+        return log_probs.clamp(min=-1e9)
 
 
 def sampling_processors(
@@ -243,8 +245,8 @@ def guided_decode(
     )
 
     groups, restore = _plan(base, guidance, preference, vocab_size)
-    weights = [[c.to(device)[:, None] for c in group.coefficients] for group in groups]
     try:
+        weights = [[c.to(device)[:, None] for c in group.coefficients] for group in groups]
         sequences, mask = input_ids, attention_mask
         step_input = sequences
         step_positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -354,9 +356,9 @@ def guided_custom_generate(
     stopping_criteria: Any,
     generation_config: Any,
     synced_gpus: bool = False,
-    streamer: Any = None,
     guidance: Guidance | None = None,
     preference: PreferenceLike | None = None,
+    guided_streamer: Any = None,
     **model_kwargs: Any,
 ) -> torch.Tensor:
     """Guided decoding behind the transformers API::
@@ -365,18 +367,41 @@ def guided_custom_generate(
                       guidance=parm_guidance(arm), preference=[0.7, 0.3], max_new_tokens=64)
 
     transformers prepares the inputs and the processors (temperature, top-k, top-p, ...), then
-    hands control here; ``model`` is the base (ignored for MOD).
+    hands control here; ``model`` is the base (ignored for MOD). Sampling with
+    ``num_return_sequences`` works (a per-prompt α is repeated for each sample); beam search
+    does not (a reward-guided beam needs every model's cache reordered). Stream tokens with
+    ``guided_streamer=`` (transformers keeps ``streamer=`` for its own loop).
     """
     if guidance is None or preference is None:
         raise ValueError(
             "guided_custom_generate needs guidance= and preference= arguments to generate()"
         )
+    if (generation_config.num_beams or 1) > 1:
+        raise ValueError(
+            "guided decoding does not support beam search (num_beams > 1); sample or decode greedily"
+        )
+    objectives = guidance.objectives
+    preference = Preference.coerce(preference, objectives)
+    rows = input_ids.shape[0]
+    if preference.is_batched and len(preference) != rows:
+        # generate() already repeated each prompt num_return_sequences times, rows kept together.
+        factor = rows // len(preference)
+        if factor * len(preference) != rows:
+            raise ValueError(
+                f"the preference has {len(preference)} rows but generate() made {rows}"
+            )
+        preference = Preference(preference.weights.repeat_interleave(factor, dim=0), objectives)
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     max_new_tokens = generation_config.max_length - input_ids.shape[1]
     # Only ids every model can score (GenARM's reference truncates to the base vocabulary).
     vocab_size = min(m.get_output_embeddings().weight.shape[0] for m in [model, *guidance.models])
+    eos = generation_config.eos_token_id
+    pad = generation_config.pad_token_id
+    if pad is None:  # models without a pad token: finished rows repeat EOS, as transformers does
+        first_eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        pad = first_eos if first_eos is not None else 0
     return guided_decode(
         None if guidance.mode == "mod" else model,
         guidance,
@@ -384,13 +409,13 @@ def guided_custom_generate(
         attention_mask,
         preference,
         max_new_tokens=max_new_tokens,
-        eos_token_id=generation_config.eos_token_id,
-        pad_token_id=generation_config.pad_token_id,
+        eos_token_id=eos,
+        pad_token_id=pad,
         vocab_size=vocab_size,
         do_sample=bool(generation_config.do_sample),
         logits_processor=logits_processor,
         stopping_criteria=_any_row_done(stopping_criteria),
-        streamer=streamer,
+        streamer=guided_streamer,
     )
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from align.models import load_model
+from align.models import load_model, load_tokenizer, resolve_model_path
 
 
 def load_guide(
@@ -33,5 +33,8 @@ def load_guide(
         raise ValueError(
             f"the adapter in {folder} names no base model; pass the base it was trained on"
         )
+    same_base = base is not None and resolve_model_path(source) == resolve_model_path(base)
+    if base_model is not None and same_base:
+        return PeftModel.from_pretrained(base_model, folder).eval(), load_tokenizer(base)
     model, tokenizer = load_model(source, **kwargs)
     return PeftModel.from_pretrained(model, folder).eval(), tokenizer

@@ -108,8 +108,13 @@ def arm_rewards(
 ) -> torch.Tensor:
     """The ARM reward of each (prompt, response), batched; pass ``pref=α`` for a PARM."""
     device = next(model.parameters()).device
+    pref = model_kwargs.pop("pref", None)
+    per_row = pref is not None and torch.as_tensor(getattr(pref, "weights", pref)).ndim == 2
     rewards = []
     for start in range(0, len(prompts), batch_size):
+        if pref is not None:  # one α, or one row per example sliced with its batch
+            rows = torch.as_tensor(getattr(pref, "weights", pref))
+            model_kwargs["pref"] = rows[start : start + batch_size] if per_row else pref
         batch = encode_responses(
             tokenizer,
             prompts[start : start + batch_size],

@@ -182,16 +182,19 @@ def _plan(base: nn.Module | None, guidance: Guidance, preference: Preference, vo
         tuner = preference_tuner(arm)
         previous = get_preference(arm)
         shared = base is not None and arm.get_base_model() is base
+        # One α for every row takes the adapter's folded path (LoRA's per-token cost).
+        same = bool((preference.weights == preference.weights[0]).all())
+        injected = preference[0] if same else preference
         if shared:
             copies = 2 if inverse_beta else 1
-            set_preference(
-                arm, Preference(preference.weights.repeat(copies, 1), preference.objectives)
-            )
+            if not same:
+                injected = Preference(preference.weights.repeat(copies, 1), preference.objectives)
+            set_preference(arm, injected)
             tuner.set_row_gate(torch.cat([torch.zeros(rows), torch.ones(rows)])[: copies * rows])
             coefficients = [ones, torch.full((rows,), inverse_beta)][:copies]
             groups = [_Group(_CachedScorer(arm, vocab_size), coefficients)]
         else:
-            set_preference(arm, preference)
+            set_preference(arm, injected)
             groups = [_Group(_CachedScorer(base, vocab_size), [ones])]
             if inverse_beta:
                 groups.append(

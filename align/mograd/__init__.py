@@ -1,0 +1,21 @@
+"""The multi-gradient core: m per-objective losses in, one update out.
+
+* loss-level methods (:mod:`align.mograd.scalarizations`): one backward of a scalar;
+* gradient-level methods (:mod:`align.mograd.aggregators`): weights from the Gram matrix of the
+  per-objective gradients;
+* :mod:`align.mograd.engine`: runs either kind inside a training step, on one process or across
+  processes.
+
+``get_aggregator("mgda")`` returns any of them by name.
+"""
+
+from align.mograd.base import GradientAggregator, LossAggregator
+from align.mograd.registry import available_aggregators, get_aggregator, register_aggregator
+
+__all__ = [
+    "GradientAggregator",
+    "LossAggregator",
+    "available_aggregators",
+    "get_aggregator",
+    "register_aggregator",
+]

@@ -1,0 +1,1 @@
+"""Gradient-level methods, one per file: each maps the m×m Gram matrix to m weights."""

@@ -1,0 +1,148 @@
+"""The two interfaces of the multi-gradient core.
+
+Every method turns m per-objective losses into one update, in one of two ways:
+
+* a :class:`LossAggregator` maps the loss vector ``L ∈ R^m`` (and α, for preference-based
+  methods) to one scalar; one backward of that scalar gives the update (linear scalarization,
+  Tchebycheff, smooth Tchebycheff, DWA, uncertainty weighting, random weighting, FAMO);
+* a :class:`GradientAggregator` maps the m×m Gram matrix ``G = J Jᵀ`` of the per-objective
+  gradients to weights ``w``; the update is ``d = Σ w_i g_i = wᵀ J`` (MGDA, PCGrad, CAGrad,
+  IMTL-G, Nash-MTL, UPGrad, EPO). Needing only G is what makes these cheap to distribute: m²
+  numbers describe the whole conflict between objectives.
+
+Both are ``torch.nn.Module`` so that their state (loss history, learnable log-variances, FAMO's
+logits) is saved and restored with ``state_dict`` when a training run resumes.
+
+The core knows nothing about transformers: losses, gradients and Gram matrices only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+
+def check_losses(losses: Tensor, name: str) -> Tensor:
+    """A 1-D, finite loss vector, or a clear error."""
+    if not isinstance(losses, Tensor):
+        losses = torch.as_tensor(losses, dtype=torch.float32)
+    if losses.ndim != 1 or losses.numel() == 0:
+        raise ValueError(
+            f"{name}: losses must be a 1-D tensor with one entry per objective, "
+            f"got shape {tuple(losses.shape)}"
+        )
+    if not torch.isfinite(losses.detach()).all():
+        raise ValueError(f"{name}: losses must be finite, got {losses.detach().tolist()}")
+    return losses
+
+
+def check_preference(preference: Tensor | None, m: int, name: str, *, required: bool) -> Tensor:
+    """α as a float tensor of shape (m,), or a clear error. ``None`` is allowed unless required."""
+    if preference is None:
+        if required:
+            raise ValueError(
+                f"{name} is preference-based: pass preference=α (one weight per objective, "
+                f"summing to 1)"
+            )
+        return None
+    weights = getattr(preference, "weights", preference)  # accepts an align.Preference
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    if weights.shape != (m,):
+        raise ValueError(f"{name}: preference must have shape ({m},), got {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError(f"{name}: preference {weights.tolist()} must be finite and >= 0")
+    if abs(float(weights.sum()) - 1.0) > 1e-5:
+        raise ValueError(f"{name}: preference {weights.tolist()} must sum to 1")
+    return weights
+
+
+class LossAggregator(nn.Module, ABC):
+    """Loss-level method: ``aggregator(losses, preference=α) -> scalar`` (one backward)."""
+
+    kind = "loss"
+    #: True when the method needs α (it then raises a ``ValueError`` without it).
+    uses_preference = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The effective weight of each loss in the last call (for logging), or None.
+        self.last_weights: Tensor | None = None
+
+    def forward(self, losses: Tensor, preference: Tensor | None = None) -> Tensor:
+        losses = check_losses(losses, type(self).__name__)
+        alpha = check_preference(
+            preference, losses.numel(), type(self).__name__, required=self.uses_preference
+        )
+        if alpha is not None:
+            alpha = alpha.to(losses)
+        return self.combine(losses, alpha)
+
+    @abstractmethod
+    def combine(self, losses: Tensor, preference: Tensor | None) -> Tensor:
+        """The scalar to minimise; ``preference`` is validated (or None)."""
+
+    def observe(self, losses: Tensor) -> None:
+        """Called with the (detached) losses after each optimizer step; stateful methods
+        (DWA's history, FAMO's logits) update here. Default: nothing."""
+
+
+class GradientAggregator(nn.Module, ABC):
+    """Gradient-level method: weights from the Gram matrix, update ``d = wᵀ J``.
+
+    Calling it on a Jacobian ``(m, n)`` returns the ``(n,)`` direction, the same convention as
+    torchjd's aggregators; :meth:`weights` exposes the weights computed from a Gram matrix, which
+    is all the distributed engine needs.
+    """
+
+    kind = "gradient"
+    uses_preference = False
+    #: True when the method also needs the loss values (EPO).
+    uses_losses = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_weights: Tensor | None = None
+
+    def forward(
+        self, jacobian: Tensor, *, losses: Tensor | None = None, preference: Tensor | None = None
+    ) -> Tensor:
+        if jacobian.ndim != 2 or jacobian.shape[0] == 0:
+            raise ValueError(
+                f"{type(self).__name__}: the Jacobian must have shape (m, n) with m >= 1, "
+                f"got {tuple(jacobian.shape)}"
+            )
+        gram = jacobian @ jacobian.T
+        weights = self.weights(gram, losses=losses, preference=preference)
+        return weights.to(jacobian.dtype) @ jacobian
+
+    def weights(
+        self, gram: Tensor, *, losses: Tensor | None = None, preference: Tensor | None = None
+    ) -> Tensor:
+        """Validated entry point: the (m,) weights for a Gram matrix."""
+        name = type(self).__name__
+        if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
+            raise ValueError(
+                f"{name}: the Gram matrix must be square (m, m), got {tuple(gram.shape)}"
+            )
+        if not torch.isfinite(gram).all():
+            raise ValueError(f"{name}: the Gram matrix has non-finite entries (NaN/inf gradients)")
+        m = gram.shape[0]
+        alpha = check_preference(preference, m, name, required=self.uses_preference)
+        if self.uses_losses:
+            if losses is None:
+                raise ValueError(f"{name} needs the loss values: pass losses=")
+            losses = check_losses(losses, name).detach()
+        weights = self.compute_weights(gram.detach(), losses, alpha)
+        self.last_weights = weights.detach()
+        return weights
+
+    @abstractmethod
+    def compute_weights(
+        self, gram: Tensor, losses: Tensor | None, preference: Tensor | None
+    ) -> Tensor:
+        """The (m,) weights; inputs are validated and detached."""
+
+
+Aggregator = LossAggregator | GradientAggregator

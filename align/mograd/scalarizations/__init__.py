@@ -1,0 +1,1 @@
+"""Loss-level methods, one per file: each maps the loss vector (and α) to one scalar."""

@@ -6,6 +6,16 @@ from align.rewards.arm import (
     encode_responses,
     pairwise_loss,
     sequence_log_probs,
+    tokenize_prompt,
+    tokenize_response,
 )
 
-__all__ = ["IGNORE_INDEX", "arm_rewards", "encode_responses", "pairwise_loss", "sequence_log_probs"]
+__all__ = [
+    "IGNORE_INDEX",
+    "arm_rewards",
+    "encode_responses",
+    "pairwise_loss",
+    "sequence_log_probs",
+    "tokenize_prompt",
+    "tokenize_response",
+]

@@ -19,6 +19,24 @@ from align.chat import format_prompt
 IGNORE_INDEX = -100
 
 
+def tokenize_prompt(
+    tokenizer: Any, prompt: str, *, max_prompt_length: int, chat_template: bool = True
+) -> list[int]:
+    """The prompt's token ids as the model sees them (chat template when the tokenizer has
+    one); an over-long prompt loses its start, which keeps the question closest to the answer."""
+    prompt_text = format_prompt(tokenizer, prompt) if chat_template else prompt
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not chat_template)["input_ids"]
+    return prompt_ids[-max_prompt_length:]
+
+
+def tokenize_response(tokenizer: Any, response: str, max_tokens: int) -> list[int]:
+    """The response's token ids followed by EOS, cut to ``max_tokens``. Tokenized apart from
+    the prompt, so the prompt/response boundary is exact."""
+    return (tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[
+        :max_tokens
+    ]
+
+
 def encode_responses(
     tokenizer: Any,
     prompts: Sequence[str],
@@ -37,16 +55,15 @@ def encode_responses(
     """
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-    max_prompt_length = max_prompt_length or max_length // 2
     rows, labels = [], []
     for prompt, response in zip(prompts, responses):
-        prompt_text = format_prompt(tokenizer, prompt) if chat_template else prompt
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=not chat_template)["input_ids"]
-        prompt_ids = prompt_ids[-max_prompt_length:]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
-        response_ids = response_ids[: max(1, max_length - len(prompt_ids))]
+        prompt_ids = tokenize_prompt(
+            tokenizer,
+            prompt,
+            max_prompt_length=max_prompt_length or max_length // 2,
+            chat_template=chat_template,
+        )
+        response_ids = tokenize_response(tokenizer, response, max(1, max_length - len(prompt_ids)))
         rows.append(prompt_ids + response_ids)
         labels.append([IGNORE_INDEX] * len(prompt_ids) + response_ids)
     width = max(len(row) for row in rows)

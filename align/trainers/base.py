@@ -1,0 +1,364 @@
+"""What ARM, PARM and preference-DPO training share, on top of TRL's ``DPOTrainer``.
+
+All three read the multi-objective preference schema, score both responses of a pair in one
+forward (TRL's fused LM head: no ``(B, T, V)`` logits), turn the scores into one pairwise loss
+per objective (ties skipped per objective), and hand the m losses to the multi-gradient core,
+whose scalar goes to ``accelerator.backward`` — so gradient accumulation, mixed precision,
+clipping, DDP and DeepSpeed stay TRL's and Accelerate's.
+
+α for a training step is drawn from Dirichlet(p·1) with a generator seeded by
+``(seed, global_step, micro-step)``: every process draws the same α, a run resumed from a
+checkpoint draws what the uninterrupted run drew, and there is no sampler state to save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import PeftModel
+from transformers.trainer_utils import rotate_checkpoints
+from trl import DPOConfig, DPOTrainer
+
+from align.data.schema import TIE
+from align.io import atomic_file
+from align.mograd.engine import MultiObjectiveEngine
+from align.preference import check_objectives, sample_preferences
+from align.trainers.data import (
+    TOKENIZED_COLUMNS,
+    MultiObjectivePreferenceCollator,
+    select_objectives,
+    tokenize_preference_dataset,
+)
+
+TRAINING_INFO = "align_training.json"
+MOGRAD_STATE = "mograd_state.pt"
+
+
+@dataclass
+class MultiObjectivePreferenceConfig(DPOConfig):
+    """Fields every align preference trainer adds to TRL's ``DPOConfig``."""
+
+    objectives: list[str] | None = field(
+        default=None,
+        metadata={"help": "Objectives to train on, in α order; default: all of the dataset's."},
+    )
+    betas: dict[str, float] | None = field(
+        default=None,
+        metadata={"help": "Per-objective β by name; objectives not named use `beta`."},
+    )
+    aggregator: str = field(
+        default="linear",
+        metadata={"help": "Multi-gradient method (align.mograd.get_aggregator name)."},
+    )
+    aggregator_options: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Keyword options of the aggregator."}
+    )
+    preference_concentration: float = field(
+        default=1.0, metadata={"help": "p of the Dirichlet(p·1) that α is drawn from per batch."}
+    )
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Prompts keep their last max_prompt_length tokens."}
+    )
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Prompt + response tokens per row."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objectives is not None:
+            self.objectives = list(check_objectives(self.objectives))
+        if not self.preference_concentration > 0:
+            raise ValueError(
+                f"preference_concentration must be > 0, got {self.preference_concentration}"
+            )
+        for name, beta in (self.betas or {}).items():
+            if not beta > 0:
+                raise ValueError(f"beta of objective {name!r} must be > 0, got {beta}")
+        if self.precompute_ref_log_probs:
+            raise ValueError("precompute_ref_log_probs is not supported by align's trainers")
+
+
+class MultiObjectivePreferenceTrainer(DPOTrainer):
+    """Base of :class:`ARMTrainer`, :class:`PARMTrainer` and :class:`PreferenceDPOTrainer`.
+
+    Subclasses say how a pair is scored (:meth:`pair_scores`) and whether α conditions the
+    model (:attr:`conditioned`).
+    """
+
+    _tag_names = ["trl", "align"]
+    #: True when the model carries a preference adapter that α is set on per batch.
+    conditioned = True
+    #: Objective count the trainer supports (None: any).
+    single_objective = False
+
+    def __init__(
+        self,
+        model: Any,
+        args: MultiObjectivePreferenceConfig,
+        train_dataset: Dataset,
+        eval_dataset: Dataset | None = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        callbacks: Sequence[Any] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        ref_model: Any = None,
+    ) -> None:
+        self.objectives = select_objectives(train_dataset, args.objectives)
+        if self.single_objective and len(self.objectives) != 1:
+            raise ValueError(
+                f"{type(self).__name__} trains one objective; the dataset has "
+                f"{list(self.objectives)}: set `objectives: [<name>]` in the config"
+            )
+        if eval_dataset is not None:
+            select_objectives(eval_dataset, self.objectives)
+        unknown = sorted(set(args.betas or {}) - set(self.objectives))
+        if unknown:
+            raise ValueError(f"betas names {unknown}, which are not among {list(self.objectives)}")
+        self.betas = torch.tensor(
+            [float((args.betas or {}).get(name, args.beta)) for name in self.objectives]
+        )
+        created_ref = isinstance(model, PeftModel) and peft_config is None and ref_model is None
+        pad_id = processing_class.pad_token_id
+        if pad_id is None:
+            pad_id = processing_class.eos_token_id
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=MultiObjectivePreferenceCollator(
+                pad_token_id=pad_id, pad_to_multiple_of=args.pad_to_multiple_of
+            ),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=list(callbacks or []),
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if created_ref and "ref" in getattr(unwrapped, "peft_config", {}):
+            # TRL copies a ready adapter into a "ref" adapter; align's reference (preference DPO)
+            # is the base model with the adapter off, and ARM / PARM need none.
+            unwrapped.delete_adapter("ref")
+            unwrapped.set_adapter("default")
+        if self.conditioned:
+            from align.adapters import objectives_of as adapter_objectives
+            from align.preference import require_same_objectives
+
+            require_same_objectives(
+                adapter_objectives(unwrapped), self.objectives, "the adapter", "the dataset"
+            )
+        self.engine = MultiObjectiveEngine(
+            args.aggregator,
+            [p for p in self.model.parameters() if p.requires_grad],
+            **(args.aggregator_options or {}),
+        )
+        self._alpha_step, self._alpha_micro = -1, 0
+
+    # ----------------------------------------------------------------------------- data
+    def _prepare_dataset(self, dataset: Dataset, processing_class: Any, args: Any, name: str):
+        return tokenize_preference_dataset(
+            dataset,
+            processing_class,
+            self.objectives,
+            max_length=args.max_length or 1024,
+            max_prompt_length=args.max_prompt_length,
+            num_proc=args.dataset_num_proc,
+        )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            self._signature_columns = list(TOKENIZED_COLUMNS)
+
+    # ------------------------------------------------------------------------ preference
+    def training_preference(self) -> torch.Tensor:
+        """α for the current micro-batch: Dirichlet(p·1), seeded by (seed, step, micro-step)."""
+        step = self.state.global_step
+        if step != self._alpha_step:
+            self._alpha_step, self._alpha_micro = step, 0
+        rng = np.random.default_rng([self.args.seed, step, self._alpha_micro])
+        self._alpha_micro += 1
+        return sample_preferences(
+            len(self.objectives), concentration=self.args.preference_concentration, generator=rng
+        ).float()
+
+    def set_model_preference(self, model: Any, preference: torch.Tensor) -> None:
+        from align.adapters import set_preference
+
+        set_preference(self.accelerator.unwrap_model(model), preference)
+
+    # --------------------------------------------------------------------------- scoring
+    def sequence_log_probs(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Summed response-token log-probs per row (2B,), through TRL's fused LM head."""
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=labels,
+            fused_lm_head=True,
+            use_cache=False,
+        )
+        width = inputs["completion_mask"].shape[1] - 1
+        return outputs.log_probs[:, -width:].sum(dim=1)
+
+    def pair_scores(
+        self, model: Any, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score of response_0 and of response_1, each (B,); higher means preferred."""
+        return self.sequence_log_probs(model, inputs).chunk(2)
+
+    def objective_losses(
+        self, scores_0: torch.Tensor, scores_1: torch.Tensor, preferred: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per objective: mean ``−log σ(β_i (s_w − s_l))`` over its decided pairs, the pairwise
+        accuracy, and the number of decided pairs. An objective with none contributes 0."""
+        decided = preferred != TIE
+        sign = torch.where(preferred == 0, 1.0, -1.0).to(scores_0)
+        margins = (scores_0 - scores_1).unsqueeze(1) * sign  # (B, m): s_w − s_l
+        per_pair = -F.logsigmoid(self.betas.to(margins) * margins)
+        counts = decided.sum(dim=0)
+        losses = (per_pair * decided).sum(dim=0) / counts.clamp(min=1)
+        accuracy = ((margins.detach() > 0) & decided).sum(dim=0) / counts.clamp(min=1)
+        return losses, accuracy, counts
+
+    # ------------------------------------------------------------------------------ loss
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool):
+        mode = "train" if self.model.training else "eval"
+        preferred = inputs["preferred"]
+        if mode == "train":
+            preference = self.training_preference() if self.conditioned else None
+            if preference is not None:
+                self.set_model_preference(model, preference)
+            losses, accuracy, counts = self.objective_losses(
+                *self.pair_scores(model, inputs), preferred
+            )
+            loss = self.engine(losses, preference)
+            self._log_objectives(mode, losses, accuracy, counts, preference)
+        else:
+            loss = self._evaluation_loss(model, inputs, preferred)
+        if return_outputs:
+            return loss, {"logits": torch.zeros(0)}
+        return loss
+
+    def _evaluation_loss(self, model: Any, inputs: dict[str, Any], preferred: torch.Tensor):
+        """Each objective judged at its own vertex α (α = e_i), where a PARM should order pairs
+        by that objective alone; the loss reported is the mean over objectives."""
+        m = len(self.objectives)
+        losses, accuracy, counts = (torch.zeros(m) for _ in range(3))
+        for index in range(m if self.conditioned else 1):
+            if self.conditioned:
+                self.set_model_preference(model, torch.eye(m)[index])
+            all_losses, all_accuracy, all_counts = self.objective_losses(
+                *self.pair_scores(model, inputs), preferred
+            )
+            for target in [index] if self.conditioned else range(m):
+                losses[target] = all_losses[target].detach().float().cpu()
+                accuracy[target] = all_accuracy[target].float().cpu()
+                counts[target] = all_counts[target].float().cpu()
+        self._log_objectives("eval", losses, accuracy, counts, None)
+        return losses.mean().to(self.accelerator.device)
+
+    def _log_objectives(
+        self,
+        mode: str,
+        losses: torch.Tensor,
+        accuracy: torch.Tensor,
+        counts: torch.Tensor,
+        preference: torch.Tensor | None,
+    ) -> None:
+        device = self.accelerator.device
+        counts = counts.float().cpu()
+        stacked = torch.stack(
+            [losses.detach().float().cpu() * counts, accuracy.float().cpu() * counts, counts]
+        )
+        # Means over every process's decided pairs (an objective with none logs nothing).
+        stacked = self.accelerator.gather(stacked.to(device).unsqueeze(0)).sum(dim=0)
+        weights = self.engine.last_weights if mode == "train" else None
+        for i, name in enumerate(self.objectives):
+            if stacked[2, i] > 0:
+                self._metrics[mode][f"loss/{name}"].append(float(stacked[0, i] / stacked[2, i]))
+                self._metrics[mode][f"accuracy/{name}"].append(float(stacked[1, i] / stacked[2, i]))
+            if preference is not None:
+                self._metrics[mode][f"alpha/{name}"].append(float(preference[i]))
+            if weights is not None and len(weights) == len(self.objectives):
+                self._metrics[mode][f"weight/{name}"].append(float(weights[i]))
+
+    # ----------------------------------------------------------------------- checkpoints
+    def training_info(self) -> dict[str, Any]:
+        return {
+            "trainer": type(self).__name__,
+            "objectives": list(self.objectives),
+            "betas": dict(zip(self.objectives, self.betas.tolist())),
+            "aggregator": self.args.aggregator,
+            "preference_concentration": self.args.preference_concentration,
+        }
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            # The objective names travel with the adapter, whatever its type (LoRA has no field).
+            with atomic_file(os.path.join(output_dir, TRAINING_INFO)) as path:
+                path.write_text(json.dumps(self.training_info(), indent=2))
+
+    def save_final(self, target: str | os.PathLike) -> Path:
+        """Save the trained adapter (and tokenizer) to ``target`` atomically: every process
+        writes into a staging folder, then the main process renames it into place."""
+        target = Path(target)
+        staging = target.parent / f".{target.name}.partial"
+        self.save_model(str(staging))
+        self._publish(staging, target)
+        return target
+
+    def _publish(self, staging: Path, target: Path) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Checkpoints appear whole or not at all: TRL / transformers write ``checkpoint-N`` in
+        a staging folder (all processes, as DeepSpeed writes one shard per rank), which is then
+        renamed into place, so a run killed mid-save resumes from the previous checkpoint."""
+        if trial is not None:  # hyperparameter search: leave transformers' layout alone
+            return super()._save_checkpoint(model, trial)
+        run_dir = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = run_dir / f".{name}.partial"
+        self.args.output_dir = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+            state = self.engine.state_dict()
+            if self.args.should_save and any(state["aggregator"]):
+                torch.save(state, staging_root / name / MOGRAD_STATE)
+        finally:
+            self.args.output_dir = str(run_dir)
+        best = self.state.best_model_checkpoint
+        if best and best.startswith(str(staging_root)):
+            self.state.best_model_checkpoint = str(run_dir / name)
+        self._publish(staging_root / name, run_dir / name)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, MOGRAD_STATE)
+        if os.path.exists(path):
+            self.engine.load_state_dict(torch.load(path, weights_only=True))

@@ -1,0 +1,88 @@
+"""Preference-conditioned DPO (Panacea-style): one policy for the whole Pareto front.
+
+The policy carries an SVD-LoRA (Panacea) or PBLoRA adapter; per micro-batch α ~ Dirichlet(p·1)
+is set on it, each objective has its own DPO loss ``mean(−log σ(β (Δ_w − Δ_l)))`` with
+``Δ = log π_θ(y | x; α) − log π_ref(y | x)`` (reference: the base model, adapter off), and the
+multi-gradient core aggregates the m losses (Panacea: linear or Tchebycheff). With one objective
+this is TRL's DPO sigmoid loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from align.adapters import PBLoraConfig, SVDLoraConfig
+from align.trainers.arm import attention_targets
+from align.trainers.base import MultiObjectivePreferenceConfig, MultiObjectivePreferenceTrainer
+from align.trainers.data import select_objectives
+
+ADAPTERS = ("svdlora", "pblora")
+
+
+@dataclass
+class PreferenceDPOConfig(MultiObjectivePreferenceConfig):
+    """Panacea's defaults: Dirichlet(1), SVD-LoRA of rank 8; DPO's β 0.1."""
+
+    adapter: str = field(
+        default="svdlora",
+        metadata={"help": "Adapter added when the model has none.", "choices": ADAPTERS},
+    )
+    adapter_rank: int = field(default=8, metadata={"help": "SVD-LoRA rank r, or PBLoRA r1 = r2."})
+    lora_alpha: float = field(default=8, metadata={"help": "Adapter scaling numerator."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Adapter learning rate."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+
+
+class PreferenceDPOTrainer(MultiObjectivePreferenceTrainer):
+    """DPO for a policy conditioned on α, one DPO loss per objective."""
+
+    _name = "PreferenceDPO"
+    conditioned = True
+
+    def __init__(
+        self, model: Any, args: PreferenceDPOConfig, train_dataset: Any, *rest: Any, **kwargs: Any
+    ):
+        if not isinstance(model, PeftModel) and kwargs.get("peft_config") is None:
+            objectives = list(select_objectives(train_dataset, args.objectives))
+            targets = attention_targets(model)
+            if args.adapter == "svdlora":
+                config = SVDLoraConfig(
+                    objectives=objectives,
+                    r=args.adapter_rank,
+                    lora_alpha=args.lora_alpha,
+                    target_modules=targets,
+                    task_type="CAUSAL_LM",
+                )
+            else:
+                config = PBLoraConfig(
+                    objectives=objectives,
+                    r1=args.adapter_rank,
+                    r2=args.adapter_rank,
+                    lora_alpha=args.lora_alpha,
+                    target_modules=targets,
+                    task_type="CAUSAL_LM",
+                )
+            kwargs["peft_config"] = config
+        super().__init__(model, args, train_dataset, *rest, **kwargs)
+
+    def pair_scores(
+        self, model: Any, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Implicit DPO rewards ``log π_θ(y|x; α) − log π_ref(y|x)`` of both responses."""
+        policy = self.sequence_log_probs(model, inputs)
+        with torch.no_grad():
+            if self.ref_model is not None:
+                reference = self.sequence_log_probs(self.ref_model, inputs)
+            else:
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    reference = self.sequence_log_probs(model, inputs)
+        return (policy - reference).chunk(2)

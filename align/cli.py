@@ -252,5 +252,28 @@ def generate(
     console.print(f"wrote {len(rows)} rows to {output}")
 
 
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe field: args.max_steps=10 (repeatable)."),
+    ] = None,
+) -> None:
+    """Train as a recipe says (ARM, PARM or preference DPO), resuming from its last checkpoint.
+
+    Across processes: accelerate launch --config_file accelerate_configs/X.yaml -m align.train
+    RECIPE.yaml
+    """
+    from align.train import RecipeError, load_recipe, run_recipe
+
+    try:
+        final = run_recipe(load_recipe(recipe, overrides or []))
+    except RecipeError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from error
+    console.print(f"adapter saved to {final}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,410 @@
+"""ARM / PARM / preference-DPO trainers: losses against their definitions and against TRL,
+learning on a small problem, recipes, resume after a kill."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import get_peft_model
+
+from align.adapters import PBLoraConfig, SVDLoraConfig, merge_at_preference, set_preference
+from align.data import make_preference_dataset, save_preference_dataset
+from align.models import tiny_causal_lm
+from align.rewards import arm_rewards
+from align.trainers import (
+    ARMConfig,
+    ARMTrainer,
+    PARMConfig,
+    PARMTrainer,
+    PreferenceDPOConfig,
+    PreferenceDPOTrainer,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_ARGS = dict(
+    bf16=False,
+    gradient_checkpointing=False,
+    use_cpu=True,
+    report_to="none",
+    save_strategy="no",
+    disable_dropout=True,
+    max_length=96,
+    max_prompt_length=32,
+    logging_steps=1,
+)
+
+POSITIVE = ["great", "lovely", "wonderful", "happy"]
+NEGATIVE = ["awful", "dreadful", "horrible", "sad"]
+FORMAL = ["Certainly", "Indeed"]
+CASUAL = ["Yeah", "Nah"]
+QUESTIONS = [
+    "How was the trip?",
+    "What do you think of the plan?",
+    "How is the weather today?",
+    "Did you like the film?",
+    "How was dinner?",
+    "What about the new park?",
+]
+
+
+def positive_formal_pairs(n: int, seed: int):
+    """Pairs whose two objectives are independent: one prefers the positive word, the other the
+    formal opener; the same template keeps both answers about as long."""
+    rng = random.Random(seed)
+    prompts, first, second, positive, formal = [], [], [], [], []
+    for _ in range(n):
+        good, bad = rng.choice(POSITIVE), rng.choice(NEGATIVE)
+        polite, rough = rng.choice(FORMAL), rng.choice(CASUAL)
+        pos_with_formal = rng.random() < 0.5  # which answer gets the formal opener
+        answer_a = f"{polite if pos_with_formal else rough}, it was {good}."
+        answer_b = f"{rough if pos_with_formal else polite}, it was {bad}."
+        swap = rng.random() < 0.5
+        prompts.append(rng.choice(QUESTIONS))
+        first.append(answer_b if swap else answer_a)
+        second.append(answer_a if swap else answer_b)
+        a_index = 1 if swap else 0
+        positive.append(a_index)
+        formal.append(a_index if pos_with_formal else 1 - a_index)
+    return make_preference_dataset(prompts, first, second, {"positive": positive, "formal": formal})
+
+
+@pytest.fixture()
+def tiny():
+    return tiny_causal_lm(seed=0)
+
+
+def one_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def test_parm_loss_at_a_vertex_is_the_arm_loss_of_that_objective(tmp_path, tiny):
+    model, tokenizer = tiny
+    pairs = positive_formal_pairs(8, seed=1)
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        PBLoraConfig(objectives=["positive", "formal"], init_weights=False, lora_dropout=0.0),
+    )
+    for index, objective in enumerate(("positive", "formal")):
+        vertex = torch.eye(2)[index]
+
+        class AtVertex(PARMTrainer):
+            def training_preference(self, vertex=vertex):
+                return vertex
+
+        parm = AtVertex(
+            peft_model,
+            PARMConfig(
+                output_dir=str(tmp_path / "parm"),
+                per_device_train_batch_size=8,
+                beta=0.1,
+                **CPU_ARGS,
+            ),
+            pairs,
+            processing_class=tokenizer,
+        )
+        parm.model.train()
+        batch = one_batch(parm)
+        parm_loss = parm.compute_loss(parm.model, batch)
+        # The ARM: the PBLoRA folded into plain weights at the vertex, trained for one objective.
+        merged = merge_at_preference(copy.deepcopy(peft_model), vertex)
+        arm = ARMTrainer(
+            merged,
+            ARMConfig(
+                output_dir=str(tmp_path / "arm"),
+                per_device_train_batch_size=8,
+                beta=0.1,
+                objectives=[objective],
+                **CPU_ARGS,
+            ),
+            pairs,
+            processing_class=tokenizer,
+        )
+        arm.model.train()
+        arm_loss = arm.compute_loss(arm.model, one_batch(arm))
+        assert parm_loss.item() > 0
+        torch.testing.assert_close(parm_loss, arm_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_preference_dpo_with_one_objective_is_trls_dpo_loss(tmp_path, tiny):
+    from trl import DPOConfig, DPOTrainer
+
+    model, tokenizer = tiny
+    pairs = positive_formal_pairs(8, seed=2)
+    # All labels 0: response_0 is the chosen one, so the two trainers see the same batch.
+    pairs = pairs.map(lambda row: {"preferred_positive": 0}).remove_columns("preferred_formal")
+    policy = get_peft_model(
+        copy.deepcopy(model),
+        SVDLoraConfig(objectives=["positive"], init_weights=False, lora_dropout=0.0),
+    )
+    set_preference(policy, [1.0])
+    ours = PreferenceDPOTrainer(
+        copy.deepcopy(policy),
+        PreferenceDPOConfig(
+            output_dir=str(tmp_path / "ours"), per_device_train_batch_size=8, beta=0.1, **CPU_ARGS
+        ),
+        pairs,
+        processing_class=tokenizer,
+    )
+    ours.model.train()
+    batch = one_batch(ours)
+    our_loss = ours.compute_loss(ours.model, batch)
+
+    trl_pairs = pairs.rename_columns({"response_0": "chosen", "response_1": "rejected"})
+    trl_args = {k: v for k, v in CPU_ARGS.items() if k != "max_prompt_length"}
+    theirs = DPOTrainer(
+        copy.deepcopy(policy),
+        ref_model=copy.deepcopy(model),  # the reference is the base model, as in ours
+        args=DPOConfig(
+            output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, beta=0.1, **trl_args
+        ),
+        train_dataset=trl_pairs.remove_columns("preferred_positive"),
+        processing_class=tokenizer,
+    )
+    theirs.model.train()
+    trl_batch = {k: v for k, v in batch.items() if k != "preferred"}
+    trl_loss = theirs.compute_loss(theirs.model, trl_batch)
+    assert our_loss.item() > 0
+    torch.testing.assert_close(our_loss, trl_loss, rtol=1e-5, atol=1e-6)
+
+
+def vertex_accuracy(model, tokenizer, pairs, objective_index):
+    """Share of decided pairs the model orders like objective ``objective_index`` at its vertex."""
+    objective = ["positive", "formal"][objective_index]
+    vertex = torch.eye(2)[objective_index]
+    r0 = arm_rewards(model, tokenizer, pairs["prompt"], pairs["response_0"], pref=vertex)
+    r1 = arm_rewards(model, tokenizer, pairs["prompt"], pairs["response_1"], pref=vertex)
+    labels = torch.tensor(pairs[f"preferred_{objective}"])
+    predicted = (r1 > r0).long()
+    return (predicted == labels).float().mean().item()
+
+
+def test_a_trained_tiny_parm_orders_held_out_pairs_for_each_objective_at_its_vertex(tmp_path):
+    model, tokenizer = tiny_causal_lm(seed=0)
+    train, held_out = positive_formal_pairs(192, seed=3), positive_formal_pairs(64, seed=4)
+    trainer = PARMTrainer(
+        model,
+        PARMConfig(
+            output_dir=str(tmp_path / "parm"),
+            per_device_train_batch_size=16,
+            max_steps=60,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            beta=0.5,
+            lora_dropout=0.0,
+            **CPU_ARGS,
+        ),
+        train,
+        processing_class=tokenizer,
+    )
+    before = [vertex_accuracy(trainer.model, tokenizer, held_out, i) for i in range(2)]
+    trainer.train()
+    trainer.model.eval()
+    after = [vertex_accuracy(trainer.model, tokenizer, held_out, i) for i in range(2)]
+    # The objectives are independent, so one ordering cannot serve both: above ~0.75 on each
+    # needs α to steer the reward.
+    for objective, acc_before, acc_after in zip(("positive", "formal"), before, after):
+        assert acc_after >= 0.85, (objective, before, after)
+        assert acc_after > acc_before, (objective, before, after)
+
+
+# ------------------------------------------------------------------------------ recipes
+def write_recipe(tmp_path: Path, model_dir: Path, **args) -> Path:
+    # No ties: every objective averages over the same pairs however the batch is split.
+    data = save_preference_dataset(positive_formal_pairs(16, seed=6), tmp_path / "pairs.jsonl")
+    recipe = {
+        "trainer": "parm",
+        "model": str(model_dir),
+        "data": {"path": str(data)},
+        "args": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 4,
+            "per_device_train_batch_size": 2,
+            "beta": 0.5,
+            "learning_rate": 5e-3,
+            "lr_scheduler_type": "constant",
+            "lora_dropout": 0.0,
+            "max_length": 96,
+            "max_prompt_length": 32,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "bf16": False,
+            "gradient_checkpointing": False,
+            "use_cpu": True,
+            "report_to": "none",
+            "seed": 0,
+            **args,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tiny):
+    model, tokenizer = tiny
+    path = tmp_path / "tiny-model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_recipe_errors_name_the_field(tmp_path, tiny_model_dir):
+    from align.train import RecipeError, load_recipe
+
+    path = write_recipe(tmp_path, tiny_model_dir)
+    with pytest.raises(RecipeError, match="'trainer' must be one of"):
+        load_recipe(path, ["trainer=ppo"])
+    with pytest.raises(RecipeError, match="unknown recipe fields"):
+        load_recipe(path, ["modle=x"])
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    from align.train import build_trainer
+
+    with pytest.raises(RecipeError, match="do not fit PARMConfig"):
+        build_trainer(load_recipe(path, ["args.not_a_field=1"]))
+
+
+def test_arm_trainer_refuses_several_objectives_and_parm_refuses_a_mismatched_adapter(
+    tmp_path, tiny
+):
+    model, tokenizer = tiny
+    pairs = positive_formal_pairs(4, seed=5)
+    with pytest.raises(ValueError, match="trains one objective"):
+        ARMTrainer(
+            copy.deepcopy(model),
+            ARMConfig(output_dir=str(tmp_path), **CPU_ARGS),
+            pairs,
+            processing_class=tokenizer,
+        )
+    with pytest.raises(ValueError, match="not in the dataset"):
+        PARMTrainer(
+            copy.deepcopy(model),
+            PARMConfig(output_dir=str(tmp_path), objectives=["helpful"], **CPU_ARGS),
+            pairs,
+            processing_class=tokenizer,
+        )
+    swapped = get_peft_model(copy.deepcopy(model), PBLoraConfig(objectives=["formal", "positive"]))
+    with pytest.raises(ValueError, match="objective names disagree"):
+        PARMTrainer(
+            swapped,
+            PARMConfig(output_dir=str(tmp_path), **CPU_ARGS),
+            pairs,
+            processing_class=tokenizer,
+        )
+
+
+def _train_command(recipe: Path, *overrides: str) -> list[str]:
+    command = [sys.executable, "-m", "align.train", str(recipe)]
+    for item in overrides:
+        command += ["--set", item]
+    return command
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _final_adapter(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "adapter_model.safetensors")
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path, tiny_model_dir, max_steps=6, save_steps=2)
+    uninterrupted = tmp_path / "uninterrupted"
+    subprocess.run(
+        _train_command(recipe, f"args.output_dir={uninterrupted}"),
+        check=True,
+        env=_env(),
+        capture_output=True,
+        timeout=600,
+    )
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _train_command(recipe, f"args.output_dir={killed}"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while not (killed / "checkpoint-4").exists() and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(
+        _train_command(recipe, f"args.output_dir={killed}"),
+        check=True,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "resuming from" in resumed.stdout
+    expected, got = _final_adapter(uninterrupted), _final_adapter(killed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    info = json.loads((killed / "final" / "align_training.json").read_text())
+    assert info["objectives"] == ["positive", "formal"]
+
+
+def _logged_losses(run: Path, steps: int) -> list[float]:
+    state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry][:steps]
+
+
+def _launch(config: str, recipe: Path, output_dir: Path, *overrides: str) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / config),
+        "-m",
+        "align.train",
+        str(recipe),
+        "--set",
+        f"args.output_dir={output_dir}",
+        *overrides,
+    ]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("config", ["cpu_2proc.yaml", "deepspeed_zero2_cpu.yaml"])
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny_model_dir, config):
+    # One process with 4 pairs per step vs two processes with 2 each: the same global batches.
+    recipe = write_recipe(tmp_path, tiny_model_dir, max_steps=4, save_steps=4)
+    single = tmp_path / "single"
+    subprocess.run(
+        _train_command(recipe, f"args.output_dir={single}", "args.per_device_train_batch_size=4"),
+        check=True,
+        env=_env(),
+        capture_output=True,
+        timeout=600,
+    )
+    distributed = tmp_path / "distributed"
+    _launch(config, recipe, distributed, "--set", "args.per_device_train_batch_size=2")
+    expected, got = _logged_losses(single, 3), _logged_losses(distributed, 3)
+    assert len(expected) == len(got) == 3
+    assert expected == pytest.approx(got, rel=1e-4, abs=1e-5)

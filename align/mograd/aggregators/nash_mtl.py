@@ -30,11 +30,13 @@ class NashMTL(GradientAggregator):
     ``G / ‖G‖_F`` (as the paper's code does, for conditioning) and rescales: if
     ``(G/N) β = 1/β`` then ``α = β / √N``.
 
-    No solution exists when a nonnegative combination of the gradients vanishes (a zero
-    gradient, opposed gradients): f is then unbounded below along it. ``reg_eps`` adds
+    A solution exists exactly when zero is not in the convex hull of the gradients (then MGDA's
+    d ≠ 0); otherwise (a zero gradient, opposed gradients) f is unbounded below along the
+    vanishing combination. ``reg_eps`` adds
     ``reg_eps · I`` to the normalised G so that the weights stay finite (of order
-    ``1/√reg_eps`` along that combination, which moves ``d`` by nothing); a zero gradient gets
-    weight 0 outright.
+    ``1/√reg_eps`` along that combination, which moves ``d`` by nothing), at the price of a bias
+    of order ``√reg_eps`` in ``d`` there (it may then conflict with a gradient by that much); a
+    zero gradient gets weight 0 outright.
 
     Args:
         reg_eps: ridge on the normalised Gram (see above).
@@ -45,7 +47,7 @@ class NashMTL(GradientAggregator):
 
     def __init__(
         self,
-        reg_eps: float = 1e-8,
+        reg_eps: float = 1e-10,
         max_norm: float | None = None,
         tol: float = 1e-20,
         max_iters: int = 100,
@@ -73,7 +75,11 @@ class NashMTL(GradientAggregator):
         frobenius = np.linalg.norm(g)
         if not alive.any() or frobenius == 0:
             return to_weights(weights, gram)
-        h = g[np.ix_(alive, alive)] / frobenius + self.reg_eps * np.eye(int(alive.sum()))
+        # Rounding (a float32 Gram) can leave G slightly indefinite, and f would then be
+        # unbounded below: keep its PSD part, so that G + reg_eps·I is positive definite.
+        eigenvalues, eigenvectors = np.linalg.eigh(g[np.ix_(alive, alive)] / frobenius)
+        h = (eigenvectors * np.clip(eigenvalues, 0.0, None)) @ eigenvectors.T
+        h = 0.5 * (h + h.T) + self.reg_eps * np.eye(int(alive.sum()))
         weights[alive] = self._solve(h) / np.sqrt(frobenius)
         if self.max_norm is not None:
             norm = float(np.sqrt(max(weights @ g @ weights, 0.0)))

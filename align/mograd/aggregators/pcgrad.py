@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from align.mograd.aggregators._solvers import as_float64, to_weights
+from align.mograd.aggregators._solvers import as_float64, normalised, to_weights
 from align.mograd.base import GradientAggregator
 from align.mograd.registry import register_aggregator
 
@@ -47,7 +47,7 @@ class PCGrad(GradientAggregator):
     def compute_weights(
         self, gram: Tensor, losses: Tensor | None, preference: Tensor | None
     ) -> Tensor:
-        g = as_float64(gram)
+        g, _ = normalised(as_float64(gram))  # weights are invariant to scaling G
         m = g.shape[0]
         total = np.zeros(m)
         for i in range(m):
@@ -58,7 +58,9 @@ class PCGrad(GradientAggregator):
             c = np.zeros(m)
             c[i] = 1.0
             for j in others:
-                if j == i or g[j, j] <= 0:  # a zero gradient conflicts with nothing
+                # A zero gradient conflicts with nothing; an underflowed (subnormal) ‖g_j‖² would
+                # turn the division below into rounding noise.
+                if j == i or g[j, j] <= np.finfo(np.float64).tiny:
                     continue
                 inner = g[j] @ c
                 if inner < 0:

@@ -58,7 +58,8 @@ class CAGrad(GradientAggregator):
         # On the unit-trace Gram, wᵀGw carries rounding of ~1e-16, so norms below ~1e-8 are
         # noise. If zero is in the hull and no w does clearly better than F = 0, then g_w* = 0
         # (the τ search cannot land on τ = 0 exactly); a g_w of noise size has no direction.
-        norm0 = float(np.sqrt(max(min_norm_weights(g) @ g @ min_norm_weights(g), 0.0)))
+        w0 = min_norm_weights(g)
+        norm0 = float(np.sqrt(max(w0 @ g @ w0, 0.0)))
         best = float(w @ b) + radius * gw_norm
         if gw_norm <= 1e-7 or (norm0 <= 1e-7 and best >= -1e-7 * radius):
             return to_weights(np.zeros(m), gram)

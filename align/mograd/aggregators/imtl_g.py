@@ -29,7 +29,7 @@ class IMTLG(GradientAggregator):
     objectives; ``d`` need not be a descent direction for every objective.
 
     Eigenvalues below ``rcond · λ_max`` are treated as zero; the default scales with the Gram's
-    dtype (``1e3 · m · ε``) because a float32 Gram of dependent gradients has "zero"
+    dtype (``1e3 · m · ε``, at most 1e-3) because a float32 Gram of dependent gradients has "zero"
     eigenvalues of order ``ε · λ_max``, and inverting those would amplify rounding noise.
     """
 
@@ -49,7 +49,8 @@ class IMTLG(GradientAggregator):
         rcond = self.rcond
         if rcond is None:
             eps = torch.finfo(gram.dtype).eps if gram.dtype.is_floating_point else 1e-16
-            rcond = 1e3 * m * max(eps, np.finfo(np.float64).eps)
+            # Capped: a half-precision ε would otherwise discard every eigenvalue.
+            rcond = min(1e3 * m * max(eps, np.finfo(np.float64).eps), 1e-3)
         eigenvalues, eigenvectors = np.linalg.eigh(g)
         keep = eigenvalues > rcond * eigenvalues.max()
         norms = np.sqrt(np.clip(np.diag(g), 0.0, None))

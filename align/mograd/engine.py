@@ -1,96 +1,517 @@
 """Run a multi-gradient method inside a training step.
 
 A TRL / Accelerate training step computes a loss and calls ``accelerator.backward(loss)``;
-gradient accumulation, mixed precision, clipping and DDP's gradient all-reduce all hang off that
-one call. The engine keeps that shape: given the m losses of a batch it returns **one scalar to
-backward** whose gradient is the method's update.
+gradient accumulation, mixed precision, clipping and DDP's / DeepSpeed's gradient reduction all
+hang off that one call. The engine keeps that shape: given the m losses of a batch it returns
+**one scalar to backward** whose gradient is the method's update::
 
-* loss-level methods: the scalar is the method's own (``Σ α_i L_i``, smooth Tchebycheff, ...);
-* gradient-level methods: the per-objective gradients of the trainable parameters are taken
-  with ``torch.autograd.grad``, stacked as ``J (m, P)``, averaged across processes in one
-  collective (``torch.autograd.grad`` does not fire DDP's hooks), the weights ``w`` come from
-  the Gram ``J Jᵀ`` (identical on every rank), and the scalar is ``Σ w_i L_i`` with ``w``
-  detached.
+    engine = MultiObjectiveEngine("mgda", adapter_parameters, accelerator=accelerator)
+    loss = engine(losses, preference)          # inside compute_loss
+    accelerator.backward(loss)                 # the trainer's usual step
+
+How each kind of method gets there
+----------------------------------
+* **loss-level** (linear, (smooth) Tchebycheff, DWA, UW, FAMO, ...): the method's own scalar.
+  Across processes, the method is evaluated at the *global* mean loss vector (m numbers
+  all-reduced) and each process backpropagates its local losses with the method's
+  coefficients there, ``c = ∂S/∂L (L̄)``: the averaged gradient is then exactly the gradient of
+  S on the union of the batches, also for non-linear S (Tchebycheff), and stateful methods see
+  the same losses on every process.
+* **gradient-level** (MGDA, PCGrad, CAGrad, IMTL-G, Nash-MTL, UPGrad, EPO): the per-objective
+  gradients of ``parameters`` form ``J (m, P)``; the weights come from the Gram ``J Jᵀ``; the
+  update ``d = wᵀ J`` is *injected*: the returned scalar has the value ``Σ w_i L_i`` and a
+  custom backward that hands ``grad_output · d`` to the parameters (no second pass through the
+  model — m backward passes in all, not m + 1). Because it arrives through the parameters'
+  ``AccumulateGrad`` nodes like any gradient, it adds to accumulated gradients, is scaled by
+  AMP's loss scale and by ``1 / accumulation_steps``, is clipped by the trainer, and fires the
+  DDP / DeepSpeed reduction hooks.
+
+  - one process / DDP: ``torch.autograd.grad`` per objective (it fires no DDP hook); the local
+    ``J`` and the losses are averaged over processes in **one** all-reduce of an (m, P + 1)
+    tensor, so every rank computes the same weights and the same ``d``. DDP then averages the
+    injected ``d`` — identical values, so nothing is counted twice; it costs DDP's usual
+    all-reduce of P numbers, which also keeps its bucket bookkeeping (and ``no_sync``) intact.
+  - DeepSpeed ZeRO-1/2: ``torch.autograd.grad`` fails under ZeRO, so each objective is one
+    ``engine.backward(L_i)`` (at a forced accumulation boundary, so ZeRO reduces it), this
+    rank's gradient partition is read and cleared. The Gram is the all-reduced sum of the
+    shard Grams (m² numbers); each rank forms its shard of ``d`` and injects it, times the world
+    size, at its own coordinates: ZeRO's averaging in the trainer's backward rebuilds the full
+    ``d`` with no extra collective.
+  - DeepSpeed ZeRO-3: as ZeRO-2 for ``J`` and the Gram (the graph is backpropagated once per
+    objective by restoring ZeRO-3's parameter-gathering counters in between), but the update is
+    applied by backpropagating ``Σ w_i L_i`` once more (ZeRO-3's partitioned parameters cannot
+    take an injected gradient): m + 1 backward passes.
+* **feature-level** (``feature_level=True``, gradient-level methods; MGDA-UB, Sener & Koltun
+  2018): the Gram is taken from the gradients w.r.t. a shared representation ``features=z``
+  passed with each call (final hidden states, logits, per-token log-probs ...) through which
+  every loss depends on the parameters. m cheap backward passes to z, then the returned
+  ``Σ w_i L_i`` is backpropagated once by the trainer. **An approximation**: for MGDA it
+  minimises an upper bound of ‖Σ w_i g_i‖ (``g_i = (∂z/∂θ)ᵀ ∇_z L_i``), not the norm itself;
+  the closer z is to the losses, the cheaper and the looser. Across processes the union
+  batch's feature Gram is the sum of the local ones over ``world²`` (m² numbers).
+
+Gradient accumulation (``accumulation=``)
+-----------------------------------------
+* ``"micro"`` (default): weights per micro-batch; the update of an optimizer step is the sum of
+  the micro-batches' combined gradients.
+* ``"full"``: per-objective gradients are summed over the micro-batches of an optimizer step
+  and the weights computed once, at the last micro-batch (``accelerator.sync_gradients``, or
+  ``sync=`` per call), from the Jacobian of the whole effective batch; earlier micro-batches
+  return a scalar with zero gradient. Exactly the method on the effective batch; under DDP it
+  also reduces ``J`` once per optimizer step instead of once per micro-batch.
+
+Support matrix (✓ tested here; ~ works by construction, untested)
+-----------------------------------------------------------------
+=================  ===========  ======  ========================  ==========================
+kind               one process  DDP     ZeRO-1/2                  ZeRO-3
+=================  ===========  ======  ========================  ==========================
+loss-level         ✓ exact      ✓       ✓                         ~ (one ordinary backward)
+gradient-level     ✓ m bwd      ✓ m bwd ✓ m bwd (GA>1: "full")    ~ m + 1 bwd, GA = 1 only
+feature-level      ✓ 1 bwd      ✓       ~ (see note)              ~ (see note)
+=================  ===========  ======  ========================  ==========================
+
+* Gradient accumulation: loss-level and feature-level per micro-batch everywhere; gradient-level
+  "micro" on one process / DDP, "full" on one process / DDP / ZeRO-1/2; ZeRO with
+  ``"micro"`` and more than one micro-batch per step is refused (ZeRO reduces every
+  micro-batch into a buffer the per-objective backward passes would corrupt).
+* AMP: bf16 autocast needs nothing; with an fp16 ``GradScaler`` (``accelerator=`` given) the
+  per-objective gradients are taken of the scaled losses and unscaled, and non-finite
+  gradients pass through as a non-finite update so that the scaler skips the step and lowers
+  its scale, as it would for a plain loss. DeepSpeed's fp16 loss scale is divided out likewise.
+* Feature-level under DeepSpeed: the gradients w.r.t. ``z`` are taken with hooks of DeepSpeed
+  on the model outputs in the graph; tested on ZeRO-2 in ``tests/test_mograd_engine.py``.
+* Gradient checkpointing: gradient-level methods need the non-reentrant kind
+  (``gradient_checkpointing_kwargs={"use_reentrant": False}``); ``torch.autograd.grad`` refuses
+  the reentrant one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from align.mograd.base import GradientAggregator, LossAggregator
+from align.mograd import distributed as D
+from align.mograd.base import GradientAggregator, LossAggregator, check_losses
 from align.mograd.registry import get_aggregator
 
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+_ACCUMULATION = ("micro", "full")
+_JACOBIAN = ("loop", "batched")
 
 
 class MultiObjectiveEngine:
     """Turns the m losses of a batch into the scalar a training step backpropagates.
 
-    ``parameters`` are the trainable parameters the per-objective gradients are taken over (in
-    practice the adapter's); only gradient-level methods need them.
+    Args:
+        aggregator: a method name (``"linear"``, ``"stch"``, ``"mgda"``, ...) or an instance.
+        parameters: the trainable parameters the per-objective gradients are taken over (in
+            practice the adapter's; under DDP, all the model's trainable parameters). Needed by
+            gradient-level methods, unless ``feature_level=True``.
+        accelerator: the ``accelerate.Accelerator`` (or a ``deepspeed.DeepSpeedEngine``): needed
+            under DeepSpeed, and gives the fp16 loss scale and the accumulation boundary.
+        feature_level: gradient-level methods only: take the Gram from gradients w.r.t. the
+            ``features=`` passed with each call (one backward through the model; an
+            approximation, see the module notes).
+        accumulation: ``"micro"`` or ``"full"`` (see the module notes).
+        jacobian: ``"loop"`` (one ``autograd.grad`` per objective, least memory) or
+            ``"batched"`` (one vmapped ``autograd.grad`` for all objectives).
+        process_group: the data-parallel process group (default: the whole world).
+        **options: passed to the method's constructor.
     """
 
     def __init__(
         self,
         aggregator: str | LossAggregator | GradientAggregator = "linear",
         parameters: Iterable[nn.Parameter] | None = None,
+        *,
+        accelerator: Any = None,
+        feature_level: bool = False,
+        accumulation: str = "micro",
+        jacobian: str = "loop",
+        process_group: Any = None,
         **options: Any,
     ) -> None:
         self.aggregator = get_aggregator(aggregator, **options)
         self.parameters = [p for p in (parameters or []) if p.requires_grad]
-        if self.is_gradient_level and not self.parameters:
+        if accumulation not in _ACCUMULATION:
+            raise ValueError(f"accumulation must be one of {_ACCUMULATION}, got {accumulation!r}")
+        if jacobian not in _JACOBIAN:
+            raise ValueError(f"jacobian must be one of {_JACOBIAN}, got {jacobian!r}")
+        self.accelerator = accelerator
+        self.feature_level = bool(feature_level) and self.is_gradient_level
+        self.accumulation = accumulation
+        self.jacobian_mode = jacobian
+        self.process_group = process_group
+        if self.feature_level and accumulation == "full":
+            raise ValueError(
+                "feature_level=True weights each micro-batch (its features are gone by the last "
+                "one): use accumulation='micro'"
+            )
+        if self.is_gradient_level and not self.feature_level and not self.parameters:
             raise ValueError(
                 f"{self.aggregator.name} is a gradient-level method: pass the trainable "
-                f"parameters its per-objective gradients are taken over"
+                f"parameters its per-objective gradients are taken over (or feature_level=True "
+                f"with features=)"
             )
+        #: The weights of the last call (gradient-level: the method's w; loss-level: the
+        #: method's effective weights), detached.
         self.last_weights: Tensor | None = None
+        #: The m×m Gram matrix of the last gradient-level solve (global, detached).
+        self.last_gram: Tensor | None = None
+        self._pending: dict[str, Any] | None = None  # accumulation="full": sums so far
+        self._checked_ddp = False
 
+    # ------------------------------------------------------------------------ properties
     @property
     def is_gradient_level(self) -> bool:
         return isinstance(self.aggregator, GradientAggregator)
 
-    def __call__(self, losses: Tensor, preference: Tensor | None = None) -> Tensor:
-        """The scalar to backward for per-objective ``losses`` (shape (m,)) at α."""
+    @property
+    def name(self) -> str:
+        return getattr(self.aggregator, "name", type(self.aggregator).__name__)
+
+    def _world(self) -> tuple[Any, int]:
+        return D.world(self.process_group)
+
+    # -------------------------------------------------------------------------- the call
+    def __call__(
+        self,
+        losses: Tensor,
+        preference: Tensor | None = None,
+        *,
+        features: Tensor | Sequence[Tensor] | None = None,
+        sync: bool | None = None,
+    ) -> Tensor:
+        """The scalar to backward for per-objective ``losses`` (shape (m,)) at α.
+
+        ``features``: the shared representation, with ``feature_level=True``. ``sync``: whether
+        this micro-batch ends an optimizer step (default: the accelerator's ``sync_gradients``,
+        else True); only ``accumulation="full"`` uses it.
+        """
+        losses = check_losses(losses, f"MultiObjectiveEngine({self.name})")
         if not self.is_gradient_level:
+            return self._loss_level(losses, preference)
+        if self.feature_level:
+            return self._feature_level(losses, preference, features)
+        boundary = D.sync_gradients(self.accelerator) if sync is None else bool(sync)
+        engine = D.deepspeed_engine(self.accelerator)
+        if engine is None and D.managed_by_deepspeed(self.parameters):
+            raise ValueError(
+                "the parameters are managed by DeepSpeed ZeRO: pass accelerator= (the "
+                "Accelerator that prepared the model, or the DeepSpeed engine) to the engine"
+            )
+        if engine is not None:
+            return self._gradient_level_deepspeed(engine, losses, preference, boundary)
+        return self._gradient_level_local(losses, preference, boundary)
+
+    # ------------------------------------------------------------------------ loss-level
+    def _loss_level(self, losses: Tensor, preference: Tensor | None) -> Tensor:
+        group, size = self._world()
+        if size == 1:
             loss = self.aggregator(losses, preference)
             self.last_weights = self.aggregator.last_weights
             return loss
-        jacobian = self.jacobian(losses)
-        gram = jacobian @ jacobian.T
-        weights = self.aggregator.weights(gram, losses=losses.detach(), preference=preference)
-        self.last_weights = weights.detach()
-        return (weights.detach().to(losses) * losses).sum()
+        # The method at the global mean losses; locally, its coefficients times the local
+        # losses: the average over processes of the gradient is that of S on the union batch.
+        mean = D.all_reduce_sum(losses.detach().float().clone(), group) / size
+        point = mean.to(losses.dtype).requires_grad_(True)
+        value = self.aggregator(point, preference)
+        self.last_weights = self.aggregator.last_weights
+        (coefficients,) = torch.autograd.grad(value, point, retain_graph=True)
+        return value + (coefficients.detach() * (losses - losses.detach())).sum()
 
-    def jacobian(self, losses: Tensor) -> Tensor:
-        """``J (m, P)``: row i is ∇ L_i over the parameters, averaged over processes."""
-        rows = []
-        for loss in losses:
-            grads = torch.autograd.grad(loss, self.parameters, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                        for g, p in zip(grads, self.parameters)
-                    ]
-                )
-            )
-        jacobian = torch.stack(rows)
-        if _world_size() > 1:
-            dist.all_reduce(jacobian, op=dist.ReduceOp.SUM)
-            jacobian /= _world_size()
+    # ------------------------------------------------------------------- gradient-level
+    def _weights(self, gram: Tensor, losses: Tensor, preference: Tensor | None) -> Tensor:
+        weights = self.aggregator.weights(gram, losses=losses, preference=preference)
+        self.last_gram = gram.detach()
+        self.last_weights = weights.detach()
+        return weights.detach()
+
+    def _scaling_skip(self, gram: Tensor, m: int, scaled: bool) -> Tensor | None:
+        """Non-finite gradients: with loss scaling, uniform weights (a non-finite update makes
+        the scaler skip the step and lower its scale); without, a clear error."""
+        if torch.isfinite(gram).all():
+            return None
+        if scaled:
+            self.last_weights = None
+            return torch.full((m,), 1.0 / m, dtype=gram.dtype, device=gram.device)
+        bad = [i for i in range(m) if not torch.isfinite(gram[i, i])]
+        raise ValueError(
+            f"{self.name}: the gradients of objective(s) {bad} are not finite (NaN/inf losses or "
+            f"an overflow); with fp16, use a loss scaler (accelerate's mixed_precision='fp16')"
+        )
+
+    def _jacobian(
+        self,
+        losses: Tensor,
+        inputs: Sequence[Tensor],
+        scale: float,
+        batched: bool,
+        functorch: bool = False,
+    ) -> Tensor:
+        """``(m, N)`` float32: row i is ∇ L_i w.r.t. ``inputs`` (flattened, concatenated), taken
+        of ``scale · L_i`` (AMP) and divided back. A loss that does not depend on the inputs
+        gets a zero row."""
+        m, total = losses.numel(), sum(x.numel() for x in inputs)
+        jacobian = torch.zeros(m, total, dtype=torch.float32, device=inputs[0].device)
+        live = [i for i in range(m) if losses.requires_grad and losses[i].requires_grad]
+        if not live:
+            return jacobian
+        try:
+            if batched:
+                # One vmapped backward for all objectives.
+                seeds = torch.zeros(len(live), m, dtype=losses.dtype, device=losses.device)
+                seeds[torch.arange(len(live)), live] = scale
+                if functorch:
+                    # DeepSpeed's hooks on the model outputs stand aside under torch.func
+                    # transforms (not under autograd.grad's own is_grads_batched).
+                    def vjp(seed: Tensor) -> tuple[Tensor, ...]:
+                        out = torch.autograd.grad(
+                            losses, list(inputs), seed, retain_graph=True, allow_unused=True
+                        )
+                        return tuple(
+                            g if g is not None else torch.zeros_like(x) for g, x in zip(out, inputs)
+                        )
+
+                    grads = torch.func.vmap(vjp)(seeds)
+                else:
+                    grads = torch.autograd.grad(
+                        losses,
+                        list(inputs),
+                        grad_outputs=seeds,
+                        retain_graph=True,
+                        allow_unused=True,
+                        is_grads_batched=True,
+                    )
+                offset = 0
+                for g, x in zip(grads, inputs):
+                    n = x.numel()
+                    if g is not None:
+                        jacobian[live, offset : offset + n] = g.reshape(len(live), n).float()
+                    offset += n
+            else:
+                for i in live:
+                    grads = torch.autograd.grad(
+                        losses[i] * scale if scale != 1.0 else losses[i],
+                        list(inputs),
+                        retain_graph=True,
+                        allow_unused=True,
+                    )
+                    offset = 0
+                    for g, x in zip(grads, inputs):
+                        n = x.numel()
+                        if g is not None:
+                            jacobian[i, offset : offset + n].copy_(g.reshape(-1))
+                        offset += n
+        except RuntimeError as error:
+            if "heckpoint" in str(error):
+                raise ValueError(
+                    f"{self.name}: per-objective gradients need non-reentrant gradient "
+                    f"checkpointing (gradient_checkpointing_kwargs={{'use_reentrant': False}}), "
+                    f"or use feature_level=True: {error}"
+                ) from error
+            raise
+        if scale != 1.0:
+            jacobian /= scale
         return jacobian
 
+    def _gradient_level_local(
+        self, losses: Tensor, preference: Tensor | None, boundary: bool
+    ) -> Tensor:
+        params, m = self.parameters, losses.numel()
+        group, size = self._world()
+        if size > 1 and not self._checked_ddp and self.accelerator is not None:
+            D.check_ddp_parameters(self.accelerator, params)
+            self._checked_ddp = True
+        scale = D.grad_scale(self.accelerator)
+        # J with the losses as one extra column: one collective carries both.
+        jacobian = self._jacobian(
+            losses, params, scale or 1.0, batched=self.jacobian_mode == "batched"
+        )
+        stacked = torch.cat([jacobian, losses.detach().float().reshape(m, 1)], dim=1)
+        if self.accumulation == "full":
+            stacked = self._accumulate(stacked)
+            if not boundary:
+                return self._zero_update(losses, params)
+            self._pop_pending()
+        if size > 1:
+            D.all_reduce_sum(stacked, group)
+            stacked /= size
+        jacobian, mean_losses = stacked[:, :-1], stacked[:, -1]
+        gram = (jacobian @ jacobian.T).double()
+        weights = self._scaling_skip(gram, m, scale is not None)
+        if weights is None:
+            weights = self._weights(gram, mean_losses, preference)
+        direction = weights.to(jacobian) @ jacobian
+        value = (weights.to(losses) * losses.detach()).sum()
+        return D.inject(value, params, D.split_like(direction, params))
+
+    def _accumulate(self, stacked: Tensor) -> Tensor:
+        """accumulation="full": the sum of this optimizer step's (local) stacks so far; at the
+        boundary the caller gets the total and the buffer is emptied."""
+        if self._pending is None:
+            self._pending = {"stack": stacked.clone(), "count": 1}
+        else:
+            if self._pending["stack"].shape != stacked.shape:
+                raise ValueError("the number of objectives changed within an optimizer step")
+            self._pending["stack"] += stacked
+            self._pending["count"] += 1
+        return self._pending["stack"]
+
+    def _zero_update(self, losses: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
+        """A micro-batch before the boundary (accumulation="full"): zero gradient (explicit
+        zeros, so that a DDP reducer that does expect gradients gets them)."""
+        weights = self.last_weights
+        if weights is None or weights.numel() != losses.numel():
+            weights = torch.full_like(losses.detach(), 1.0 / losses.numel())
+        value = (weights.to(losses) * losses.detach()).sum()
+        return D.inject(value, params, [torch.zeros_like(p) for p in params])
+
+    def _pop_pending(self) -> None:
+        """At the boundary: the loss column becomes the mean over the micro-batches."""
+        self._pending["stack"][:, -1] /= self._pending["count"]
+        self._pending = None
+
+    # ------------------------------------------------------------------------- DeepSpeed
+    def _gradient_level_deepspeed(
+        self, engine: Any, losses: Tensor, preference: Tensor | None, boundary: bool
+    ) -> Tensor:
+        params, m = self.parameters, losses.numel()
+        shards = D.ZeroShards(engine, params)
+        steps = int(engine.gradient_accumulation_steps())
+        if shards.stage == 3 and (steps > 1 or self.accumulation == "full"):
+            raise ValueError(
+                f"{self.name} under ZeRO-3 applies its update by one more backward of the "
+                f"micro-batch, so it needs gradient_accumulation_steps = 1 (got {steps}, "
+                f"accumulation={self.accumulation!r}); use ZeRO-2, feature_level=True or a "
+                f"loss-level method, or a larger micro-batch"
+            )
+        if self.accumulation == "micro" and (steps > 1 or not boundary):
+            raise ValueError(
+                f"{self.name} under DeepSpeed ZeRO with gradient accumulation "
+                f"({steps} micro-batches per step) needs accumulation='full': ZeRO reduces every "
+                f"micro-batch into one buffer that the per-objective backward passes would mix "
+                f"into"
+            )
+        group = D.deepspeed_group(engine)
+        _, size = D.world(group)
+        scale = D.deepspeed_loss_scale(engine)
+        counters = D.Zero3HookCounters(engine.module) if shards.stage == 3 else None
+        previous = getattr(engine, "_is_gradient_accumulation_boundary", None)
+        rows: list[Tensor] = []
+        engine.set_gradient_accumulation_boundary(True)  # ZeRO reduces each objective now
+        try:
+            for i in range(m):
+                if counters is not None and i > 0:
+                    counters.restore()
+                if not losses[i].requires_grad:
+                    rows.append(None)
+                    continue
+                engine.backward(losses[i], retain_graph=True, scale_wrt_gas=False)
+                rows.append(shards.read())
+                shards.zero()
+        finally:
+            engine.set_gradient_accumulation_boundary(previous)
+        width = max((r.numel() for r in rows if r is not None), default=0)
+        device = params[0].device
+        jacobian = torch.stack(
+            [r if r is not None else torch.zeros(width, device=device) for r in rows]
+        ).to(device)
+        if scale != 1.0:
+            jacobian /= scale
+        if self.accumulation == "full":
+            summed = self._accumulate(
+                torch.cat([jacobian, losses.detach().float().reshape(m, 1)], dim=1)
+            )
+            if not boundary:
+                directions = (
+                    shards.masked_directions(torch.zeros(width, device=device), size)
+                    if shards.stage in (1, 2)
+                    else [torch.zeros_like(p) for p in params]
+                )
+                value = (torch.full_like(losses.detach(), 1.0 / m) * losses.detach()).sum()
+                return D.inject(value, params, directions)
+            self._pop_pending()
+            jacobian, local_losses = summed[:, :-1], summed[:, -1]
+        else:
+            local_losses = losses.detach().float()
+        # The Gram of the averaged gradients: the shard Grams summed over ranks (m² numbers);
+        # the losses ride along in the same collective.
+        packed = torch.cat([(jacobian @ jacobian.T).reshape(-1), local_losses])
+        if shards.sharded and size > 1:
+            D.all_reduce_sum(packed, group)
+            mean_losses = packed[m * m :] / size
+        else:
+            mean_losses = packed[m * m :]
+        gram = packed[: m * m].reshape(m, m).double()
+        weights = self._scaling_skip(gram, m, scale != 1.0)
+        if weights is None:
+            weights = self._weights(gram, mean_losses, preference)
+        value = (weights.to(losses) * losses.detach()).sum()
+        if shards.stage == 3:
+            counters.restore()  # the trainer's backward goes through the graph once more
+            return (weights.to(losses) * losses).sum()
+        local_direction = weights.to(jacobian) @ jacobian
+        if shards.stage == 0:
+            return D.inject(value, params, D.split_like(local_direction, params))
+        return D.inject(value, params, shards.masked_directions(local_direction, size))
+
+    # ----------------------------------------------------------------------- feature-level
+    def _feature_level(
+        self,
+        losses: Tensor,
+        preference: Tensor | None,
+        features: Tensor | Sequence[Tensor] | None,
+    ) -> Tensor:
+        if features is None:
+            raise ValueError(
+                "feature_level=True: pass features= (the shared representation every loss "
+                "depends on, e.g. the final hidden states or the logits) with each call"
+            )
+        feats = [features] if isinstance(features, Tensor) else list(features)
+        if not feats or not all(isinstance(f, Tensor) and f.requires_grad for f in feats):
+            raise ValueError("features must be tensors that require grad (part of the graph)")
+        m = losses.numel()
+        scale = D.grad_scale(self.accelerator) or 1.0
+        # Under DeepSpeed, a plain autograd.grad through the model outputs would run
+        # DeepSpeed's backward prologue and queue its gradient reduction on that graph task;
+        # under torch.func.vmap it stands aside.
+        deepspeed = D.deepspeed_engine(self.accelerator) is not None
+        jacobian = self._jacobian(
+            losses,
+            feats,
+            scale,
+            batched=deepspeed or self.jacobian_mode == "batched",
+            functorch=deepspeed,
+        )
+        group, size = self._world()
+        packed = torch.cat([(jacobian @ jacobian.T).reshape(-1), losses.detach().float()])
+        if size > 1:
+            # Each process's features are its own examples: the union's feature Jacobian is the
+            # concatenation, and the union loss the mean, so G = Σ_r G_r / size².
+            D.all_reduce_sum(packed, group)
+            packed[: m * m] /= size * size
+            packed[m * m :] /= size
+        gram = packed[: m * m].reshape(m, m).double()
+        weights = self._scaling_skip(gram, m, scale != 1.0)
+        if weights is None:
+            weights = self._weights(gram, packed[m * m :], preference)
+        return (weights.to(losses) * losses).sum()
+
+    # -------------------------------------------------------------------------- the rest
     def observe(self, losses: Tensor) -> None:
-        """Pass the step's (detached) losses to stateful loss-level methods."""
-        if isinstance(self.aggregator, LossAggregator):
-            self.aggregator.observe(losses.detach())
+        """Pass the step's (detached) losses to stateful loss-level methods. Across processes,
+        call it on every process: the losses are averaged first, so the state stays the same
+        everywhere."""
+        if not isinstance(self.aggregator, LossAggregator):
+            return
+        losses = torch.as_tensor(losses).detach()
+        group, size = self._world()
+        if size > 1:
+            losses = D.all_reduce_sum(losses.float().clone(), group) / size
+        self.aggregator.observe(losses)
 
     def state_dict(self) -> dict[str, Any]:
         return {"aggregator": self.aggregator.state_dict()}

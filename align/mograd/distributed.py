@@ -1,0 +1,267 @@
+"""Private helpers of :mod:`align.mograd.engine`: process groups, gradient injection, DeepSpeed.
+
+Nothing here is public API. The DeepSpeed part reads and writes ZeRO's gradient partitions
+through the attributes DeepSpeed itself uses in ``deepspeed.utils.tensor_fragment``
+(``param._hp_mapping`` for ZeRO-1/2, ``safe_get_local_grad`` for ZeRO-3); it was written and
+tested against DeepSpeed 0.19.8 and fails with a clear error where those attributes are missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------- processes
+
+
+def world(group: Any = None) -> tuple[Any, int]:
+    """``(group, size)`` of the data-parallel group; size 1 when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, 1
+    return group, dist.get_world_size(group)
+
+
+def all_reduce_sum(tensor: Tensor, group: Any) -> Tensor:
+    """In-place SUM all-reduce (gloo and NCCL alike), returning the tensor."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+# ------------------------------------------------------------------------ the surrogate
+
+
+class InjectGradient(torch.autograd.Function):
+    """``value`` in the forward; in the backward, ``grad_output · directions[k]`` for
+    ``params[k]`` — whatever graph produced the per-objective gradients is not touched again.
+
+    Backpropagating the result is exactly like backpropagating a loss whose gradient is the
+    given directions: it lands in ``.grad`` through the parameters' ``AccumulateGrad`` nodes, so
+    it adds to accumulated gradients, fires DDP's and DeepSpeed's reduction hooks, and is
+    multiplied by whatever scaled the scalar (an AMP loss scale, ``1 / accumulation_steps``).
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, directions: Sequence[Tensor | None], *params: Tensor):
+        ctx.directions = directions
+        ctx.dtypes = [p.dtype for p in params]
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grads = []
+        for direction, dtype in zip(ctx.directions, ctx.dtypes):
+            grads.append(None if direction is None else (grad_output * direction).to(dtype))
+        ctx.directions = None
+        return (None, None, *grads)
+
+
+def inject(value: Tensor, params: Sequence[nn.Parameter], directions: Sequence[Tensor | None]):
+    """A scalar with ``value``'s value whose gradient w.r.t. ``params[k]`` is ``directions[k]``."""
+    return InjectGradient.apply(value, list(directions), *params)
+
+
+def split_like(flat: Tensor, params: Sequence[nn.Parameter]) -> list[Tensor]:
+    """Views of a flat (P,) vector shaped like each parameter (no copy)."""
+    sizes = [p.numel() for p in params]
+    return [piece.view(p.shape) for piece, p in zip(flat.split(sizes), params)]
+
+
+# ----------------------------------------------------------------------------- Accelerate
+
+
+def grad_scale(accelerator: Any) -> float | None:
+    """The current AMP loss scale (fp16 ``GradScaler``), or None without loss scaling."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    return float(scaler.get_scale())
+
+
+def sync_gradients(accelerator: Any) -> bool:
+    """Whether this micro-batch ends an optimizer step (Accelerate's ``sync_gradients``, which
+    transformers' Trainer sets before every micro-batch); True when unknown."""
+    if accelerator is not None and hasattr(accelerator, "sync_gradients"):
+        return bool(accelerator.sync_gradients)
+    return True
+
+
+def deepspeed_engine(accelerator: Any) -> Any | None:
+    """The DeepSpeed engine behind ``accelerator`` (or ``accelerator`` itself when it is one)."""
+    if accelerator is None:
+        return None
+    if hasattr(accelerator, "zero_optimization_stage") and hasattr(accelerator, "backward"):
+        return accelerator  # a deepspeed.DeepSpeedEngine
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is not None:
+        return wrapped.engine
+    kind = str(getattr(accelerator, "distributed_type", ""))
+    if kind.endswith("DEEPSPEED"):
+        raise ValueError(
+            "the accelerator runs DeepSpeed but holds no engine yet: call "
+            "accelerator.prepare(model, optimizer) before the first multi-objective step"
+        )
+    return None
+
+
+def managed_by_deepspeed(params: Sequence[nn.Parameter]) -> bool:
+    return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params)
+
+
+def check_ddp_parameters(accelerator: Any, params: Sequence[nn.Parameter]) -> None:
+    """A DDP model whose trainable parameters are not all in ``params`` would wait forever for
+    the gradients the surrogate does not produce: refuse it with the names."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ours = {id(p) for p in params}
+    for model in getattr(accelerator, "_models", []) or []:
+        if not isinstance(model, DistributedDataParallel):
+            continue
+        named = [(n, p) for n, p in model.module.named_parameters() if p.requires_grad]
+        if not any(id(p) in ours for _, p in named):
+            continue
+        missing = [n for n, p in named if id(p) not in ours]
+        if missing:
+            raise ValueError(
+                f"the DDP model has {len(missing)} trainable parameters that the engine does not "
+                f"take gradients over (e.g. {missing[:3]}); gradient-level methods update only "
+                f"the engine's parameters: pass all of the model's trainable parameters"
+            )
+
+
+# ------------------------------------------------------------------------------ DeepSpeed
+
+
+def deepspeed_loss_scale(engine: Any) -> float:
+    """The factor DeepSpeed multiplies a loss by in ``engine.backward`` (fp16 loss scaling;
+    1 for bf16 / fp32)."""
+    optimizer = getattr(engine, "optimizer", None)
+    scale = getattr(optimizer, "scale_if_loss", None)
+    if scale is None:
+        return 1.0
+    probe = torch.ones((), requires_grad=True)
+    scaled = scale(probe)
+    return float(scaled.detach()) if isinstance(scaled, Tensor) else 1.0
+
+
+def deepspeed_group(engine: Any) -> Any:
+    """The data-parallel group DeepSpeed partitions gradients over (None: the default group)."""
+    for name in ("seq_data_parallel_group", "data_parallel_group"):
+        group = getattr(engine, name, None)
+        if group is not None:
+            return group
+    return None
+
+
+class ZeroShards:
+    """This rank's share of the reduced gradient of each parameter under DeepSpeed.
+
+    * ZeRO-1/2: each parameter's gradient partition (``param._hp_mapping``): a contiguous
+      fragment ``[start, start + numel)`` of the flattened parameter, or nothing;
+    * ZeRO-3: ``safe_get_local_grad`` — the rank's partition of every parameter;
+    * ZeRO-0 (DeepSpeed without ZeRO): the whole reduced ``param.grad`` (not sharded).
+
+    ``read()`` concatenates them into one vector; the Gram of all ranks' vectors summed is the
+    Gram of the full averaged gradients (the shards tile every parameter exactly once).
+    """
+
+    def __init__(self, engine: Any, params: Sequence[nn.Parameter]) -> None:
+        self.engine = engine
+        self.params = list(params)
+        self.stage = int(engine.zero_optimization_stage())
+        self.sharded = self.stage > 0
+
+    # -- the local fragments
+    def _fragment(self, param: nn.Parameter) -> tuple[Tensor | None, int]:
+        """(local gradient fragment as a flat view, its start in the flattened parameter)."""
+        if self.stage == 0:
+            return (None if param.grad is None else param.grad.reshape(-1)), 0
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            grad = safe_get_local_grad(param)
+            if grad is None:
+                return None, 0
+            return grad.reshape(-1), 0
+        if not hasattr(param, "_hp_mapping"):
+            raise ValueError(
+                "a parameter of the multi-objective engine is not managed by this DeepSpeed "
+                "engine (no ZeRO gradient partition): pass the model's trainable parameters"
+            )
+        mapping = param._hp_mapping
+        if mapping is None:
+            return None, 0
+        fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
+        address = mapping.lp_fragment_address
+        if fragment.numel() != address.numel:
+            # The bf16 optimizer keeps a full accumulation buffer on every rank.
+            fragment = fragment.narrow(0, address.start, address.numel)
+        return fragment, int(address.start)
+
+    def read(self) -> Tensor:
+        """This rank's fragments of every parameter's gradient, concatenated (float32)."""
+        pieces = []
+        for param in self.params:
+            fragment, _ = self._fragment(param)
+            if fragment is not None:
+                pieces.append(fragment.float())
+        if not pieces:
+            return torch.zeros(0)
+        return torch.cat(pieces)
+
+    def zero(self) -> None:
+        """Empty every gradient buffer the next per-objective backward would add to."""
+        if self.stage in (1, 2):
+            for param in self.params:
+                fragment, _ = self._fragment(param)
+                if fragment is not None:
+                    fragment.zero_()
+        self.engine.optimizer.zero_grad()
+        for param in self.params:
+            param.grad = None
+
+    def masked_directions(self, local_direction: Tensor, world_size: int) -> list[Tensor]:
+        """Full-shaped gradients holding ``world_size ×`` this rank's fragment of the update and
+        zeros elsewhere: DeepSpeed's averaging of them over the ranks rebuilds the full update
+        (every coordinate is owned by exactly one rank)."""
+        if self.stage not in (1, 2):
+            raise AssertionError("masked directions are for ZeRO-1/2")
+        out, offset = [], 0
+        for param in self.params:
+            fragment, start = self._fragment(param)
+            full = torch.zeros(param.numel(), dtype=local_direction.dtype, device=param.device)
+            if fragment is not None:
+                n = fragment.numel()
+                full[start : start + n] = local_direction[offset : offset + n] * world_size
+                offset += n
+            out.append(full.view(param.shape))
+        return out
+
+
+class Zero3HookCounters:
+    """ZeRO-3 gathers a module's parameters for its backward through counters that the first
+    backward of a graph uses up; restoring them lets the retained graph be backpropagated again
+    (one backward per objective). Private DeepSpeed attributes, checked on 0.19.8."""
+
+    NAMES = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.saved = []
+        for sub in module.modules():
+            values = {name: sub.__dict__[name] for name in self.NAMES if name in sub.__dict__}
+            if values:
+                self.saved.append((sub, values))
+        if not self.saved:
+            raise ValueError(
+                "ZeRO-3: found none of DeepSpeed's backward hook counters on the model "
+                f"({', '.join(self.NAMES)}); this DeepSpeed version is not supported by the "
+                "gradient-level engine: use ZeRO-2, feature_level=True or a loss-level method"
+            )
+
+    def restore(self) -> None:
+        for sub, values in self.saved:
+            for name, value in values.items():
+                setattr(sub, name, value)

@@ -1,0 +1,188 @@
+"""A few multi-objective training steps on several processes, for tests/test_mograd_engine.py.
+
+Launched by the tests with ``accelerate launch`` (DDP over gloo, or DeepSpeed ZeRO on the CPU);
+each process takes its rows of one global batch, and the adapter parameters after the steps are
+saved by the main process. The same module computes the one-process reference on the whole
+global batch (``run(None, ...)``), which the tests compare against.
+
+    accelerate launch --config_file <config> tests/distributed/mograd_step.py OUT.pt \
+        --methods linear,stch,mgda [--accumulation full] [--feature-level] [--micro-batches 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("a", "b")
+PREFERENCE = (0.4, 0.6)
+ROWS_PER_PROCESS = 2  # per micro-batch: one row per objective
+SEQ = 12
+STEPS = 2
+LR = 0.5
+CLIP = 1.0  # the DeepSpeed configs of the tests clip at 1.0: every run clips alike
+
+
+def build_model():
+    from peft import get_peft_model
+
+    from align.adapters import PBLoraConfig, set_preference
+    from align.models import tiny_causal_lm
+
+    model, _ = tiny_causal_lm(seed=0)
+    config = PBLoraConfig(
+        objectives=list(OBJECTIVES), init_weights=False, lora_dropout=0.0, r1=2, r2=2
+    )
+    torch.manual_seed(1)
+    model = get_peft_model(model, config)
+    set_preference(model, list(PREFERENCE))
+    model.train()
+    return model
+
+
+def global_batch(world_size: int, micro_batches: int) -> torch.Tensor:
+    """(micro_batches, world_size * ROWS_PER_PROCESS, SEQ) token ids."""
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(
+        3, 500, (micro_batches, world_size * ROWS_PER_PROCESS, SEQ), generator=generator
+    )
+
+
+def objective_losses(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Objective a: next-token loss on the even rows; b: on the odd rows (different text, so
+    different gradients). Means over rows, so the union's loss is the mean of the processes'."""
+    logits = model(input_ids=ids).logits
+    per_row = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none"
+    ).mean(dim=1)
+    return torch.stack([per_row[0::2].mean(), per_row[1::2].mean()]), logits
+
+
+def run(
+    accelerator,
+    method: str,
+    world_size: int,
+    *,
+    accumulation: str = "micro",
+    feature_level: bool = False,
+    micro_batches: int = 1,
+    jacobian: str = "loop",
+) -> dict[str, torch.Tensor]:
+    """STEPS optimizer steps; returns the trainable parameters (full, on every process).
+
+    ``accelerator=None``: one plain process on the rows of all ``world_size`` processes (the
+    reference the tests compare with).
+    """
+    from align.mograd.engine import MultiObjectiveEngine
+
+    model = build_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=LR)
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    engine = MultiObjectiveEngine(
+        method,
+        params,
+        accelerator=accelerator,
+        feature_level=feature_level,
+        accumulation=accumulation,
+        jacobian=jacobian,
+    )
+    deepspeed = accelerator is not None and accelerator.state.deepspeed_plugin is not None
+    for step in range(STEPS):
+        batch = global_batch(world_size, micro_batches) + step  # a different batch each step
+        if accelerator is not None:
+            rank = torch.distributed.get_rank()
+            batch = batch[:, rank * ROWS_PER_PROCESS : (rank + 1) * ROWS_PER_PROCESS]
+        for micro in range(micro_batches):
+            last = micro == micro_batches - 1
+            if accelerator is not None:
+                accelerator.gradient_state._set_sync_gradients(last)  # as transformers' Trainer
+            losses, logits = objective_losses(model, batch[micro])
+            loss = engine(
+                losses,
+                PREFERENCE,
+                features=logits if feature_level else None,
+                sync=last if accelerator is None else None,
+            )
+            loss = loss / micro_batches  # as transformers' Trainer (scale_wrt_gas=False)
+            if accelerator is None:
+                loss.backward()
+            elif deepspeed:
+                accelerator.backward(loss, scale_wrt_gas=False)
+            else:
+                context = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                with context:
+                    accelerator.backward(loss)
+        if accelerator is None:
+            torch.nn.utils.clip_grad_norm_(params, CLIP)
+        elif not deepspeed:
+            accelerator.clip_grad_norm_(params, CLIP)
+        optimizer.step()  # under DeepSpeed, accelerator.backward stepped (this is a no-op)
+        optimizer.zero_grad()
+        engine.observe(losses.detach())
+    return {name: full_parameter(p).detach().clone().cpu() for name, p in zip(names, params)}
+
+
+def full_parameter(param: torch.Tensor) -> torch.Tensor:
+    if hasattr(param, "ds_id"):  # ZeRO-3: gather the partitioned fp32 master copy
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    if hasattr(param, "_hp_mapping"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    return param
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--methods", default="linear,stch,mgda")
+    parser.add_argument("--accumulation", default="micro")
+    parser.add_argument("--feature-level", action="store_true")
+    parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument("--jacobian", default="loop")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # DeepSpeed needs explicit batch sizes without a dataloader.
+        world_size = torch.distributed.get_world_size()
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = ROWS_PER_PROCESS
+        plugin.deepspeed_config["gradient_accumulation_steps"] = args.micro_batches
+        plugin.deepspeed_config["train_batch_size"] = (
+            ROWS_PER_PROCESS * world_size * args.micro_batches
+        )
+    results = {}
+    for method in args.methods.split(","):
+        results[method] = run(
+            accelerator,
+            method,
+            torch.distributed.get_world_size(),
+            accumulation=args.accumulation,
+            feature_level=args.feature_level,
+            micro_batches=args.micro_batches,
+            jacobian=args.jacobian,
+        )
+        accelerator.free_memory()  # drop the prepared model (a new DeepSpeed engine each method)
+    results["world_size"] = torch.distributed.get_world_size()
+    results["distributed_type"] = str(accelerator.distributed_type)
+    if torch.distributed.get_rank() == 0:
+        tmp = args.out + ".tmp"
+        torch.save(results, tmp)
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()

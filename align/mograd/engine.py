@@ -193,6 +193,11 @@ class MultiObjectiveEngine:
         losses = check_losses(losses, f"MultiObjectiveEngine({self.name})")
         if not self.is_gradient_level:
             return self._loss_level(losses, preference)
+        if not losses.requires_grad:
+            raise ValueError(
+                f"MultiObjectiveEngine({self.name}): none of the losses requires grad — they "
+                f"must be computed from the trainable parameters (not under torch.no_grad)"
+            )
         if self.feature_level:
             return self._feature_level(losses, preference, features)
         boundary = D.sync_gradients(self.accelerator) if sync is None else bool(sync)
@@ -259,6 +264,7 @@ class MultiObjectiveEngine:
         live = [i for i in range(m) if losses.requires_grad and losses[i].requires_grad]
         if not live:
             return jacobian
+        reached = [False] * len(inputs)
         try:
             if batched:
                 # One vmapped backward for all objectives.
@@ -286,10 +292,11 @@ class MultiObjectiveEngine:
                         is_grads_batched=True,
                     )
                 offset = 0
-                for g, x in zip(grads, inputs):
+                for k, (g, x) in enumerate(zip(grads, inputs)):
                     n = x.numel()
                     if g is not None:
                         jacobian[live, offset : offset + n] = g.reshape(len(live), n).float()
+                        reached[k] = True
                     offset += n
             else:
                 for i in live:
@@ -300,22 +307,30 @@ class MultiObjectiveEngine:
                         allow_unused=True,
                     )
                     offset = 0
-                    for g, x in zip(grads, inputs):
+                    for k, (g, x) in enumerate(zip(grads, inputs)):
                         n = x.numel()
                         if g is not None:
                             jacobian[i, offset : offset + n].copy_(g.reshape(-1))
+                            reached[k] = True
                         offset += n
         except RuntimeError as error:
             if "heckpoint" in str(error):
-                raise ValueError(
-                    f"{self.name}: per-objective gradients need non-reentrant gradient "
-                    f"checkpointing (gradient_checkpointing_kwargs={{'use_reentrant': False}}), "
-                    f"or use feature_level=True: {error}"
-                ) from error
+                raise ValueError(self._reentrant_message()) from error
             raise
+        if not all(reached) and _has_reentrant_checkpoint(losses):
+            # autograd.grad silently returns None for parameters inside a reentrant checkpoint.
+            raise ValueError(self._reentrant_message())
         if scale != 1.0:
             jacobian /= scale
         return jacobian
+
+    def _reentrant_message(self) -> str:
+        return (
+            f"{self.name}: per-objective gradients cannot reach parameters inside reentrant "
+            f"gradient checkpointing (torch.autograd.grad sees none): use the non-reentrant "
+            f"kind (gradient_checkpointing_kwargs={{'use_reentrant': False}}) or "
+            f"feature_level=True with features after the checkpointed layers"
+        )
 
     def _gradient_level_local(
         self, losses: Tensor, preference: Tensor | None, boundary: bool
@@ -518,3 +533,17 @@ class MultiObjectiveEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.aggregator.load_state_dict(state["aggregator"])
+
+
+def _has_reentrant_checkpoint(losses: Tensor) -> bool:
+    """Whether the graph behind ``losses`` holds a reentrant checkpoint node."""
+    stack, seen = [losses.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "CheckpointFunction" in type(node).__name__:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False

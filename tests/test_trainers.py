@@ -44,10 +44,12 @@ CPU_ARGS = dict(
     logging_steps=1,
 )
 
-POSITIVE = ["great", "lovely", "wonderful", "happy"]
-NEGATIVE = ["awful", "dreadful", "horrible", "sad"]
-FORMAL = ["Certainly", "Indeed"]
-CASUAL = ["Yeah", "Nah"]
+# Markers that are two tokens each in the tiny tokenizer (a 512-token BPE), so the two answers
+# of a pair have the same length and differ in exactly two tokens.
+POSITIVE = [":)", ":D"]
+NEGATIVE = [":(", ":/"]
+FORMAL = ["Sir"]
+CASUAL = ["yo"]
 QUESTIONS = [
     "How was the trip?",
     "What do you think of the plan?",
@@ -59,16 +61,16 @@ QUESTIONS = [
 
 
 def positive_formal_pairs(n: int, seed: int):
-    """Pairs whose two objectives are independent: one prefers the positive word, the other the
-    formal opener; the same template keeps both answers about as long."""
+    """Pairs whose two objectives are independent: one prefers the happy face, the other the
+    formal address."""
     rng = random.Random(seed)
     prompts, first, second, positive, formal = [], [], [], [], []
     for _ in range(n):
         good, bad = rng.choice(POSITIVE), rng.choice(NEGATIVE)
         polite, rough = rng.choice(FORMAL), rng.choice(CASUAL)
         pos_with_formal = rng.random() < 0.5  # which answer gets the formal opener
-        answer_a = f"{polite if pos_with_formal else rough}, it was {good}."
-        answer_b = f"{rough if pos_with_formal else polite}, it was {bad}."
+        answer_a = f"{polite if pos_with_formal else rough} {good}"
+        answer_b = f"{rough if pos_with_formal else polite} {bad}"
         swap = rng.random() < 0.5
         prompts.append(rng.choice(QUESTIONS))
         first.append(answer_b if swap else answer_a)
@@ -197,10 +199,10 @@ def test_a_trained_tiny_parm_orders_held_out_pairs_for_each_objective_at_its_ver
         PARMConfig(
             output_dir=str(tmp_path / "parm"),
             per_device_train_batch_size=16,
-            max_steps=60,
+            max_steps=40,
             learning_rate=1e-2,
             lr_scheduler_type="constant",
-            beta=0.5,
+            beta=1.0,
             lora_dropout=0.0,
             **CPU_ARGS,
         ),

@@ -410,3 +410,38 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny
     expected, got = _logged_losses(single, 3), _logged_losses(distributed, 3)
     assert len(expected) == len(got) == 3
     assert expected == pytest.approx(got, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "aggregator, options",
+    [("smooth_tchebycheff", {}), ("mgda", {}), ("mgda", {"feature_level": True}), ("dwa", {})],
+)
+def test_parm_trains_with_any_kind_of_aggregator(tmp_path, tiny, aggregator, options):
+    model, tokenizer = tiny
+    trainer = PARMTrainer(
+        copy.deepcopy(model),
+        PARMConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=3,
+            aggregator=aggregator,
+            beta=1.0,
+            **options,
+            **CPU_ARGS,
+        ),
+        positive_formal_pairs(12, seed=7),
+        processing_class=tokenizer,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    for entry in logged:
+        weights = [entry["weight/positive"], entry["weight/formal"]]
+        assert all(torch.isfinite(torch.tensor(weights))), entry
+    moved = [
+        n
+        for n, p in trainer.model.named_parameters()
+        if n in before and not torch.equal(p.detach(), before[n])
+    ]
+    assert moved, "no adapter parameter changed"

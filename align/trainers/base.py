@@ -63,6 +63,20 @@ class MultiObjectivePreferenceConfig(DPOConfig):
     aggregator_options: dict[str, Any] | None = field(
         default=None, metadata={"help": "Keyword options of the aggregator."}
     )
+    feature_level: bool = field(
+        default=False,
+        metadata={
+            "help": "Gradient-level aggregators: take the Gram from the gradients of the pair "
+            "scores (one backward; an approximation) instead of the adapter parameters."
+        },
+    )
+    aggregator_accumulation: str = field(
+        default="micro",
+        metadata={
+            "help": "Gradient-level aggregators under gradient accumulation: weights per "
+            "micro-batch ('micro') or once per optimizer step ('full'; needed under ZeRO)."
+        },
+    )
     preference_concentration: float = field(
         default=1.0, metadata={"help": "p of the Dirichlet(p·1) that α is drawn from per batch."}
     )
@@ -161,6 +175,9 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
         self.engine = MultiObjectiveEngine(
             args.aggregator,
             [p for p in self.model.parameters() if p.requires_grad],
+            accelerator=self.accelerator,
+            feature_level=args.feature_level,
+            accumulation=args.aggregator_accumulation,
             **(args.aggregator_options or {}),
         )
         self._alpha_step, self._alpha_micro = -1, 0
@@ -239,10 +256,13 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             preference = self.training_preference() if self.conditioned else None
             if preference is not None:
                 self.set_model_preference(model, preference)
-            losses, accuracy, counts = self.objective_losses(
-                *self.pair_scores(model, inputs), preferred
-            )
-            loss = self.engine(losses, preference)
+            scores = self.pair_scores(model, inputs)
+            losses, accuracy, counts = self.objective_losses(*scores, preferred)
+            # Stateful methods (DWA's history, FAMO's logits) see each step's losses, which
+            # were computed after the previous update.
+            self.engine.observe(losses.detach())
+            features = torch.cat(scores) if self.args.feature_level else None
+            loss = self.engine(losses, preference, features=features)
             self._log_objectives(mode, losses, accuracy, counts, preference)
         else:
             loss = self._evaluation_loss(model, inputs, preferred)
@@ -292,6 +312,17 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
                 self._metrics[mode][f"alpha/{name}"].append(float(preference[i]))
             if weights is not None and len(weights) == len(self.objectives):
                 self._metrics[mode][f"weight/{name}"].append(float(weights[i]))
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        """TRL's optimizer, plus the aggregator's own parameters when it learns some
+        (uncertainty weighting's log-variances), without weight decay."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        extra = [p for p in self.engine.aggregator.parameters() if p.requires_grad]
+        if extra and not any(
+            p is q for group in optimizer.param_groups for p in group["params"] for q in extra
+        ):
+            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        return optimizer
 
     # ----------------------------------------------------------------------- checkpoints
     def training_info(self) -> dict[str, Any]:

@@ -469,3 +469,10 @@ def test_zero3_matches_one_process(tmp_path):
     _assert_matches_one_process(results, ["linear", "stch", "mgda"])
     results = _launch(tmp_path, "zero3", "--methods", "mgda", "--feature-level")
     _assert_matches_one_process(results, ["mgda"], feature_level=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["zero0", "zero1"])
+def test_zero0_and_zero1_match_one_process(tmp_path, backend):
+    results = _launch(tmp_path, backend, "--methods", "linear,mgda")
+    _assert_matches_one_process(results, ["linear", "mgda"])

@@ -60,29 +60,42 @@ Gradient accumulation (``accumulation=``)
   return a scalar with zero gradient. Exactly the method on the effective batch; under DDP it
   also reduces ``J`` once per optimizer step instead of once per micro-batch.
 
-Support matrix (✓ tested here; ~ works by construction, untested)
------------------------------------------------------------------
-=================  ===========  ======  ========================  ==========================
-kind               one process  DDP     ZeRO-1/2                  ZeRO-3
-=================  ===========  ======  ========================  ==========================
-loss-level         ✓ exact      ✓       ✓                         ~ (one ordinary backward)
-gradient-level     ✓ m bwd      ✓ m bwd ✓ m bwd (GA>1: "full")    ~ m + 1 bwd, GA = 1 only
-feature-level      ✓ 1 bwd      ✓       ~ (see note)              ~ (see note)
-=================  ===========  ======  ========================  ==========================
+Support matrix
+--------------
+Each ✓ is a test in ``tests/test_mograd_engine.py`` that compares two CPU processes (gloo) with
+one process on the union of their batches (LS, STCH and MGDA; ZeRO-0/1: LS and MGDA); "slow"
+ones run with ``-m slow``; ~ = by construction, untested.
 
-* Gradient accumulation: loss-level and feature-level per micro-batch everywhere; gradient-level
-  "micro" on one process / DDP, "full" on one process / DDP / ZeRO-1/2; ZeRO with
-  ``"micro"`` and more than one micro-batch per step is refused (ZeRO reduces every
-  micro-batch into a buffer the per-objective backward passes would corrupt).
-* AMP: bf16 autocast needs nothing; with an fp16 ``GradScaler`` (``accelerator=`` given) the
-  per-objective gradients are taken of the scaled losses and unscaled, and non-finite
-  gradients pass through as a non-finite update so that the scaler skips the step and lowers
-  its scale, as it would for a plain loss. DeepSpeed's fp16 loss scale is divided out likewise.
-* Feature-level under DeepSpeed: the gradients w.r.t. ``z`` are taken with hooks of DeepSpeed
-  on the model outputs in the graph; tested on ZeRO-2 in ``tests/test_mograd_engine.py``.
+==============  ============  ==========  ==================  ===================  ============
+kind            one process   DDP         ZeRO-0 / ZeRO-1     ZeRO-2               ZeRO-3
+==============  ============  ==========  ==================  ===================  ============
+loss-level      ✓ exact       ✓           ✓ (slow)            ✓                    ✓ (slow)
+gradient-level  ✓ m bwd       ✓ m bwd     ✓ (slow) m bwd      ✓ m bwd              ✓ (slow) m+1
+feature-level   ✓ 1 bwd       ✓ (slow)    ~                   ✓ (slow)             ✓ (slow)
+==============  ============  ==========  ==================  ===================  ============
+
+* Gradient accumulation: loss-level and feature-level weight each micro-batch, everywhere.
+  Gradient-level: ``"micro"`` on one process and DDP (✓ slow, with ``no_sync``); ``"full"`` on
+  one process, DDP and ZeRO-0/1/2 (✓ slow for DDP and ZeRO-2). Under ZeRO, ``"micro"`` with more
+  than one micro-batch per step is refused with an error (ZeRO reduces every micro-batch into
+  one buffer that the per-objective backward passes would mix into); ZeRO-3 needs one
+  micro-batch per step (its update is one more backward of the micro-batch's graph).
+* AMP: bf16 autocast needs nothing. With an fp16 ``GradScaler`` (``accelerator=`` given) the
+  per-objective gradients are taken of the scaled losses and divided back, and non-finite
+  gradients pass through as a non-finite update, so the scaler skips the step and lowers its
+  scale as it would for a plain loss (✓ one process). DeepSpeed's fp16 loss scale is divided
+  out the same way (untested: DeepSpeed's CPU accelerator has no fp16).
+* Clipping: applied by the trainer / DeepSpeed to the injected gradient like any gradient (the
+  multi-process tests clip at 1.0 in every run).
+* DDP with ``find_unused_parameters=True`` or ``static_graph=True``: not supported by
+  gradient-level methods (the injection marks every parameter ready; DDP's unused-parameter
+  search has already marked some). Accelerate's defaults are fine.
+* Feature-level under DeepSpeed: the gradients w.r.t. ``z`` are taken under ``torch.func.vmap``
+  so that DeepSpeed's backward hooks on the model outputs stand aside (a plain
+  ``torch.autograd.grad`` would queue ZeRO's reduction on that graph and fail).
 * Gradient checkpointing: gradient-level methods need the non-reentrant kind
-  (``gradient_checkpointing_kwargs={"use_reentrant": False}``); ``torch.autograd.grad`` refuses
-  the reentrant one.
+  (``gradient_checkpointing_kwargs={"use_reentrant": False}``): ``torch.autograd.grad`` does not
+  see the parameters inside a reentrant checkpoint, which is detected and refused.
 """
 
 from __future__ import annotations

@@ -1,0 +1,249 @@
+"""Benchmark: one multi-objective training step through the engine on the embedded model.
+
+SmolLM2-135M-Instruct with a PBLoRA adapter (r1 = r2 = 4, q/k/v, dropout 0), m objectives, one
+row of ``--seq`` tokens per objective (objective i: the next-token loss of its own text). Each
+configuration does forward → losses → engine → backward of the returned scalar (no optimizer
+step); rounds are interleaved so that machine noise hits all alike, and the median is reported.
+
+* ``LS``, ``STCH``: loss-level, one backward;
+* ``MGDA``, ``PCGrad``: gradient-level, m ``autograd.grad`` passes + the injected update;
+  ``MGDA batched``: one vmapped ``autograd.grad`` for the m objectives;
+* ``MGDA feature (h)`` / ``(logits)``: feature-level MGDA-UB with the final hidden states / the
+  logits as the shared representation (one model backward);
+* ``torchjd MGDA``: ``torchjd.autojac.backward`` + ``jac_to_grad(params, MGDA())`` on the same
+  model and parameters (vmapped by default; ``seq`` = ``parallel_chunk_size=1``);
+* ``fwd + m bwd``: forward and m ``autograd.grad`` passes and nothing else — the floor of any
+  exact gradient-level step.
+
+Columns: median seconds, ratio to LS, ratio to ``fwd + m bwd``, the method's solver (weights
+from the Gram) in ms and as a share of the step, and the peak resident memory of the step
+above the memory before it (Linux: VmHWM reset through /proc/self/clear_refs after
+``malloc_trim``; indicative — the allocator keeps freed memory).
+
+    python evaluation/benchmarks/mograd_step.py [--objectives 2,3] [--seq 48] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import statistics
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+
+from align.adapters import PBLoraConfig, set_preference
+from align.models import load_model
+from align.mograd.engine import MultiObjectiveEngine
+
+OBJECTIVE_NAMES = ["helpful", "harmless", "brief"]
+
+
+# --------------------------------------------------------------------------------- memory
+def _trim() -> None:
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> int | None:
+    """Reset the peak-RSS counter; returns the current RSS (kB), or None off Linux."""
+    _trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kb("VmRSS")
+
+
+def peak_above(base: int | None) -> float | None:
+    peak = _status_kb("VmHWM")
+    if base is None or peak is None:
+        return None
+    return (peak - base) / 1024
+
+
+# ---------------------------------------------------------------------------------- setup
+def build_model():
+    base, tokenizer = load_model("smollm2-135m-instruct")
+    config = PBLoraConfig(objectives=OBJECTIVE_NAMES, lora_dropout=0.0, init_weights=False)
+    model = get_peft_model(base, config)
+    set_preference(model, [1 / 3, 1 / 3, 1 / 3])
+    model.train()
+    return model, tokenizer
+
+
+def batch_of(tokenizer, m: int, seq: int) -> torch.Tensor:
+    """m rows of different text (the shipped prompts, concatenated), seq tokens each."""
+    lines = resources.files("align").joinpath("resources/prompts.jsonl").read_text().splitlines()
+    text = [json.loads(line)["prompt"] for line in lines if line.strip()]
+    rows = []
+    for i in range(m):
+        ids = tokenizer(" ".join(text[i * 7 : i * 7 + 40]))["input_ids"][:seq]
+        rows.append(ids)
+    return torch.tensor(rows)
+
+
+def forward(model, ids: torch.Tensor, hidden: bool = False):
+    outputs = model(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+    logits = outputs.logits
+    per_row = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none"
+    ).mean(dim=1)
+    features = outputs.hidden_states[-1] if hidden else logits
+    return per_row, features  # objective i: row i
+
+
+class Timed:
+    """Wraps an aggregator's ``weights`` to time the solver."""
+
+    def __init__(self, engine: MultiObjectiveEngine) -> None:
+        self.seconds: list[float] = []
+        aggregator = engine.aggregator
+        if not hasattr(aggregator, "weights"):
+            return
+        original = aggregator.weights
+
+        def weights(*args, **kwargs):
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.seconds.append(time.perf_counter() - start)
+            return out
+
+        aggregator.weights = weights
+
+
+def configurations(model, params, m: int):
+    """name -> (step function, solver timer or None)."""
+    preference = torch.full((m,), 1.0 / m)
+
+    def engine_step(engine, hidden=False, features=False):
+        def step(ids):
+            losses, feats = forward(model, ids, hidden=hidden)
+            loss = engine(losses, preference, features=feats if features else None)
+            loss.backward()
+
+        return step
+
+    def floor(ids):
+        losses, _ = forward(model, ids)
+        for i in range(m):
+            torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+
+    def torchjd_step(chunk):
+        from torchjd.aggregation import MGDA as TorchJDMGDA
+        from torchjd.autojac import backward, jac_to_grad
+
+        aggregator = TorchJDMGDA()
+
+        def step(ids):
+            losses, _ = forward(model, ids)
+            backward(losses, inputs=params, parallel_chunk_size=chunk)
+            jac_to_grad(params, aggregator)
+
+        return step
+
+    out = {}
+    for name, method, options, hidden, features in [
+        ("LS", "linear", {}, False, False),
+        ("STCH", "stch", {}, False, False),
+        ("MGDA", "mgda", {}, False, False),
+        ("MGDA batched", "mgda", {"jacobian": "batched"}, False, False),
+        ("PCGrad", "pcgrad", {}, False, False),
+        ("MGDA feature (h)", "mgda", {"feature_level": True}, True, True),
+        ("MGDA feature (logits)", "mgda", {"feature_level": True}, False, True),
+    ]:
+        engine = MultiObjectiveEngine(method, params, **options)
+        timer = Timed(engine) if engine.is_gradient_level else None
+        out[name] = (engine_step(engine, hidden, features), timer)
+    out["torchjd MGDA"] = (torchjd_step(None), None)
+    out["torchjd MGDA seq"] = (torchjd_step(1), None)
+    out["fwd + m bwd"] = (floor, None)
+    return out
+
+
+def run(model, tokenizer, m: int, seq: int, rounds: int) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = batch_of(tokenizer, m, seq)
+    configs = configurations(model, params, m)
+    times = {name: [] for name in configs}
+    memory = {name: [] for name in configs}
+
+    def one(name):
+        step, _ = configs[name]
+        for p in params:
+            p.grad = None
+        base = reset_peak()
+        start = time.perf_counter()
+        step(ids)
+        elapsed = time.perf_counter() - start
+        peak = peak_above(base)
+        for p in params:
+            p.grad = None
+        return elapsed, peak
+
+    for name in configs:  # warm-up (and the solver timers' first call)
+        one(name)
+    for config in configs.values():
+        if config[1] is not None:
+            config[1].seconds.clear()
+    for _ in range(rounds):
+        for name in configs:
+            elapsed, peak = one(name)
+            times[name].append(elapsed)
+            if peak is not None:
+                memory[name].append(peak)
+
+    ls = statistics.median(times["LS"])
+    floor = statistics.median(times["fwd + m bwd"])
+    print(
+        f"m = {m} objectives, {m} x {ids.shape[1]} tokens, SmolLM2-135M + PBLoRA "
+        f"({sum(p.numel() for p in params):,} trainable), {rounds} rounds, "
+        f"{torch.get_num_threads()} threads"
+    )
+    header = (
+        f"{'configuration':<24}{'median s':>9}{'x LS':>7}{'x fwd+m bwd':>12}"
+        f"{'solver ms':>10}{'solver %':>9}{'peak MB':>9}"
+    )
+    print(header)
+    for name, (_, timer) in configs.items():
+        median = statistics.median(times[name])
+        solver = statistics.median(timer.seconds) if timer and timer.seconds else None
+        solver_ms = f"{solver * 1e3:10.2f}" if solver is not None else f"{'-':>10}"
+        share = f"{100 * solver / median:8.3f}%" if solver is not None else f"{'-':>9}"
+        peak = f"{statistics.median(memory[name]):9.0f}" if memory[name] else f"{'-':>9}"
+        print(
+            f"{name:<24}{median:9.3f}{median / ls:7.2f}{median / floor:12.2f}"
+            f"{solver_ms}{share}{peak}"
+        )
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objectives", default="2,3", help="comma-separated values of m")
+    parser.add_argument("--seq", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    model, tokenizer = build_model()
+    for m in (int(v) for v in args.objectives.split(",")):
+        run(model, tokenizer, m, args.seq, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

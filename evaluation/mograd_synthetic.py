@@ -40,7 +40,6 @@ from align.mograd.synthetic import (
     pareto_set_learning,
     solve_finite_set,
 )
-from align.mograd.synthetic.solvers import responds_to_preference
 from align.pareto import hypervolume
 from align.preference import simplex_grid
 
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
                     result = pareto_set_learning(problem, method, seed=args.seed, **options)
                 row.update(
                     method=result.method,
-                    preference_based=responds_to_preference(method, m),
+                    preference_based=result.preference_based,
                     hypervolume=hypervolume(
                         result.objectives, problem.reference_point, maximize=False
                     ),
@@ -135,7 +134,8 @@ def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     lines = []
     for method, cells in by_method.items():
         prefs = [c["preference_based"] for c in cells.values() if "preference_based" in c]
-        label = "?" if not prefs else ("α" if prefs[0] else "K starts")
+        ignored = "K starts" if report["solver"] == "finite" else "ignores α"
+        label = "?" if not prefs else ("α" if prefs[0] else ignored)
         values = []
         for problem in problems:
             cell = cells.get(problem, {})
@@ -147,11 +147,15 @@ def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 
 def caption(report: dict) -> str:
     truth = ", ".join(f"{n} {p['true_hypervolume']:.4f}" for n, p in report["problems"].items())
+    ignored = (
+        "'K starts': the method ignores α; its K solutions come from K random starts."
+        if report["solver"] == "finite"
+        else "'ignores α': the network gets no reason to depend on α; its front collapses."
+    )
     return (
         f"HV gap (lower is better), solver {report['solver']}: {report['steps']} steps, "
         f"lr {report['lr']}, {report['optimizer']}, seed {report['seed']}. "
-        f"True HV: {truth}. 'K starts': the method ignores α; its K solutions come from K "
-        f"random starts."
+        f"True HV: {truth}. {ignored}"
     )
 
 

@@ -162,7 +162,7 @@ def test_finite_set_linear_on_zdt1_reaches_its_optima(script):
     problem = get_problem("zdt1")
     alphas = script.finite_preferences(2)
     result = solve_finite_set(problem, "linear", alphas, **script.solver_options("finite"))
-    assert result.uses_preference and result.objectives.shape == (11, 2)
+    assert result.preference_based and result.objectives.shape == (11, 2)
     assert (result.solutions >= 0).all() and (result.solutions <= 1).all()
     # The best linear scalarization can do with these α (its optima bunch at f1 = 1).
     floor = linear_optimum_gap(problem, alphas.numpy())
@@ -196,7 +196,7 @@ def test_finite_set_is_deterministic_and_seeded():
 def test_finite_set_methods_that_ignore_preferences_still_give_k_points():
     problem = get_problem("vlmop2")
     result = solve_finite_set(problem, "famo", simplex_grid(2, 4), steps=10)
-    assert not result.uses_preference and result.objectives.shape == (5, 2)
+    assert not result.preference_based and result.objectives.shape == (5, 2)
     # K different starts give K different solutions.
     assert len(np.unique(result.objectives.round(6), axis=0)) == 5
 
@@ -254,7 +254,7 @@ def test_method_helpers():
 def test_pareto_set_learning_follows_preferences():
     problem = get_problem("vlmop2")
     result = pareto_set_learning(problem, "stch", steps=150, lr=1e-2)
-    assert result.objectives.shape == (100, 2) and result.uses_preference
+    assert result.objectives.shape == (100, 2) and result.preference_based
     # More weight on f1 gives a smaller f1: the learned map is ordered along the front.
     f1 = result.objectives[:, 0]
     assert np.corrcoef(result.preferences[:, 0].numpy(), f1)[0, 1] < -0.9
@@ -268,7 +268,7 @@ def test_pareto_set_learning_follows_preferences():
 
 def test_pareto_set_learning_with_a_method_that_ignores_preferences():
     result = pareto_set_learning(get_problem("vlmop2"), "dwa", steps=20, eval_preferences=[[1, 0]])
-    assert not result.uses_preference and result.objectives.shape == (1, 2)
+    assert not result.preference_based and result.objectives.shape == (1, 2)
 
 
 @pytest.mark.slow

@@ -3,14 +3,16 @@
 Two ways to approximate a Pareto front:
 
 * :func:`solve_finite_set` — K independent solutions, one per preference α_k, each moved by
-  projected gradient descent (Adam, then clamped into the box). Loss-level methods backward
+  projected gradient descent (a plain step, or Adam, then a clamp into the box). Loss-level methods backward
   their scalar; gradient-level methods get each solution's Jacobian ``J_k = ∂f/∂x`` (m × n), and
   the update is their direction ``w_kᵀ J_k``. Preference-based methods receive α_k; the others
   ignore it, so their K solutions differ only by their K random starting points.
 * :func:`pareto_set_learning` — one α-conditioned network ``α -> x`` (Navon et al., ICLR 2021;
   Lin et al., NeurIPS 2022), trained on α ~ Dirichlet and read out on a grid of α.
 
-Both are seeded and deterministic on CPU, in float64. The problem is any callable mapping a
+Every method is handed α; whether it uses it is probed (:func:`responds_to_preference`), as
+linear scalarization takes α optionally. Both solvers are seeded and deterministic on CPU, in
+float64. The problem is any callable mapping a
 batch ``x (K, n)`` row by row to ``f (K, m)`` (wrap an unbatched function with
 ``torch.vmap``), with box bounds (``problem.bounds`` for the built-in problems).
 """
@@ -39,13 +41,13 @@ Method = LossAggregator | GradientAggregator
 @dataclass
 class SolveResult:
     """What a solver found: row k of ``objectives`` is f at ``solutions[k]``, obtained with
-    ``preferences[k]`` (which the method ignored unless ``uses_preference``)."""
+    ``preferences[k]`` (which the method ignored unless ``preference_based``)."""
 
     method: str
     solutions: Tensor
     objectives: np.ndarray
     preferences: Tensor
-    uses_preference: bool
+    preference_based: bool
     seconds: float
 
 
@@ -180,12 +182,15 @@ def solve_finite_set(
     *,
     bounds: tuple[Any, Any] | None = None,
     steps: int = 300,
-    lr: float = 0.02,
+    lr: float = 0.1,
     seed: int = 0,
-    optimizer: str = "adam",
+    optimizer: str = "sgd",
     method_options: dict[str, Any] | None = None,
 ) -> SolveResult:
-    """K solutions, one per row of ``preferences`` (K, m), by projected Adam.
+    """K solutions, one per row of ``preferences`` (K, m), by projected gradient descent.
+
+    ``optimizer`` is ``"sgd"`` (plain steps ``x ← clamp(x − lr·d)``, the default) or
+    ``"adam"``; the defaults are those of ``evaluation/mograd_synthetic.py``.
 
     Solution k starts at a uniform random point of the box (the starts depend only on
     ``seed``, so every method starts from the same K points) and has its own instance of the
@@ -204,7 +209,7 @@ def solve_finite_set(
     alphas = _check_preferences(preferences, m)
     methods = [make_method(method, m, seed + k, **(method_options or {})) for k in range(len(x))]
     gradient_level = isinstance(methods[0], GradientAggregator)
-    uses_preference = responds_to_preference(method, m, **(method_options or {}))
+    preference_based = responds_to_preference(method, m, **(method_options or {}))
     optimizer = _optimizer(optimizer, [x, *_method_parameters(methods)], lr)
 
     began = time.perf_counter()
@@ -235,7 +240,7 @@ def solve_finite_set(
     seconds = time.perf_counter() - began
     with torch.no_grad():
         final = _evaluate(problem, x).numpy()
-    return SolveResult(methods[0].name, x.detach(), final, alphas, uses_preference, seconds)
+    return SolveResult(methods[0].name, x.detach(), final, alphas, preference_based, seconds)
 
 
 class ParetoSetModel(nn.Module):
@@ -269,8 +274,8 @@ def pareto_set_learning(
     method: str,
     *,
     bounds: tuple[Any, Any] | None = None,
-    steps: int = 1000,
-    lr: float = 2e-3,
+    steps: int = 500,
+    lr: float = 5e-3,
     batch_size: int = 10,
     hidden: int = 64,
     concentration: float = 1.0,
@@ -294,7 +299,7 @@ def pareto_set_learning(
     m = _evaluate(problem, ((lower + upper) / 2)[None]).shape[1]
     aggregator = make_method(method, m, seed, **(method_options or {}))
     gradient_level = isinstance(aggregator, GradientAggregator)
-    uses_preference = responds_to_preference(method, m, **(method_options or {}))
+    preference_based = responds_to_preference(method, m, **(method_options or {}))
     with torch.random.fork_rng():  # a seeded network without touching the global RNG
         torch.manual_seed(seed)
         model = ParetoSetModel(lower, upper, m, hidden)
@@ -320,7 +325,7 @@ def pareto_set_learning(
                 ]
             )
             loss = (weights.detach() * values).sum(1).mean()
-        elif uses_preference:
+        elif preference_based:
             loss = torch.stack([aggregator(values[b], alphas[b]) for b in range(batch_size)]).mean()
         else:
             loss = aggregator(values.mean(0))
@@ -329,7 +334,7 @@ def pareto_set_learning(
         if not gradient_level:
             with torch.no_grad():
                 after = _evaluate(problem, model(alphas))
-            for row in after if uses_preference else after.mean(0, keepdim=True):
+            for row in after if preference_based else after.mean(0, keepdim=True):
                 aggregator.observe(row)
     seconds = time.perf_counter() - began
 
@@ -338,4 +343,4 @@ def pareto_set_learning(
     with torch.no_grad():
         solutions = model(grid)
         final = _evaluate(problem, solutions).numpy()
-    return SolveResult(aggregator.name, solutions, final, grid, uses_preference, seconds)
+    return SolveResult(aggregator.name, solutions, final, grid, preference_based, seconds)

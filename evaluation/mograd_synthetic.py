@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         solver_options(args.solver, args.steps, args.lr, args.optimizer)
+        for name in args.problems:
+            get_problem(name)
     except ValueError as error:
         parser.error(str(error))
     # Tiny problems: one thread avoids oversubscribing a shared machine (and is faster).

@@ -1,0 +1,124 @@
+"""PARM training step vs a plain-LoRA ARM step of equal total rank, side by side.
+
+    python evaluation/benchmarks/parm_step.py --repeats 5
+
+Both trainers get the same model, the same batch of preference pairs and the same q/k/v
+targets; PBLoRA has r1 + r2 = 8 (r1 = r2 = 4), the LoRA ARM rank 8. A step is TRL's
+``training_step`` (forward, losses, aggregation, backward) plus the optimizer step; the two are
+timed in alternation so machine noise hits both alike, and the median ratio is printed
+(target: PARM ≤ 1.10× the LoRA ARM). Then the total training cost of m GenARM ARMs (one per
+objective, each trained on the same pairs for the same steps) against one PARM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+
+def make_pairs(tokenizer, n: int, response_tokens: int):
+    """Shipped prompts with two answers of about ``response_tokens`` tokens each; labels mixed."""
+    from align.data import load_prompts, make_preference_dataset
+
+    prompts = [r["prompt"] for r in load_prompts(limit=n)]
+    filler = "The answer depends on what you need most, so here is a careful look at it. "
+    words = (filler * 20).split()
+    first = [" ".join(words[: response_tokens - 8]) for _ in prompts]
+    second = [" ".join(words[3 : response_tokens - 5]) for _ in prompts]
+    labels = [i % 2 for i in range(n)]
+    return make_preference_dataset(
+        prompts, first, second, {"helpful": labels, "harmless": labels[::-1]}
+    )
+
+
+def step_time(trainer, batch) -> float:
+    start = time.perf_counter()
+    trainer.training_step(trainer.model, batch)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--pairs", type=int, default=4, help="pairs per batch")
+    parser.add_argument("--response-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--aggregator", default="linear")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from align.models import load_model
+    from align.trainers import ARMConfig, ARMTrainer, PARMConfig, PARMTrainer
+
+    model, tokenizer = load_model(args.model)
+    pairs = make_pairs(tokenizer, args.pairs, args.response_tokens)
+    common = dict(
+        output_dir="/tmp/align-bench",
+        per_device_train_batch_size=args.pairs,
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        disable_dropout=True,
+        max_length=256,
+        max_prompt_length=96,
+    )
+    parm = PARMTrainer(
+        copy.deepcopy(model),
+        PARMConfig(aggregator=args.aggregator, lora_dropout=0.0, **common),
+        pairs,
+        processing_class=tokenizer,
+    )
+    arm = ARMTrainer(
+        copy.deepcopy(model),
+        ARMConfig(objectives=["helpful"], lora_r=8, lora_dropout=0.0, **common),
+        pairs,
+        processing_class=tokenizer,
+    )
+    timings: dict[str, list[float]] = {"PARM": [], "ARM": []}
+    for trainer in (parm, arm):
+        trainer.create_optimizer()
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by train(); needed by training_step
+    batches = {
+        name: trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        for name, trainer in (("PARM", parm), ("ARM", arm))
+    }
+    for name, trainer in (("PARM", parm), ("ARM", arm)):  # warm-up
+        step_time(trainer, batches[name])
+    for _ in range(args.repeats):
+        for name, trainer in (("PARM", parm), ("ARM", arm)):
+            timings[name].append(step_time(trainer, batches[name]))
+    parm_s, arm_s = (statistics.median(timings[k]) for k in ("PARM", "ARM"))
+    trainable = {
+        name: sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+        for name, t in (("PARM", parm), ("ARM", arm))
+    }
+    tokens = int(batches["PARM"]["attention_mask"].sum())
+    m = len(parm.objectives)
+    print(
+        f"model {args.model}, {args.pairs} pairs per batch ({tokens} tokens), "
+        f"{torch.get_num_threads()} threads, {args.repeats} alternating repeats, medians"
+    )
+    print(
+        f"  PARM step (PBLoRA r1=r2=4, {args.aggregator}, {trainable['PARM']:,} params): "
+        f"{parm_s:.3f} s"
+    )
+    print(f"  ARM step  (LoRA r=8, {trainable['ARM']:,} params):                 {arm_s:.3f} s")
+    print(f"  ratio PARM / LoRA ARM: {parm_s / arm_s:.3f}x (target <= 1.10x)")
+    print(
+        f"  training cost of {m} GenARM ARMs vs one PARM, same data and steps: "
+        f"{m * arm_s / parm_s:.2f}x (one PARM replaces {m} ARMs)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -82,11 +82,18 @@ def grad_scale(accelerator: Any) -> float | None:
 
 
 def sync_gradients(accelerator: Any) -> bool:
-    """Whether this micro-batch ends an optimizer step (Accelerate's ``sync_gradients``, which
-    transformers' Trainer sets before every micro-batch); True when unknown."""
+    """Whether this micro-batch ends an optimizer step: Accelerate's ``sync_gradients`` (which
+    transformers' Trainer sets before every micro-batch), from ``accelerator`` or else from
+    Accelerate's process-wide ``GradientState`` once an Accelerator exists; True when unknown."""
     if accelerator is not None and hasattr(accelerator, "sync_gradients"):
         return bool(accelerator.sync_gradients)
-    return True
+    try:
+        from accelerate.state import GradientState
+    except ImportError:
+        return True
+    if not GradientState._shared_state:  # no Accelerator in this process
+        return True
+    return bool(GradientState().sync_gradients)
 
 
 def deepspeed_engine(accelerator: Any) -> Any | None:

@@ -275,5 +275,30 @@ def train(
     console.print(f"adapter saved to {final}")
 
 
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="A merge config YAML (see recipes/merging/).")],
+    out: Annotated[Path, typer.Argument(help="Output folder, written atomically.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Merge checkpoints along α: one preference or a sweep (linear, task arithmetic, TIES,
+    DARE), LoRA adapters exactly, or train / materialise a Pareto-merging artifact."""
+    from rich.markup import escape
+
+    from align.merging import run_merge_config
+    from align.merging.config import MergeConfigError, load_merge_config
+
+    started = time.perf_counter()
+    try:
+        folders = run_merge_config(load_merge_config(config), out, overwrite=overwrite)
+    except (MergeConfigError, ValueError, FileExistsError, KeyError) as error:
+        # MergeInputError and CheckpointError are ValueErrors: every mismatch, listed.
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from error
+    for folder in folders:
+        console.print(f"wrote {escape(str(folder))}")
+    console.print(f"{len(folders)} folder(s) in {time.perf_counter() - started:.1f} s")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,151 @@
+"""The interface every merge method implements: α-independent preparation, then α applied.
+
+A merge method combines, for one tensor name, the K fine-tuned tensors ``θ_1 … θ_K`` (and the
+base tensor ``θ_base`` when the method works on task vectors ``τ_k = θ_k − θ_base``) with the
+preference α (one weight per model, on the simplex) into one tensor.
+
+The work is split in two so that a sweep over many α is cheap: :meth:`MergeMethod.prepare`
+does everything that does not depend on α once per tensor (task vectors, TIES trimming, DARE
+drop masks), and :meth:`MergeMethod.apply` turns the prepared state and one α into the merged
+tensor. Methods see float32 (float64 if an input is float64) tensors and return the same; the
+engine casts to the output dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+class MergeMethod(ABC):
+    """One way to merge K tensors along α. Options are validated in the constructor."""
+
+    #: The registered name (set by :func:`align.merging.registry.register_merge_method`).
+    name: ClassVar[str] = ""
+    #: Whether the method needs the base model (task vectors) — else it must not get one.
+    needs_base: ClassVar[bool] = True
+    #: Option name → default; anything else given to the constructor is an error.
+    options: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            allowed = ", ".join(self.options) or "none"
+            raise ValueError(
+                f"merge method {self.name!r} does not take {', '.join(map(repr, unknown))}; "
+                f"its options are: {allowed}"
+            )
+        self.params: dict[str, Any] = {**self.options, **options}
+        self.check_options()
+
+    def check_options(self) -> None:  # noqa: B027 — optional hook, not abstract
+        """Validate ``self.params`` (override to add checks)."""
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({inner})"
+
+    @abstractmethod
+    def prepare(self, name: str, tensors: Tensor, base: Tensor | None) -> Any:
+        """α-independent work for one tensor. ``tensors`` is ``(K, *shape)``."""
+
+    @abstractmethod
+    def apply(self, prepared: Any, weights: Tensor) -> Tensor:
+        """The merged tensor for α = ``weights`` (shape ``(K,)``, same dtype as the tensors)."""
+
+    def merge(self, name: str, tensors: Tensor, base: Tensor | None, weights: Tensor) -> Tensor:
+        """``apply(prepare(...), weights)``: one tensor, one α."""
+        return self.apply(self.prepare(name, tensors, base), weights)
+
+
+# --- helpers shared by several methods ----------------------------------------------------------
+
+
+def weighted_sum(weights: Tensor, stacked: Tensor) -> Tensor:
+    """``Σ_k w_k X_k`` for ``stacked`` of shape ``(K, *shape)``, without a (K, *shape) temporary."""
+    return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
+
+
+def check_fraction(value: Any, what: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number in (0, 1], got {value!r}")
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value <= 1):
+        raise ValueError(f"{what} must be in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
+    return float(value)
+
+
+def check_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def tensor_seed(seed: int, name: str, index: int) -> int:
+    """A stable 63-bit seed for (run seed, tensor name, model index).
+
+    Derived by hashing, not by advancing one generator, so a tensor's random mask does not
+    depend on which tensors were processed before it: a streamed merge, an in-memory merge and a
+    sweep all draw the same masks.
+    """
+    digest = hashlib.sha256(f"{seed}\x00{name}\x00{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def trim_to_density(tau: Tensor, density: float) -> Tensor:
+    """Keep the ``k = max(1, int(density · n))`` largest-magnitude entries of ``tau``, zero the rest.
+
+    Entries tied with the k-th largest magnitude are all kept (exact ties are measure-zero for
+    real fine-tuning deltas; zeros never matter since a zero contributes nothing).
+    """
+    if density >= 1 or tau.numel() == 0:
+        return tau
+    k = max(1, int(density * tau.numel()))
+    magnitude = tau.abs().reshape(-1)
+    # The k-th largest is the (n − k + 1)-th smallest; kthvalue is linear time, a sort is not.
+    threshold = torch.kthvalue(magnitude.float(), magnitude.numel() - k + 1).values
+    return torch.where(tau.abs() >= threshold.to(tau.dtype), tau, torch.zeros((), dtype=tau.dtype))
+
+
+def drop_and_rescale(tau: Tensor, density: float, seed: int, rescale: bool = True) -> Tensor:
+    """DARE: keep each entry with probability ``density`` (seeded), divide survivors by it.
+
+    Rescaling by ``1/density`` keeps the expected task vector unchanged (Yu et al., 2024).
+    """
+    if density >= 1:
+        return tau
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(tau.shape, generator=generator) < density
+    kept = torch.where(keep, tau, torch.zeros((), dtype=tau.dtype))
+    return kept / density if rescale else kept
+
+
+def sign_consensus(weights: Tensor, tau: Tensor, *, normalize: bool = True) -> Tensor:
+    """TIES' elect-and-disjoint-merge of (trimmed) task vectors ``tau`` (``(K, *shape)``).
+
+    Elected sign per entry: ``γ = sgn(Σ_k w_k τ_k)`` (ties and zeros count as +). Only the task
+    vectors that agree with γ take part: ``Σ_{k: sgn τ_k = γ} w_k τ_k``, divided, when
+    ``normalize``, by ``Σ_{k: sgn τ_k = γ} w_k`` (a weighted mean over the agreeing models; 1
+    where no model agrees). A zero entry has sign 0 and never agrees.
+    """
+    w = weights.to(tau.dtype).reshape(-1, *([1] * (tau.ndim - 1)))
+    weighted = w * tau
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(tau.dtype)
+    agree = torch.sign(tau) == elected
+    merged = torch.where(agree, weighted, torch.zeros((), dtype=tau.dtype)).sum(0)
+    if not normalize:
+        return merged
+    divisor = (w * agree).sum(0)
+    divisor = torch.where(divisor == 0, torch.ones((), dtype=tau.dtype), divisor)
+    return merged / divisor

@@ -1,0 +1,247 @@
+"""Merge configs (YAML, in the spirit of mergekit's) and running them: ``align merge CONFIG OUT``.
+
+.. code-block:: yaml
+
+    merge_method: ties            # any registered method, "lora", or "pareto"
+    models:                       # one per objective, in α order
+      - model: path/to/helpful    # a checkpoint folder (or an embedded model name)
+        objective: helpful
+      - model: path/to/harmless
+        objective: harmless
+    base_model: smollm2-135m-instruct
+    parameters: {density: 0.5, lambda: 1.0}
+    preference: {helpful: 0.7, harmless: 0.3}   # one α: OUT is that checkpoint
+    # sweep: 10                   # or the simplex grid with step 1/10 (11 checkpoints in OUT)
+    # sweep: [[0.2, 0.8], [0.5, 0.5]]   # or a list of α
+    dtype: bfloat16               # output dtype (default: as the inputs)
+    max_shard_size: 5GB
+
+``merge_method: lora`` takes PEFT adapter folders as models and ``parameters: {output: adapter}``
+(or ``checkpoint`` with a base_model). ``merge_method: pareto`` trains a Pareto-merging artifact
+into OUT (parameters: :class:`~align.merging.pareto.ParetoMergeOptions`); a config with
+``artifact: FOLDER`` and a preference or sweep (no models) materialises checkpoints from one.
+
+Where mergekit gives each model a ``weight``, align takes α (with its objective names): the
+weights are the preference, validated as one (non-negative, summing to 1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TOP_LEVEL_KEYS = frozenset(
+    {
+        "merge_method",
+        "models",
+        "base_model",
+        "parameters",
+        "preference",
+        "sweep",
+        "dtype",
+        "max_shard_size",
+        "artifact",
+        "name",
+        "description",
+    }
+)
+
+
+class MergeConfigError(ValueError):
+    """A merge config is malformed; the message lists every problem."""
+
+
+@dataclass
+class MergeConfig:
+    merge_method: str
+    models: dict[str, str] = field(default_factory=dict)
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    preference: Any = None
+    sweep: Any = None
+    dtype: str | None = None
+    max_shard_size: int | str = "5GB"
+    artifact: str | None = None
+
+
+def parse_merge_config(data: Mapping[str, Any], source: str = "config") -> MergeConfig:
+    """Validate a config mapping; every problem is reported in one :class:`MergeConfigError`."""
+    problems: list[str] = []
+    if not isinstance(data, Mapping):
+        raise MergeConfigError(f"{source}: a merge config is a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - TOP_LEVEL_KEYS)
+    if unknown:
+        problems.append(f"unknown keys {unknown}; known: {sorted(TOP_LEVEL_KEYS)}")
+    method = data.get("merge_method")
+    if not isinstance(method, str) or not method:
+        problems.append(
+            "merge_method is required (e.g. linear, task_arithmetic, ties, dare_ties, lora, pareto)"
+        )
+    models: dict[str, str] = {}
+    raw_models = data.get("models")
+    if data.get("artifact") is None:
+        if not isinstance(raw_models, list) or len(raw_models) < 2:
+            problems.append(
+                "models must list at least two entries, each {model: PATH, objective: NAME}"
+            )
+        else:
+            for index, entry in enumerate(raw_models):
+                if (
+                    not isinstance(entry, Mapping)
+                    or "model" not in entry
+                    or "objective" not in entry
+                ):
+                    problems.append(
+                        f"models[{index}] must be {{model: PATH, objective: NAME}}, got {entry!r}"
+                    )
+                    continue
+                extra = sorted(set(entry) - {"model", "objective"})
+                if extra:
+                    problems.append(
+                        f"models[{index}] has {extra}: per-model weights are the preference α "
+                        f"(give `preference:` or `sweep:`); method options go under `parameters:`"
+                    )
+                name = str(entry["objective"])
+                if name in models:
+                    problems.append(f"objective {name!r} is named by two models")
+                models[name] = str(entry["model"])
+    elif raw_models:
+        problems.append(
+            "give either models (to merge or train) or artifact (to materialise), not both"
+        )
+    parameters = data.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        problems.append(f"parameters must be a mapping, got {parameters!r}")
+        parameters = {}
+    has_pref, has_sweep = data.get("preference") is not None, data.get("sweep") is not None
+    if method == "pareto" and data.get("artifact") is None:
+        if has_pref or has_sweep:
+            problems.append(
+                "merge_method pareto trains an artifact into OUT; materialise α from it with a "
+                "second config that names `artifact: OUT` and a preference or sweep"
+            )
+    elif has_pref == has_sweep:
+        problems.append(
+            "give exactly one of preference (one α) or sweep (an integer grid size or a list of α)"
+        )
+    sweep = data.get("sweep")
+    if has_sweep and isinstance(sweep, int) and (isinstance(sweep, bool) or sweep < 1):
+        problems.append(
+            f"sweep must be an integer >= 1 (grid step 1/sweep) or a list of α, got {sweep!r}"
+        )
+    if problems:
+        raise MergeConfigError(
+            f"{source}: " + "; ".join(problems)
+            if len(problems) == 1
+            else f"{source} has {len(problems)} problems:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    return MergeConfig(
+        merge_method=method,
+        models=models,
+        base_model=None if data.get("base_model") is None else str(data["base_model"]),
+        parameters=dict(parameters),
+        preference=data.get("preference"),
+        sweep=sweep,
+        dtype=data.get("dtype"),
+        max_shard_size=data.get("max_shard_size", "5GB"),
+        artifact=None if data.get("artifact") is None else str(data["artifact"]),
+    )
+
+
+def load_merge_config(path: str | os.PathLike) -> MergeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise MergeConfigError(f"no merge config at {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise MergeConfigError(f"{path} is not valid YAML: {error}") from error
+    return parse_merge_config(data, str(path))
+
+
+def run_merge_config(
+    config: MergeConfig, out: str | os.PathLike, *, overwrite: bool = False
+) -> list[Path]:
+    """Run a parsed config; returns the folders written (the artifact for ``pareto``)."""
+    from align.merging.adapters import merge_lora_adapters
+    from align.merging.engine import merge_checkpoints
+    from align.merging.pareto import ParetoArtifact, pareto_merge
+
+    method = config.merge_method.strip().lower()
+    if config.artifact is not None:
+        if method != "pareto":
+            raise MergeConfigError(f"`artifact:` is for merge_method pareto, not {method!r}")
+        artifact = ParetoArtifact(config.artifact)
+        if config.preference is not None:
+            return [
+                artifact.materialize(
+                    config.preference,
+                    out,
+                    overwrite=overwrite,
+                    max_shard_size=config.max_shard_size,
+                )
+            ]
+        from align.io import atomic_directory
+        from align.merging.engine import as_preferences, preference_folder_name, sweep_preferences
+
+        grid = (
+            sweep_preferences(artifact.objectives, config.sweep)
+            if isinstance(config.sweep, int)
+            else as_preferences(config.sweep, artifact.objectives)
+        )
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite")
+        names = [preference_folder_name(alpha) for alpha in grid]
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            artifact.materialize_many(
+                list(grid), [tmp / n for n in names], max_shard_size=config.max_shard_size
+            )
+        return [out / n for n in names]
+    if method == "pareto":
+        options = dict(config.parameters)
+        if config.dtype is not None:
+            options.setdefault("dtype", config.dtype)
+        return [
+            pareto_merge(
+                config.models,
+                out,
+                base_model=config.base_model,
+                options=options,
+                max_shard_size=config.max_shard_size,
+                overwrite=overwrite,
+            ).folder
+        ]
+    if method in ("lora", "lora_cat"):
+        from align.merging.methods.lora import LoraInterpolation
+
+        lora = LoraInterpolation(**config.parameters)  # validates the options
+        return merge_lora_adapters(
+            config.models,
+            out,
+            preference=config.preference,
+            sweep=config.sweep,
+            output=lora.params["output"],
+            base_model=config.base_model,
+            dtype=config.dtype,
+            max_shard_size=config.max_shard_size,
+            overwrite=overwrite,
+        )
+    return merge_checkpoints(
+        config.models,
+        out,
+        method=method,
+        parameters=config.parameters,
+        base_model=config.base_model,
+        preference=config.preference,
+        sweep=config.sweep,
+        dtype=config.dtype,
+        max_shard_size=config.max_shard_size,
+        overwrite=overwrite,
+    )

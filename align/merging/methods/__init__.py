@@ -1,0 +1,1 @@
+"""Merge methods, one per file; each registers itself with :mod:`align.merging.registry`."""

@@ -1,0 +1,76 @@
+"""DARE: drop and rescale task vectors (Yu et al., ICML 2024), linear and TIES variants.
+
+    τ̃_k = m_k ⊙ τ_k / p,    m_k ~ Bernoulli(p) entrywise,  p = ``density``
+
+``dare_linear``:  θ(α) = θ_base + λ Σ_k α_k τ̃_k
+``dare_ties``:    θ(α) = θ_base + λ · TIES sign consensus of the τ̃_k (see ``ties.py``)
+
+Dropping most of a fine-tuning delta at random and rescaling the rest by 1/p keeps its expected
+value and, empirically, the fine-tuned behaviour, while making task vectors sparse and less
+interfering. Masks are seeded per (``seed``, tensor name, model index), so the same options
+always give the same model, whether streamed, merged in memory, or swept over α (a sweep uses
+one mask per model for every α, as drawing new masks per α would add noise to the front).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from align.merging.base import (
+    MergeMethod,
+    check_bool,
+    check_fraction,
+    check_number,
+    drop_and_rescale,
+    sign_consensus,
+    tensor_seed,
+    weighted_sum,
+)
+from align.merging.registry import register_merge_method
+
+
+class _Dare(MergeMethod):
+    def check_options(self) -> None:
+        self.params["density"] = check_fraction(self.params["density"], "density")
+        self.params["lambda"] = check_number(self.params["lambda"], "lambda")
+        seed = self.params["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        for flag in ("rescale", "normalize"):
+            if flag in self.params:
+                check_bool(self.params[flag], flag)
+
+    def prepare(self, name: str, tensors: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
+        density, seed = self.params["density"], self.params["seed"]
+        rescale = self.params.get("rescale", True)
+        tau = torch.stack(
+            [
+                drop_and_rescale(t - base, density, tensor_seed(seed, name, k), rescale)
+                for k, t in enumerate(tensors)
+            ]
+        )
+        return base, tau
+
+
+@register_merge_method("dare_linear")
+class DareLinear(_Dare):
+    """DARE drop-and-rescale (seeded), then θ_base + λ Σ_k α_k τ̃_k."""
+
+    options = {"density": 0.5, "lambda": 1.0, "seed": 0, "rescale": True}
+
+    def apply(self, prepared: tuple[Tensor, Tensor], weights: Tensor) -> Tensor:
+        base, tau = prepared
+        return base + self.params["lambda"] * weighted_sum(weights, tau)
+
+
+@register_merge_method("dare_ties")
+class DareTies(_Dare):
+    """DARE drop-and-rescale (seeded), then TIES sign election and disjoint merge."""
+
+    options = {"density": 0.5, "lambda": 1.0, "seed": 0, "normalize": True}
+
+    def apply(self, prepared: tuple[Tensor, Tensor], weights: Tensor) -> Tensor:
+        base, tau = prepared
+        merged = sign_consensus(weights, tau, normalize=self.params["normalize"])
+        return base + self.params["lambda"] * merged

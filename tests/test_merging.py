@@ -1,0 +1,609 @@
+"""Merging: streamed = in-memory for every method, exact LoRA interpolation, atomic output,
+one listing error for mismatched inputs, one read per tensor in a sweep, pickles refused, and
+Pareto merging (closed-form oracle, materialisation, live models, CLI).
+
+All inputs are tiny random Llamas (2 layers, hidden 64) saved to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.merging import (
+    CheckpointError,
+    MergeConfigError,
+    MergeInputError,
+    ParetoArtifact,
+    get_merge_method,
+    merge_checkpoints,
+    merge_lora_adapters,
+    open_inputs,
+    pareto_merge,
+    parse_merge_config,
+)
+from align.merging.base import tensor_seed
+from align.merging.io import INDEX_NAME, StreamingWriter
+from align.pareto import pareto_mask
+from align.preference import simplex_grid
+
+OBJECTIVES = ("helpful", "harmless")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny tensors: with two threads on a shared, busy machine OpenMP spin-waits dominate.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _save(model, tokenizer, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _perturbed(tokenizer, seed: int, scale: float = 0.02, low_rank: int | None = None):
+    """The base (seed 0) plus a seeded perturbation: a stand-in for a fine-tuned copy.
+
+    ``low_rank`` makes every matrix update rank-``low_rank`` (as a LoRA fine-tune would)."""
+    from align.models import tiny_causal_lm
+
+    model, _ = tiny_causal_lm(tokenizer, seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if low_rank is not None and parameter.ndim == 2:
+                out, inp = parameter.shape
+                left = torch.randn(out, low_rank, generator=generator)
+                right = torch.randn(low_rank, inp, generator=generator)
+                parameter.add_(scale * left @ right / low_rank**0.5)
+            else:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_lm):
+    """base, two dense-perturbed copies, two low-rank-perturbed copies (safetensors folders)."""
+    root = tmp_path_factory.mktemp("merge_inputs")
+    model, tokenizer = tiny_lm
+    folders = {"base": _save(model, tokenizer, root / "base")}
+    for name, seed in (("helpful", 1), ("harmless", 2)):
+        folders[name] = _save(_perturbed(tokenizer, seed), tokenizer, root / name)
+        folders[f"{name}_lr"] = _save(
+            _perturbed(tokenizer, seed + 10, 0.05, low_rank=2), tokenizer, root / f"{name}_lr"
+        )
+    return folders
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        merged = {}
+        for shard in shards:
+            merged.update(load_file(folder / shard))
+        return merged
+    return load_file(folder / "model.safetensors")
+
+
+# --- independent reference formulas (not the library's code paths) -----------------------------
+
+
+def _topk_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    k = max(1, int(density * tau.numel()))
+    flat = tau.reshape(-1)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.abs().argsort(descending=True)[:k]] = True
+    return torch.where(keep, flat, 0.0).reshape(tau.shape)
+
+
+def _dare(tau: torch.Tensor, density: float, seed: int, name: str, k: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(tensor_seed(seed, name, k))
+    keep = torch.rand(tau.shape, generator=generator) < density
+    return torch.where(keep, tau, 0.0) / density
+
+
+def _ties_merge(taus: list[torch.Tensor], alpha: list[float]) -> torch.Tensor:
+    total = sum(a * t for a, t in zip(alpha, taus))
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    numerator = sum(torch.where(torch.sign(t) == sign, a * t, 0.0) for a, t in zip(alpha, taus))
+    denominator = sum(torch.where(torch.sign(t) == sign, a, 0.0) for a, t in zip(alpha, taus))
+    return numerator / torch.where(denominator == 0, 1.0, denominator)
+
+
+def _reference(method: str, params: dict, models: list[dict], base: dict, alpha: list[float]):
+    out = {}
+    lam = params.get("lambda", 1.0)
+    for name, b in base.items():
+        thetas = [m[name] for m in models]
+        taus = [t - b for t in thetas]
+        if method == "linear":
+            value = sum(a * t for a, t in zip(alpha, thetas))
+        elif method == "task_arithmetic":
+            value = b + lam * sum(a * t for a, t in zip(alpha, taus))
+        elif method == "ties":
+            value = b + lam * _ties_merge([_topk_trim(t, params["density"]) for t in taus], alpha)
+        elif method == "dare_linear":
+            dropped = [
+                _dare(t, params["density"], params["seed"], name, k) for k, t in enumerate(taus)
+            ]
+            value = b + lam * sum(a * t for a, t in zip(alpha, dropped))
+        elif method == "dare_ties":
+            dropped = [
+                _dare(t, params["density"], params["seed"], name, k) for k, t in enumerate(taus)
+            ]
+            value = b + lam * _ties_merge(dropped, alpha)
+        out[name] = value
+    return out
+
+
+METHODS = [
+    ("linear", {}),
+    ("task_arithmetic", {"lambda": 0.8}),
+    ("ties", {"density": 0.3, "lambda": 1.2}),
+    ("dare_linear", {"density": 0.4, "seed": 3}),
+    ("dare_ties", {"density": 0.4, "seed": 3}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), METHODS, ids=[m for m, _ in METHODS])
+def test_streamed_merge_equals_in_memory_formula(checkpoints, tmp_path, method, params):
+    alpha = [0.3, 0.7]
+    base = None if method == "linear" else checkpoints["base"]
+    # A tiny shard limit forces several shards and an index.
+    (out,) = merge_checkpoints(
+        {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]},
+        tmp_path / "out",
+        method=method,
+        parameters=params,
+        base_model=base,
+        preference={"helpful": 0.3, "harmless": 0.7},
+        max_shard_size="60KB",
+    )
+    assert (out / INDEX_NAME).is_file()
+    merged = _state(out)
+    models = [_state(checkpoints[n]) for n in OBJECTIVES]
+    expected = _reference(method, {"seed": 0, **params}, models, _state(checkpoints["base"]), alpha)
+    assert merged.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    info = json.loads((out / "align_merge.json").read_text())
+    assert info["objectives"] == list(OBJECTIVES) and info["preference"]["helpful"] == 0.3
+    for side in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert (out / side).is_file()
+
+
+def test_merged_checkpoint_loads_and_keeps_dtype_request(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    (out,) = merge_checkpoints(
+        {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]},
+        tmp_path / "bf16",
+        method="ties",
+        base_model=checkpoints["base"],
+        preference=[0.5, 0.5],
+        dtype="bfloat16",
+    )
+    assert all(t.dtype == torch.bfloat16 for t in _state(out).values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+
+
+def test_sweep_reads_each_input_tensor_once_and_matches_single_merges(checkpoints, tmp_path):
+    inputs = open_inputs(
+        {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]},
+        checkpoints["base"],
+    )
+    folders = merge_checkpoints(
+        inputs, tmp_path / "sweep", method="ties", parameters={"density": 0.5}, sweep=10
+    )
+    assert len(folders) == 11
+    for checkpoint in inputs.all_checkpoints():
+        assert checkpoint.reads == dict.fromkeys(checkpoint.tensors, 1), checkpoint.label
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [c["preference"]["helpful"] for c in sweep["checkpoints"]] == pytest.approx(
+        simplex_grid(2, 10)[:, 0].tolist()
+    )
+    for index in (0, 3, 10):
+        alpha = simplex_grid(2, 10)[index]
+        (single,) = merge_checkpoints(
+            {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]},
+            tmp_path / f"single{index}",
+            method="ties",
+            parameters={"density": 0.5},
+            base_model=checkpoints["base"],
+            preference=alpha,
+        )
+        a, b = _state(folders[index]), _state(single)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# --- LoRA --------------------------------------------------------------------------------------
+
+
+def _lora_adapter(tiny_lm, folder: Path, r: int, targets: list[str], seed: int, rslora: bool):
+    from peft import LoraConfig, get_peft_model
+
+    from align.models import tiny_causal_lm
+
+    model, tokenizer = tiny_causal_lm(tiny_lm[1], seed=0)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets, use_rslora=rslora, init_lora_weights=False
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(folder)
+    dense = peft_model.merge_and_unload().state_dict()
+    return {k: v.clone() for k, v in dense.items()}
+
+
+def test_lora_interpolation_is_the_weighted_sum_of_dense_updates(tiny_lm, tmp_path):
+    from peft import PeftModel
+
+    from align.models import tiny_causal_lm
+
+    base_model, tokenizer = tiny_causal_lm(tiny_lm[1], seed=0)
+    base_state = {k: v.clone() for k, v in base_model.state_dict().items()}
+    _save(base_model, tokenizer, tmp_path / "base")
+    # Different ranks, different targets, one with rsLoRA scaling: all exact.
+    dense_a = _lora_adapter(tiny_lm, tmp_path / "a", 2, ["q_proj", "v_proj"], 1, False)
+    dense_b = _lora_adapter(tiny_lm, tmp_path / "b", 4, ["q_proj", "k_proj", "down_proj"], 2, True)
+    alpha = (0.25, 0.75)
+    expected = {
+        n: base_state[n]
+        + alpha[0] * (dense_a[n] - base_state[n])
+        + alpha[1] * (dense_b[n] - base_state[n])
+        for n in base_state
+    }
+    models = {"helpful": tmp_path / "a", "harmless": tmp_path / "b"}
+
+    (adapter,) = merge_lora_adapters(models, tmp_path / "cat", preference=alpha)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["rank_pattern"]  # q_proj has rank 6, the others 2 or 4
+    loaded = PeftModel.from_pretrained(tiny_causal_lm(tiny_lm[1], seed=0)[0], adapter)
+    merged = loaded.merge_and_unload().state_dict()
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    (folded,) = merge_lora_adapters(
+        models,
+        tmp_path / "dense",
+        preference=alpha,
+        output="checkpoint",
+        base_model=tmp_path / "base",
+    )
+    state = _state(folded)
+    for name in state:
+        torch.testing.assert_close(state[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # Why not average A and B separately: the cross terms make it differ from Σ α_k ΔW_k.
+    from safetensors.torch import load_file as load
+
+    a = load(tmp_path / "a" / "adapter_model.safetensors")
+    b = load(tmp_path / "b" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    # Pad the rank-2 adapter to rank 4 so that separate averaging is even defined.
+    a_a = torch.cat([a[key.format("A")], torch.zeros(2, a[key.format("A")].shape[1])])
+    a_b = torch.cat([a[key.format("B")], torch.zeros(a[key.format("B")].shape[0], 2)], dim=1)
+    averaged = (0.25 * a_b + 0.75 * b[key.format("B")]) @ (0.25 * a_a + 0.75 * b[key.format("A")])
+    exact = (
+        0.25 * a[key.format("B")] @ a[key.format("A")]
+        + 0.75 * b[key.format("B")] @ b[key.format("A")]
+    )
+    assert not torch.allclose(averaged, exact, atol=1e-3)
+
+
+# --- atomicity ---------------------------------------------------------------------------------
+
+
+def test_exception_in_the_writer_leaves_no_output(checkpoints, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = StreamingWriter.write
+
+    def failing(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full (injected)")
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(StreamingWriter, "write", failing)
+    with pytest.raises(OSError, match="injected"):
+        merge_checkpoints(
+            {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]},
+            tmp_path / "out",
+            method="linear",
+            sweep=4,
+        )
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary folder remains
+
+
+def test_merge_killed_mid_write_leaves_nothing_that_looks_complete(checkpoints, tmp_path):
+    ready = tmp_path / "ready"
+    out = tmp_path / "out"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from align.merging import merge_checkpoints
+        from align.merging.io import StreamingWriter
+
+        original = StreamingWriter.write
+        def slow(self, name, tensor):
+            original(self, name, tensor)
+            self._handle.flush()
+            Path({str(ready)!r}).touch()
+            time.sleep(60)  # killed here, with a shard half written
+        StreamingWriter.write = slow
+        merge_checkpoints({{"helpful": {str(checkpoints["helpful"])!r},
+                            "harmless": {str(checkpoints["harmless"])!r}}},
+                          {str(out)!r}, method="linear", preference=[0.5, 0.5])
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()}
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert child.poll() is None, "the merge process ended before writing"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert not out.exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "ready"]
+    # Only the hidden temporary folder, whose half-written shard is never taken for a result.
+    assert leftovers and all(p.name.startswith(".out.tmp-") for p in leftovers)
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def test_mismatched_inputs_give_one_error_listing_every_mismatch(checkpoints, tmp_path):
+    from align.models import tiny_causal_lm, tiny_tokenizer
+
+    other_tokenizer = tiny_tokenizer(vocab_size=400)
+    odd, _ = tiny_causal_lm(other_tokenizer, seed=5, intermediate_size=96)
+    _save(odd, other_tokenizer, tmp_path / "odd")
+    with pytest.raises(MergeInputError) as caught:
+        merge_checkpoints(
+            {"helpful": checkpoints["helpful"], "harmless": tmp_path / "odd"},
+            tmp_path / "out",
+            method="task_arithmetic",
+            base_model=checkpoints["base"],
+            preference=[0.5, 0.5],
+        )
+    text = "\n".join(caught.value.mismatches)
+    assert "config differs" in text and "intermediate_size" in text and "vocab_size" in text
+    assert "model.embed_tokens.weight has shape" in text  # vocabulary
+    assert "mlp.up_proj.weight has shape" in text  # architecture
+    assert "tokenizer of harmless" in text
+    assert len(caught.value.mismatches) >= 8
+    assert str(caught.value).count("\n  - ") == len(caught.value.mismatches)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_checkpoints_are_refused(checkpoints, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((checkpoints["helpful"] / "config.json").read_text())
+    torch.save(_state(checkpoints["helpful"]), folder / "pytorch_model.bin")
+    with pytest.raises(MergeInputError, match="pickle") as caught:
+        merge_checkpoints(
+            {"helpful": folder, "harmless": checkpoints["harmless"]},
+            tmp_path / "out",
+            method="linear",
+            preference=[0.5, 0.5],
+        )
+    assert "pytorch_model.bin" in str(caught.value)
+    with pytest.raises(CheckpointError, match="arbitrary code"):
+        from align.merging import Checkpoint
+
+        Checkpoint(folder)
+
+
+def test_bad_options_and_preferences_are_clear_errors(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="does not take 'weight'"):
+        get_merge_method("ties", weight=0.3)
+    with pytest.raises(ValueError, match="density"):
+        get_merge_method("dare_ties", density=1.5)
+    with pytest.raises(ValueError, match="unknown merge method"):
+        get_merge_method("slerpp")
+    models = {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]}
+    with pytest.raises(ValueError, match="sums to"):
+        merge_checkpoints(models, tmp_path / "o", method="linear", preference=[0.5, 0.6])
+    with pytest.raises(ValueError, match="uses no base model"):
+        merge_checkpoints(
+            models, tmp_path / "o", base_model=checkpoints["base"], preference=[0.5, 0.5]
+        )
+    with pytest.raises(ValueError, match="needs a base_model"):
+        merge_checkpoints(models, tmp_path / "o", method="ties", preference=[0.5, 0.5])
+    with pytest.raises(MergeConfigError) as caught:
+        parse_merge_config(
+            {"merge_method": "ties", "models": [{"model": "x", "objective": "a", "weight": 1}]}
+        )
+    assert "2 problems" in str(caught.value) or "problems" in str(caught.value)
+    assert not (tmp_path / "o").exists()
+
+
+# --- Pareto merging ----------------------------------------------------------------------------
+
+
+def _distances(state: dict, models: list[dict]) -> list[float]:
+    return [
+        float(sum((state[n].double() - m[n].double()).pow(2).sum() for n in state)) for m in models
+    ]
+
+
+@pytest.fixture(scope="module")
+def linear_artifact(checkpoints, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pareto") / "artifact"
+    return pareto_merge(
+        {"helpful": checkpoints["helpful_lr"], "harmless": checkpoints["harmless_lr"]},
+        folder,
+        base_model=checkpoints["base"],
+        options={"rank": 4, "scalarization": "linear", "steps": 400, "lr": 0.05},
+    )
+
+
+def test_pareto_linear_reaches_the_closed_form_optimum(linear_artifact, checkpoints):
+    # Linear scalarization of squared distances is minimised by C_k = Uᵀ R_k V; with rank-2
+    # updates per model and rank 4 ≥ 2 + 2, U C(α) Vᵀ then reproduces every input exactly.
+    art = linear_artifact
+    for name in art.low_rank:
+        torch.testing.assert_close(
+            art.factors[f"{name}.C"], art.factors[f"{name}.Q"], rtol=0.05, atol=1e-4
+        )
+    models = [_state(checkpoints[f"{n}_lr"]) for n in OBJECTIVES]
+    gap = _distances(models[0], models[1:])[0]
+    for alpha in ([1.0, 0.0], [0.0, 1.0]):
+        state = art.state_dict(alpha)
+        distances = _distances(state, models)
+        own = distances[0] if alpha[0] == 1 else distances[1]
+        assert own < 1e-3 * gap
+    # The closed-form objective the artifact reports is the real squared distance.
+    for alpha in ([0.2, 0.8], [0.5, 0.5]):
+        reported = art.objective_values(alpha)[0].tolist()
+        assert reported == pytest.approx(_distances(art.state_dict(alpha), models), rel=1e-3)
+    sizes = art.size_bytes()
+    assert sizes["factors"] < 0.5 * sizes["base"]
+
+
+def test_pareto_artifact_materialises_checkpoints_and_live_models(linear_artifact, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    art = ParetoArtifact(linear_artifact.folder)  # reloaded from disk: no original models
+    assert art.objectives == OBJECTIVES
+    out = art.materialize({"helpful": 0.3, "harmless": 0.7}, tmp_path / "m")
+    on_disk = _state(out)
+    expected = art.state_dict([0.3, 0.7])
+    assert all(torch.equal(on_disk[n], expected[n]) for n in expected)
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    model = art.load_model([0.9, 0.1])
+    art.set_preference(model, [0.3, 0.7])  # switch α in place
+    live = model.state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(live[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_pareto_stch_traces_a_front(checkpoints, tmp_path):
+    art = pareto_merge(
+        {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]},
+        tmp_path / "stch",
+        base_model=checkpoints["base"],
+        options={
+            "rank": 4,
+            "scalarization": "smooth_tchebycheff",
+            "steps": 150,
+            "base_method": "ties",
+            "base_parameters": {"density": 0.5},
+        },
+    )
+    values = art.objective_values(simplex_grid(2, 10)).numpy()
+    # More weight on helpful → closer to the helpful model, further from harmless; the core is
+    # linear in α, so near a vertex the distances may flatten, but the points form a front.
+    assert values[-1, 0] < values[0, 0] and values[-1, 1] > values[0, 1]
+    assert pareto_mask(values, maximize=False).sum() >= 8
+    assert art.info["training"]["history"][-1]["loss"] < art.info["training"]["history"][0]["loss"]
+
+
+def test_pareto_data_based_entropy_objective_trains(checkpoints, tmp_path):
+    prompts = {
+        "helpful": ["How do I bake bread?", "Explain rain."],
+        "harmless": ["Is it safe to swim after eating?", "Say something kind."],
+    }
+    art = pareto_merge(
+        {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]},
+        tmp_path / "entropy",
+        base_model=checkpoints["base"],
+        options={
+            "rank": 2,
+            "scalarization": "linear",
+            "steps": 6,
+            "entropy_weight": 0.5,
+            "prompts": prompts,
+        },
+    )
+    assert art.info["options"]["entropy_weight"] == 0.5
+    assert any(art.factors[f"{n}.C"].abs().sum() > 0 for n in art.low_rank)
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_merge_single_sweep_and_pareto(checkpoints, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from align.cli import app
+
+    runner = CliRunner()
+    models = [
+        {"model": str(checkpoints["helpful"]), "objective": "helpful"},
+        {"model": str(checkpoints["harmless"]), "objective": "harmless"},
+    ]
+    single = tmp_path / "ties.yaml"
+    single.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "models": models,
+                "base_model": str(checkpoints["base"]),
+                "parameters": {"density": 0.5},
+                "preference": {"helpful": 0.7, "harmless": 0.3},
+            }
+        )
+    )
+    result = runner.invoke(app, ["merge", str(single), str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "one" / "model.safetensors").is_file()
+
+    pareto = tmp_path / "pareto.yaml"
+    pareto.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "pareto",
+                "models": models,
+                "base_model": str(checkpoints["base"]),
+                "parameters": {"rank": 2, "steps": 20},
+            }
+        )
+    )
+    result = runner.invoke(app, ["merge", str(pareto), str(tmp_path / "artifact")])
+    assert result.exit_code == 0, result.output
+    materialise = tmp_path / "materialise.yaml"
+    materialise.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "pareto",
+                "artifact": str(tmp_path / "artifact"),
+                "sweep": 2,
+            }
+        )
+    )
+    result = runner.invoke(app, ["merge", str(materialise), str(tmp_path / "front")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "front").glob("helpful_*"))) == 3
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"merge_method": "ties", "models": models, "sweep": 10}))
+    result = runner.invoke(app, ["merge", str(bad), str(tmp_path / "never")])
+    assert result.exit_code == 2 and "needs a base_model" in result.output
+    assert not (tmp_path / "never").exists()

@@ -607,3 +607,14 @@ def test_cli_merge_single_sweep_and_pareto(checkpoints, tmp_path):
     result = runner.invoke(app, ["merge", str(bad), str(tmp_path / "never")])
     assert result.exit_code == 2 and "needs a base_model" in result.output
     assert not (tmp_path / "never").exists()
+
+
+def test_shipped_recipes_parse():
+    from align.merging import load_merge_config
+
+    recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/merging/*.yaml"))
+    assert len(recipes) >= 6
+    for recipe in recipes:
+        config = load_merge_config(recipe)
+        if config.merge_method in ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"):
+            get_merge_method(config.merge_method, **config.parameters)

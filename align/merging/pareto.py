@@ -161,7 +161,7 @@ def _principal_bases(residuals: torch.Tensor, rank: int, seed: int, iterations: 
     k, out, inp = residuals.shape
     wide = residuals.permute(1, 0, 2).reshape(out, k * inp)  # [R_1 … R_K]
     tall = residuals.reshape(k * out, inp)  # [R_1; …; R_K]
-    if min(out, k * inp) * max(out, k * inp) <= 1 << 20:  # small: the exact SVD is cheap
+    if out * k * inp <= 1 << 16:  # tiny: the exact SVD is cheap
         u = torch.linalg.svd(wide, full_matrices=False).U
         v = torch.linalg.svd(tall, full_matrices=False).Vh.T
         return u[:, :rank].contiguous(), v[:, :rank].contiguous()

@@ -252,26 +252,38 @@ def test_fp16_loss_scale_is_divided_out_and_overflow_skips_the_step():
         plain(losses)
 
 
-def test_feature_level_takes_the_gram_at_the_features_with_one_model_backward():
+@pytest.mark.parametrize("trainable_heads", [True, False])
+def test_feature_level_takes_the_gram_at_the_features_with_one_model_backward(trainable_heads):
     model, x, y = problem(m=3)
-    passes = []
-    model.trunk[0].register_full_backward_hook(lambda *args: passes.append(1))
+    model.heads.requires_grad_(trainable_heads)
+    trunk_passes, head_passes = [], []
+    model.trunk[0].register_full_backward_hook(lambda *args: trunk_passes.append(1))
+    model.heads[0].register_full_backward_hook(lambda *args: head_passes.append(1))
     engine = MultiObjectiveEngine("mgda", feature_level=True)
     losses, z = losses_of(model, x, y)
     feature_jacobian = torch.stack(
         [torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses]
     ).double()
+    head_passes.clear()
     loss = engine(losses, features=z)
-    assert passes == []  # the features' gradients stop at z
+    assert trunk_passes == []  # the features' gradients stop at z
+    assert len(head_passes) == 3
     expected = get_aggregator("mgda").weights(feature_jacobian @ feature_jacobian.T)
     torch.testing.assert_close(engine.last_weights.double(), expected.double(), atol=1e-6, rtol=0)
     loss.backward()
-    assert len(passes) == 1
-    got = grads_of(model.parameters())
+    assert len(trunk_passes) == 1
+    # With frozen heads, z is a bottleneck: the backward starts at z with Σ w_i ∇_z L_i and
+    # does not go through the heads again; with trainable heads it must (their gradients).
+    assert len(head_passes) == (4 if trainable_heads else 3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = grads_of(params)
     reference, _, _ = problem(m=3)
+    reference.heads.requires_grad_(trainable_heads)
     reference_losses, _ = losses_of(reference, x, y)
     (engine.last_weights.to(reference_losses) * reference_losses).sum().backward()
-    torch.testing.assert_close(got, grads_of(reference.parameters()))
+    torch.testing.assert_close(
+        got, grads_of([p for p in reference.parameters() if p.requires_grad]), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_clear_errors():

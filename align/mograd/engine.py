@@ -44,8 +44,11 @@ How each kind of method gets there
 * **feature-level** (``feature_level=True``, gradient-level methods; MGDA-UB, Sener & Koltun
   2018): the Gram is taken from the gradients w.r.t. a shared representation ``features=z``
   passed with each call (final hidden states, logits, per-token log-probs ...) through which
-  every loss depends on the parameters. m cheap backward passes to z, then the returned
-  ``Σ w_i L_i`` is backpropagated once by the trainer. **An approximation**: for MGDA it
+  every loss depends on the parameters. m cheap backward passes from the losses to z, then
+  one backward through the model by the trainer: when every trainable parameter lies below z
+  (checked on the graph), the returned scalar injects ``Σ w_i ∇_z L_i`` at z, so the part
+  between the losses and z is not backpropagated again; otherwise it is ``Σ w_i L_i``.
+  **An approximation**: for MGDA it
   minimises an upper bound of ‖Σ w_i g_i‖ (``g_i = (∂z/∂θ)ᵀ ∇_z L_i``), not the norm itself;
   the closer z is to the losses, the cheaper and the looser. Across processes the union
   batch's feature Gram is the sum of the local ones over ``world²`` (m² numbers).
@@ -526,7 +529,16 @@ class MultiObjectiveEngine:
         weights = self._scaling_skip(gram, m, scale != 1.0)
         if weights is None:
             weights = self._weights(gram, packed[m * m :], preference)
-        return (weights.to(losses) * losses).sum()
+        if not _features_are_a_bottleneck(losses, feats):
+            # A trainable parameter between the features and the losses: its gradient needs
+            # the losses' own backward.
+            return (weights.to(losses) * losses).sum()
+        # Every trainable parameter is reached through the features only: start the backward
+        # at them with Σ w_i ∇_z L_i, already computed — the part of the graph between the
+        # losses and the features is not backpropagated again.
+        direction = weights.to(jacobian) @ jacobian
+        value = (weights.to(losses) * losses.detach()).sum()
+        return D.inject(value, feats, D.split_like(direction, feats))
 
     # -------------------------------------------------------------------------- the rest
     def observe(self, losses: Tensor) -> None:
@@ -560,3 +572,21 @@ def _has_reentrant_checkpoint(losses: Tensor) -> bool:
             return True
         stack.extend(next_node for next_node, _ in node.next_functions)
     return False
+
+
+def _features_are_a_bottleneck(losses: Tensor, features: Sequence[Tensor]) -> bool:
+    """Whether every path from the losses to a trainable leaf passes through the features."""
+    stops = {id(f.grad_fn) for f in features if f.grad_fn is not None}
+    leaves = {id(f) for f in features if f.grad_fn is None}
+    stack, seen = [losses.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or id(node) in stops:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "AccumulateGrad":
+            if id(node.variable) not in leaves:
+                return False
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return True

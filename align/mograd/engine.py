@@ -127,9 +127,9 @@ class MultiObjectiveEngine:
             gradient-level methods, unless ``feature_level=True``.
         accelerator: the ``accelerate.Accelerator`` (or a ``deepspeed.DeepSpeedEngine``): needed
             under DeepSpeed, and gives the fp16 loss scale and the accumulation boundary.
-        feature_level: gradient-level methods only: take the Gram from gradients w.r.t. the
-            ``features=`` passed with each call (one backward through the model; an
-            approximation, see the module notes).
+        feature_level: gradient-level methods only (ignored by loss-level ones): take the Gram
+            from gradients w.r.t. the ``features=`` passed with each call (one backward
+            through the model; an approximation, see the module notes).
         accumulation: ``"micro"`` or ``"full"`` (see the module notes).
         jacobian: ``"loop"`` (one ``autograd.grad`` per objective, least memory) or
             ``"batched"`` (one vmapped ``autograd.grad`` for all objectives).
@@ -276,10 +276,13 @@ class MultiObjectiveEngine:
         of ``scale · L_i`` (AMP) and divided back. A loss that does not depend on the inputs
         gets a zero row."""
         m, total = losses.numel(), sum(x.numel() for x in inputs)
-        jacobian = torch.zeros(m, total, dtype=torch.float32, device=inputs[0].device)
         live = [i for i in range(m) if losses.requires_grad and losses[i].requires_grad]
         if not live:
-            return jacobian
+            return torch.zeros(m, total, dtype=torch.float32, device=inputs[0].device)
+        # Not zero-filled: every segment is written below or zeroed at the end (for logits as
+        # features, a zero fill of J is a measurable share of the step).
+        jacobian = torch.empty(m, total, dtype=torch.float32, device=inputs[0].device)
+        written = [[False] * len(inputs) for _ in range(m)]
         reached = [False] * len(inputs)
         try:
             if batched:
@@ -313,6 +316,8 @@ class MultiObjectiveEngine:
                     if g is not None:
                         jacobian[live, offset : offset + n] = g.reshape(len(live), n).float()
                         reached[k] = True
+                        for i in live:
+                            written[i][k] = True
                     offset += n
             else:
                 for i in live:
@@ -327,7 +332,7 @@ class MultiObjectiveEngine:
                         n = x.numel()
                         if g is not None:
                             jacobian[i, offset : offset + n].copy_(g.reshape(-1))
-                            reached[k] = True
+                            reached[k] = written[i][k] = True
                         offset += n
         except RuntimeError as error:
             if "heckpoint" in str(error):
@@ -336,6 +341,13 @@ class MultiObjectiveEngine:
         if not all(reached) and _has_reentrant_checkpoint(losses):
             # autograd.grad silently returns None for parameters inside a reentrant checkpoint.
             raise ValueError(self._reentrant_message())
+        offsets = [0]
+        for x in inputs:
+            offsets.append(offsets[-1] + x.numel())
+        for i in range(m):
+            for k in range(len(inputs)):
+                if not written[i][k]:
+                    jacobian[i, offsets[k] : offsets[k + 1]].zero_()
         if scale != 1.0:
             jacobian /= scale
         return jacobian

@@ -104,9 +104,14 @@ def batch_of(tokenizer, m: int, seq: int) -> torch.Tensor:
 def forward(model, ids: torch.Tensor, hidden: bool = False):
     outputs = model(input_ids=ids, output_hidden_states=hidden, use_cache=False)
     logits = outputs.logits
-    per_row = F.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none"
-    ).mean(dim=1)
+    rows, width, vocab = logits.shape
+    per_row = (
+        F.cross_entropy(
+            logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1), reduction="none"
+        )
+        .view(rows, width - 1)
+        .mean(dim=1)
+    )
     features = outputs.hidden_states[-1] if hidden else logits
     return per_row, features  # objective i: row i
 

@@ -153,8 +153,10 @@ def main() -> None:
         help="also train a data-based (entropy) artifact for this many steps",
     )
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # One thread: on a shared 2-core machine, OpenMP's spin-waits make two threads far slower.
+    torch.set_num_threads(args.threads)
 
     folders = derived_checkpoints(args.finetune_steps)
     inputs = open_inputs({o: folders[o] for o in OBJECTIVES}, folders["base"])
@@ -192,6 +194,7 @@ def main() -> None:
         started = time.perf_counter()
         squared = method_front(inputs, get_merge_method(name, **params), alphas)
         record(label, squared, {**needs_all, "seconds": round(time.perf_counter() - started, 1)})
+        print(f"  {label}: HV {rows[-1]['hv']:.4f} ({rows[-1]['seconds']} s)", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="pareto-merging-"))
     try:

@@ -103,8 +103,8 @@ def tensor_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def trim_to_density(tau: Tensor, density: float) -> Tensor:
-    """Keep the ``k = max(1, int(density · n))`` largest-magnitude entries of ``tau``, zero the rest.
+def trim_to_density_(tau: Tensor, density: float) -> Tensor:
+    """Keep the ``k = max(1, int(density · n))`` largest-magnitude entries of ``tau`` (in place).
 
     Entries tied with the k-th largest magnitude are all kept (exact ties are measure-zero for
     real fine-tuning deltas; zeros never matter since a zero contributes nothing).
@@ -114,21 +114,25 @@ def trim_to_density(tau: Tensor, density: float) -> Tensor:
     k = max(1, int(density * tau.numel()))
     magnitude = tau.abs().reshape(-1)
     # The k-th largest is the (n − k + 1)-th smallest; kthvalue is linear time, a sort is not.
-    threshold = torch.kthvalue(magnitude.float(), magnitude.numel() - k + 1).values
-    return torch.where(tau.abs() >= threshold.to(tau.dtype), tau, torch.zeros((), dtype=tau.dtype))
+    threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
+    tau.masked_fill_(magnitude.reshape(tau.shape) < threshold, 0)
+    return tau
 
 
-def drop_and_rescale(tau: Tensor, density: float, seed: int, rescale: bool = True) -> Tensor:
-    """DARE: keep each entry with probability ``density`` (seeded), divide survivors by it.
-
-    Rescaling by ``1/density`` keeps the expected task vector unchanged (Yu et al., 2024).
+def drop_and_rescale_(tau: Tensor, density: float, seed: int, rescale: bool = True) -> Tensor:
+    """DARE, in place: keep each entry with probability ``density`` (seeded), divide survivors
+    by it. Rescaling by ``1/density`` keeps the expected task vector unchanged (Yu et al., 2024).
     """
     if density >= 1:
         return tau
     generator = torch.Generator().manual_seed(seed)
-    keep = torch.rand(tau.shape, generator=generator) < density
-    kept = torch.where(keep, tau, torch.zeros((), dtype=tau.dtype))
-    return kept / density if rescale else kept
+    tau.masked_fill_(torch.rand(tau.shape, generator=generator) >= density, 0)
+    return tau.div_(density) if rescale else tau
+
+
+def task_vectors(tensors: Tensor, base: Tensor) -> Tensor:
+    """``τ_k = θ_k − θ_base`` as a new ``(K, *shape)`` tensor (the inputs are left untouched)."""
+    return torch.sub(tensors, base)
 
 
 def sign_consensus(weights: Tensor, tau: Tensor, *, normalize: bool = True) -> Tensor:
@@ -138,14 +142,20 @@ def sign_consensus(weights: Tensor, tau: Tensor, *, normalize: bool = True) -> T
     vectors that agree with γ take part: ``Σ_{k: sgn τ_k = γ} w_k τ_k``, divided, when
     ``normalize``, by ``Σ_{k: sgn τ_k = γ} w_k`` (a weighted mean over the agreeing models; 1
     where no model agrees). A zero entry has sign 0 and never agrees.
+
+    Models are visited one at a time, so the temporaries are a few tensors of one model's size,
+    not K of them (this is what bounds the memory of TIES on an embedding matrix).
     """
-    w = weights.to(tau.dtype).reshape(-1, *([1] * (tau.ndim - 1)))
-    weighted = w * tau
-    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(tau.dtype)
-    agree = torch.sign(tau) == elected
-    merged = torch.where(agree, weighted, torch.zeros((), dtype=tau.dtype)).sum(0)
-    if not normalize:
+    weights = weights.to(tau.dtype)
+    positive = weighted_sum(weights, tau) >= 0  # the elected sign is + here
+    merged = torch.zeros_like(tau[0])
+    divisor = torch.zeros_like(tau[0]) if normalize else None
+    for k in range(tau.shape[0]):
+        agree = torch.where(positive, tau[k] > 0, tau[k] < 0)
+        merged.add_(torch.where(agree, tau[k], 0), alpha=float(weights[k]))
+        if divisor is not None:
+            divisor.add_(agree, alpha=float(weights[k]))
+        del agree
+    if divisor is None:
         return merged
-    divisor = (w * agree).sum(0)
-    divisor = torch.where(divisor == 0, torch.ones((), dtype=tau.dtype), divisor)
-    return merged / divisor
+    return merged.div_(divisor.masked_fill_(divisor == 0, 1))

@@ -14,7 +14,9 @@ wrapper process per run, so runs do not share a maximum). Rows:
 
 The outputs of each single merge are compared tensor by tensor (max |difference|), so the two
 tools are shown to compute the same model. Runs alternate between the tools, after one
-untimed read of every input file (so neither pays for a cold page cache).
+untimed read of every input file (so neither pays for a cold page cache). Both tools run with
+the same ``OMP_NUM_THREADS`` (``--threads``, default 1: on a shared 2-core machine OpenMP's
+spin-waiting makes two threads slower than one).
 
 mergekit is called through its CLI ``mergekit-yaml`` from ``--mergekit-bin`` (default: the
 one next to this Python; ``pip install mergekit`` installs it, align does not depend on it).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -52,10 +55,16 @@ MEASURE = (
 )
 
 
+THREADS = {"OMP_NUM_THREADS": "1"}
+
+
 def measure(command: list[str]) -> dict:
     """Wall time and peak RSS of one child process (a fresh wrapper, so the maximum is its own)."""
     result = subprocess.run(
-        [sys.executable, "-c", MEASURE, *command], capture_output=True, text=True
+        [sys.executable, "-c", MEASURE, *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **THREADS},
     )
     if result.returncode != 0 or not result.stdout.strip():
         raise RuntimeError(f"measuring {command} failed: {result.stderr[-2000:]}")
@@ -127,6 +136,9 @@ def main() -> None:
     parser.add_argument(
         "--mergekit-bin", type=Path, default=Path(sys.executable).parent / "mergekit-yaml"
     )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="OMP_NUM_THREADS for both tools (same for both)"
+    )
     parser.add_argument("--align-bin", type=Path, default=Path(sys.executable).parent / "align")
     args = parser.parse_args()
     if not args.mergekit_bin.exists():
@@ -134,6 +146,7 @@ def main() -> None:
             f"no mergekit-yaml at {args.mergekit_bin}; `pip install mergekit` or pass --mergekit-bin"
         )
 
+    THREADS["OMP_NUM_THREADS"] = str(args.threads)
     folders = derived_checkpoints()
     warm([folders["base"], *(folders[o] for o in OBJECTIVES)])
     work = Path(tempfile.mkdtemp(prefix="merge-bench-"))

@@ -14,7 +14,6 @@ one mask per model for every α, as drawing new masks per α would add noise to 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from align.merging.base import (
@@ -22,8 +21,9 @@ from align.merging.base import (
     check_bool,
     check_fraction,
     check_number,
-    drop_and_rescale,
+    drop_and_rescale_,
     sign_consensus,
+    task_vectors,
     tensor_seed,
     weighted_sum,
 )
@@ -44,12 +44,9 @@ class _Dare(MergeMethod):
     def prepare(self, name: str, tensors: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
         density, seed = self.params["density"], self.params["seed"]
         rescale = self.params.get("rescale", True)
-        tau = torch.stack(
-            [
-                drop_and_rescale(t - base, density, tensor_seed(seed, name, k), rescale)
-                for k, t in enumerate(tensors)
-            ]
-        )
+        tau = task_vectors(tensors, base)
+        for k, row in enumerate(tau):
+            drop_and_rescale_(row, density, tensor_seed(seed, name, k), rescale)
         return base, tau
 
 

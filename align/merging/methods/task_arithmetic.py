@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from align.merging.base import MergeMethod, check_number, weighted_sum
+from align.merging.base import MergeMethod, check_number, task_vectors, weighted_sum
 from align.merging.registry import register_merge_method
 
 
@@ -25,7 +25,7 @@ class TaskArithmetic(MergeMethod):
         self.params["lambda"] = check_number(self.params["lambda"], "lambda")
 
     def prepare(self, name: str, tensors: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
-        return base, tensors - base
+        return base, task_vectors(tensors, base)
 
     def apply(self, prepared: tuple[Tensor, Tensor], weights: Tensor) -> Tensor:
         base, tau = prepared

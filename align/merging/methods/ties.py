@@ -13,7 +13,6 @@ done once per tensor in a sweep.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from align.merging.base import (
@@ -22,7 +21,8 @@ from align.merging.base import (
     check_fraction,
     check_number,
     sign_consensus,
-    trim_to_density,
+    task_vectors,
+    trim_to_density_,
 )
 from align.merging.registry import register_merge_method
 
@@ -39,8 +39,9 @@ class Ties(MergeMethod):
         check_bool(self.params["normalize"], "normalize")
 
     def prepare(self, name: str, tensors: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
-        density = self.params["density"]
-        tau = torch.stack([trim_to_density(t - base, density) for t in tensors])
+        tau = task_vectors(tensors, base)
+        for row in tau:  # one model at a time: temporaries of one tensor's size
+            trim_to_density_(row, self.params["density"])
         return base, tau
 
     def apply(self, prepared: tuple[Tensor, Tensor], weights: Tensor) -> Tensor:

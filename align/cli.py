@@ -279,7 +279,9 @@ def train(
 def merge(
     config: Annotated[Path, typer.Argument(help="A merge config YAML (see recipes/merging/).")],
     out: Annotated[Path, typer.Argument(help="Output folder, written atomically.")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if it exists.")
+    ] = False,
 ) -> None:
     """Merge checkpoints along α: one preference or a sweep (linear, task arithmetic, TIES,
     DARE), LoRA adapters exactly, or train / materialise a Pareto-merging artifact."""

@@ -22,6 +22,7 @@ has checkpoints resumes from the last one unless ``resume: false``.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,8 +43,22 @@ class RecipeError(ValueError):
     """A recipe that cannot run; the message says which field and why."""
 
 
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string, not a float; recipes mean the number."""
+    if isinstance(value, dict):
+        return {key: _numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbers(item) for item in value]
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return value
+
+
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+    return _numbers(yaml.safe_load(text))
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -68,7 +83,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = _numbers(yaml.safe_load(path.read_text()) or {})
     if not isinstance(recipe, dict):
         raise RecipeError(
             f"recipe {str(path)!r} must be a mapping of fields, got {type(recipe).__name__}"

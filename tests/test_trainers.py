@@ -276,6 +276,8 @@ def test_recipe_errors_name_the_field(tmp_path, tiny_model_dir):
 
     with pytest.raises(RecipeError, match="do not fit PARMConfig"):
         build_trainer(load_recipe(path, ["args.not_a_field=1"]))
+    # PyYAML reads 2e-3 as a string; a recipe means the number.
+    assert load_recipe(path, ["args.learning_rate=2e-3"])["args"]["learning_rate"] == 0.002
 
 
 def test_arm_trainer_refuses_several_objectives_and_parm_refuses_a_mismatched_adapter(

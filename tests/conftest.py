@@ -23,3 +23,13 @@ def smollm2():
     from align.models import load_model
 
     return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one thread is faster, and on a shared busy machine OpenMP spin-waits of
+    two threads dominate. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

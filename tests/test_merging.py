@@ -40,13 +40,7 @@ from align.preference import simplex_grid
 OBJECTIVES = ("helpful", "harmless")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: with two threads on a shared, busy machine OpenMP spin-waits dominate.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _save(model, tokenizer, folder: Path) -> Path:

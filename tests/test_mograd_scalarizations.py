@@ -12,14 +12,7 @@ from hypothesis import strategies as st
 from align.mograd import available_aggregators, get_aggregator
 from align.mograd.engine import MultiObjectiveEngine
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread is faster and does not fight other processes for the cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def simplex_point(draw, m):

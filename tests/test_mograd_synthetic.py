@@ -29,12 +29,7 @@ pymoo_problems = pytest.importorskip("pymoo.problems")
 SCRIPT = Path(__file__).resolve().parents[1] / "evaluation" / "mograd_synthetic.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

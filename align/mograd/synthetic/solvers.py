@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from align.mograd.base import GradientAggregator, LossAggregator
-from align.mograd.registry import _REGISTRY, available_aggregators
+from align.mograd.registry import aggregator_class, canonical_aggregators
 from align.pareto import hypervolume
 from align.preference import sample_preferences, simplex_grid, validate_weights
 
@@ -55,13 +55,7 @@ def make_method(name: str, num_objectives: int, seed: int = 0, **options: Any) -
     """``get_aggregator(name, **options)``, also passing ``num_objectives`` and ``seed`` to the
     methods whose constructor takes them (uncertainty weighting needs m up front; random
     weighting draws from its seed)."""
-    available_aggregators()  # imports the built-in methods
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ValueError(
-            f"unknown multi-gradient method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        )
-    cls = _REGISTRY[key]
+    cls = aggregator_class(name)
     accepted = inspect.signature(cls).parameters
     extra = {"num_objectives": num_objectives, "seed": seed}
     for option, value in extra.items():
@@ -70,7 +64,7 @@ def make_method(name: str, num_objectives: int, seed: int = 0, **options: Any) -
     try:
         return cls(**options)
     except TypeError as error:
-        raise ValueError(f"bad options for {key!r}: {error}") from error
+        raise ValueError(f"bad options for {name!r}: {error}") from error
 
 
 def responds_to_preference(name: str, num_objectives: int, **options: Any) -> bool:
@@ -106,8 +100,7 @@ def responds_to_preference(name: str, num_objectives: int, **options: Any) -> bo
 
 def method_names() -> list[str]:
     """Every registered method once, by its canonical name (aliases dropped), sorted."""
-    available_aggregators()
-    return sorted({cls.name for cls in _REGISTRY.values()})
+    return canonical_aggregators()
 
 
 def hypervolume_gap(problem: Any, points: Any) -> float:

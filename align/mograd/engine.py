@@ -559,6 +559,8 @@ class MultiObjectiveEngine:
         everywhere."""
         if not isinstance(self.aggregator, LossAggregator):
             return
+        if type(self.aggregator).observe is LossAggregator.observe:
+            return  # stateless (linear, Tchebycheff, ...): no per-step all-reduce for nothing
         losses = torch.as_tensor(losses).detach()
         group, size = self._world()
         if size > 1:

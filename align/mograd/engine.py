@@ -41,6 +41,13 @@ How each kind of method gets there
     objective by restoring ZeRO-3's parameter-gathering counters in between), but the update is
     applied by backpropagating ``Σ w_i L_i`` once more (ZeRO-3's partitioned parameters cannot
     take an injected gradient): m + 1 backward passes.
+* **update-level** (ML2O, GML2O: ``kind = "update"``, :mod:`align.mograd.learned`): the method
+  needs every coordinate of ``J``, not only its Gram, and returns the update ``d`` itself; it
+  runs like a gradient-level method on one process and under DDP (``J`` is all-reduced, so
+  every rank computes the same ``d`` and advances the same recurrent state), ``d`` is injected
+  the same way, and the returned scalar's value uses ``last_weights`` (d's coefficients on the
+  gradients). Not under DeepSpeed ZeRO (each rank holds only a shard of ``J``) nor with
+  ``feature_level=True``: both raise ``NotImplementedError``.
 * **feature-level** (``feature_level=True``, gradient-level methods; MGDA-UB, Sener & Koltun
   2018): the Gram is taken from the gradients w.r.t. a shared representation ``features=z``
   passed with each call (final hidden states, logits, per-token log-probs ...) through which
@@ -156,6 +163,11 @@ class MultiObjectiveEngine:
         if jacobian not in _JACOBIAN:
             raise ValueError(f"jacobian must be one of {_JACOBIAN}, got {jacobian!r}")
         self.accelerator = accelerator
+        if feature_level and self.is_update_level:
+            raise NotImplementedError(
+                f"{self.name} maps every coordinate of the per-objective gradients to the "
+                f"update: it cannot run feature-level (feature_level=True)"
+            )
         self.feature_level = bool(feature_level) and self.is_gradient_level
         self.accumulation = accumulation
         self.jacobian_mode = jacobian
@@ -181,8 +193,14 @@ class MultiObjectiveEngine:
 
     # ------------------------------------------------------------------------ properties
     @property
+    def is_update_level(self) -> bool:
+        """An update-level method (ML2O): J in, the update out."""
+        return getattr(self.aggregator, "kind", None) == "update"
+
+    @property
     def is_gradient_level(self) -> bool:
-        return isinstance(self.aggregator, GradientAggregator)
+        """Needs the per-objective gradients (gradient- and update-level methods)."""
+        return isinstance(self.aggregator, GradientAggregator) or self.is_update_level
 
     @property
     def name(self) -> str:
@@ -224,6 +242,11 @@ class MultiObjectiveEngine:
                 "Accelerator that prepared the model, or the DeepSpeed engine) to the engine"
             )
         if engine is not None:
+            if self.is_update_level:
+                raise NotImplementedError(
+                    f"{self.name} needs the full per-objective gradients on every rank; under "
+                    f"DeepSpeed ZeRO each rank holds a shard: use DDP or one process"
+                )
             return self._gradient_level_deepspeed(engine, losses, preference, boundary)
         return self._gradient_level_local(losses, preference, boundary)
 
@@ -385,6 +408,16 @@ class MultiObjectiveEngine:
         jacobian, mean_losses = stacked[:, :-1], stacked[:, -1]
         gram = (jacobian @ jacobian.T).double()
         weights = self._scaling_skip(gram, m, scale is not None)
+        if weights is None and self.is_update_level:
+            # J in, d out; the value of the returned scalar uses d's weights on the gradients.
+            direction = self.aggregator(jacobian, losses=mean_losses, preference=preference)
+            self.last_gram = gram.detach()
+            self.last_weights = self.aggregator.last_weights
+            coefficients = self.last_weights
+            if coefficients is None or coefficients.numel() != m:
+                coefficients = torch.full((m,), 1.0 / m)
+            value = (coefficients.to(losses) * losses.detach()).sum()
+            return D.inject(value, params, D.split_like(direction.to(jacobian), params))
         if weights is None:
             weights = self._weights(gram, mean_losses, preference)
         direction = weights.to(jacobian) @ jacobian

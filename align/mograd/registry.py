@@ -1,7 +1,8 @@
 """One registry for every multi-gradient method: ``get_aggregator("mgda")``.
 
-Methods live one per file in :mod:`align.mograd.scalarizations` (loss-level) and
-:mod:`align.mograd.aggregators` (gradient-level) and register themselves with
+Methods live one per file in :mod:`align.mograd.scalarizations` (loss-level),
+:mod:`align.mograd.aggregators` (gradient-level) and :mod:`align.mograd.learned` (update-level:
+ML2O, GML2O) and register themselves with
 :func:`register_aggregator`; the packages are imported on first lookup.
 """
 
@@ -10,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from torch import nn
+
 from align._registry import Registry
 from align.mograd.base import GradientAggregator, LossAggregator
 
 _METHODS = Registry(
-    "multi-gradient method", ("align.mograd.scalarizations", "align.mograd.aggregators")
+    "multi-gradient method",
+    ("align.mograd.scalarizations", "align.mograd.aggregators", "align.mograd.learned"),
 )
 
 
@@ -34,7 +38,8 @@ def canonical_aggregators() -> list[str]:
 
 
 def available_aggregators() -> dict[str, str]:
-    """Name → kind ("loss" or "gradient") of every registered method (aliases included)."""
+    """Name → kind ("loss", "gradient" or "update") of every registered method (aliases
+    included)."""
     return {name: cls.kind for name, cls in _METHODS.classes().items()}
 
 
@@ -43,7 +48,9 @@ def get_aggregator(
 ) -> LossAggregator | GradientAggregator:
     """A new instance of the method called ``name`` (keyword arguments go to its constructor);
     an instance passes through unchanged."""
-    if isinstance(name, LossAggregator | GradientAggregator):
+    if isinstance(name, LossAggregator | GradientAggregator) or (
+        isinstance(name, nn.Module) and getattr(name, "kind", None) == "update"
+    ):
         if kwargs:
             raise ValueError("options can only be given with a method name, not an instance")
         return name

@@ -1,0 +1,19 @@
+"""Learned multi-gradient methods: ML2O and its guarded version GML2O.
+
+Yang, Tang & Yang, "Learning to optimize by multi-gradient for multi-objective optimization"
+(arXiv 2311.00559). A third kind of method (``kind = "update"``,
+:class:`~align.mograd.learned.base.UpdateAggregator`): the Jacobian ``J (m, P)`` in, the
+update ``d (P,)`` out, coordinate by coordinate, with per-coordinate recurrent state.
+
+* :mod:`~align.mograd.learned.network` — the coordinate-wise LSTM network and its scale-free
+  gradient preprocessing;
+* :mod:`~align.mograd.learned.ml2o` — ``get_aggregator("ml2o")``; default weights shipped in
+  ``weights/`` (see ``weights/CARD.md``);
+* :mod:`~align.mograd.learned.gml2o` — ``get_aggregator("gml2o")``: the learned step only when
+  it passes a descent test against the MGDA step, else the MGDA step;
+* :mod:`~align.mograd.learned.problems` and :mod:`~align.mograd.learned.meta` — the training
+  problem distribution and the truncated-BPTT meta-trainer;
+  ``python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml`` retrains the weights.
+
+The design choices the paper leaves open, and measured results, are in ``README.md`` here.
+"""

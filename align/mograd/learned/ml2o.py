@@ -1,0 +1,212 @@
+"""ML2O: multi-gradient learning to optimize (Yang, Tang & Yang, arXiv 2311.00559).
+
+A learned, coordinate-wise map from the m per-objective gradients (and, through per-coordinate
+LSTM state, their history) to the update; the network is :class:`~.network.ML2ONet`, its
+default weights ship in ``align/mograd/learned/weights/`` (see ``CARD.md`` there).
+
+How the update meets the trainer's optimizer: ML2O returns a *direction in gradient units*
+(``d = s · out``, s = the RMS of J; an untrained network returns exactly MGDA's direction),
+which the engine injects as the gradient. The outer optimizer (SGD with the run's learning rate
+and schedule, AdamW, clipping ...) scales and applies it exactly as it would any aggregator's
+direction, so ``aggregator: ml2o`` drops into a recipe with nothing else changed. The network
+was meta-trained with the direction applied by plain SGD steps ``x ← x − η d`` (η per problem);
+under Adam its per-coordinate magnitudes are renormalised, and only its signs and relative
+sizes over time matter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from align.mograd.aggregators._solvers import as_float64, min_norm_weights
+from align.mograd.learned.base import UpdateAggregator
+from align.mograd.learned.network import ML2ONet, rms_scales
+from align.mograd.registry import register_aggregator
+
+DEFAULT_WEIGHTS = "ml2o_default.safetensors"
+_STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_weights_path() -> Path:
+    """The shipped weights (``align/mograd/learned/weights/ml2o_default.safetensors``)."""
+    return Path(str(resources.files("align.mograd.learned").joinpath("weights", DEFAULT_WEIGHTS)))
+
+
+def save_network(net: ML2ONet, path: str | os.PathLike, **info: Any) -> Path:
+    """Write ``net`` as safetensors; its config and ``info`` (JSON-able) go in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
+    metadata = {"config": json.dumps(net.config()), "info": json.dumps(info)}
+    tmp = path.with_suffix(path.suffix + ".partial")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_network(source: str | os.PathLike | ML2ONet | None = "default") -> ML2ONet:
+    """An :class:`ML2ONet`: ``"default"`` (the shipped weights), a safetensors path written by
+    :func:`save_network`, a network (returned as is), or None (untrained: exactly MGDA)."""
+    if isinstance(source, ML2ONet):
+        return source
+    if source is None:
+        return ML2ONet()
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = default_weights_path() if source == "default" else Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ML2O weights not found at {path}; train them with "
+            f"`python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml` or pass "
+            f"weights=None for the untrained (MGDA-equivalent) network"
+        )
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    net = ML2ONet(**json.loads(metadata.get("config", "{}")))
+    net.load_state_dict(load_file(str(path)))
+    return net
+
+
+def network_info(source: str | os.PathLike = "default") -> dict[str, Any]:
+    """The ``info`` metadata stored with the weights (what they were trained on, how long)."""
+    from safetensors import safe_open
+
+    path = default_weights_path() if source == "default" else Path(source)
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads((handle.metadata() or {}).get("info", "{}"))
+
+
+def span_weights(jacobian: Tensor, gram: Tensor, direction: Tensor) -> Tensor:
+    """The coefficients w of the projection of ``direction`` onto the span of the gradients
+    (``Jᵀw`` closest to d): ML2O's "weights" for logging (float64, (m,))."""
+    target = (jacobian.double() @ direction.double()).cpu()
+    return torch.linalg.lstsq(gram.cpu(), target.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+
+
+@register_aggregator("ml2o")
+class ML2O(UpdateAggregator):
+    """The learned multi-gradient optimizer; ``aggregator(J (m, P)) -> d (P,)``.
+
+    Args:
+        weights: ``"default"`` (shipped), a path to saved weights, or None (an untrained
+            network, which returns exactly the MGDA direction).
+        net: an :class:`ML2ONet` to use instead of ``weights`` (tests, meta-training).
+        state_dtype: storage of the per-coordinate recurrent state, ``"float16"`` (default:
+            2 bytes per number; computed in float32 chunk by chunk), ``"bfloat16"`` or
+            ``"float32"``. State size: ``(2·m·Hs + 2·H)`` numbers per coordinate — 64 for
+            m = 2 with the default Hs = 8, H = 16, i.e. 128 bytes per parameter in float16.
+        chunk_size: coordinates processed at once (bounds the temporaries).
+
+    The recurrent state (``hidden``, shape (P, state size)) and the step counter are buffers:
+    ``state_dict`` / ``load_state_dict`` save and restore them (a checkpoint resumes with the
+    same next update). A call with a different (m, P) than the state's starts a fresh state.
+    The network's parameters are frozen (``requires_grad=False``): the trainers' optimizer
+    does not pick them up.
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike | None = "default",
+        *,
+        net: ML2ONet | None = None,
+        state_dtype: str = "float16",
+        chunk_size: int = 65536,
+    ) -> None:
+        super().__init__()
+        if state_dtype not in _STATE_DTYPES:
+            raise ValueError(f"ML2O: state_dtype must be one of {list(_STATE_DTYPES)}")
+        if int(chunk_size) < 1:
+            raise ValueError("ML2O: chunk_size must be >= 1")
+        self.net = load_network(weights) if net is None else net
+        self.net.requires_grad_(False)
+        self.state_dtype = state_dtype
+        self.chunk_size = int(chunk_size)
+        self.register_buffer("hidden", torch.zeros(0, 0, dtype=_STATE_DTYPES[state_dtype]))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        #: The MGDA direction of the last call (float32, detached), for guards and diagnostics.
+        self.last_baseline: Tensor | None = None
+
+    # ------------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget the gradient history (a new trajectory)."""
+        self.hidden = torch.zeros(0, 0, dtype=_STATE_DTYPES[self.state_dtype])
+        self.steps.zero_()
+
+    def _ensure_state(self, m: int, size: int, device: torch.device) -> None:
+        width = self.net.state_size(m)
+        if tuple(self.hidden.shape) != (size, width):
+            if self.hidden.numel():
+                warnings.warn(
+                    f"ML2O: the state was for shape {tuple(self.hidden.shape)}, the call needs "
+                    f"({size}, {width}) (other parameters or number of objectives): starting a "
+                    f"fresh state",
+                    stacklevel=3,
+                )
+            self.hidden = torch.zeros(
+                size, width, dtype=_STATE_DTYPES[self.state_dtype], device=device
+            )
+            self.steps.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # The state's shape is only known once a run has started: size the buffer to match.
+        key = prefix + "hidden"
+        if key in state_dict:
+            self.hidden = torch.zeros_like(
+                state_dict[key], dtype=_STATE_DTYPES[self.state_dtype], device=self.hidden.device
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------------- update
+    @torch.no_grad()
+    def propose(self, jacobian: Tensor) -> dict[str, Tensor]:
+        """Advance the state and return the learned update with what it was built from:
+        ``update`` (P,), ``baseline`` (the MGDA direction d*), ``baseline_weights`` (m,),
+        ``gram`` (m, m, float64)."""
+        m, size = jacobian.shape
+        self.net.check_objectives(m)
+        device = jacobian.device
+        if self.net.head.weight.device != device:
+            self.net.to(device)
+        jacobian = jacobian.float()
+        gram = (jacobian @ jacobian.T).double()
+        weights = torch.as_tensor(min_norm_weights(as_float64(gram)), dtype=torch.float64)
+        baseline = weights.to(jacobian) @ jacobian.to(device)
+        self.last_baseline = baseline
+        r, s = rms_scales(jacobian)
+        self._ensure_state(m, size, device)
+        update = torch.zeros(size, dtype=torch.float32, device=device)
+        if float(s) > 0:
+            s32 = float(s)
+            u = jacobian / r.to(jacobian).unsqueeze(1)
+            mean = jacobian.mean(0) / s32
+            reference = baseline / s32
+            for start in range(0, size, self.chunk_size):
+                part = slice(start, start + self.chunk_size)
+                out, state = self.net.step(
+                    u[:, part], reference[part], mean[part], self.hidden[part]
+                )
+                self.hidden[part] = state.to(self.hidden.dtype)
+                update[part] = out.float() * s32
+        self.steps += 1
+        return {"update": update, "baseline": baseline, "baseline_weights": weights, "gram": gram}
+
+    def compute_update(
+        self, jacobian: Tensor, losses: Tensor | None, preference: Tensor | None
+    ) -> Tensor:
+        proposal = self.propose(jacobian)
+        self.last_weights = span_weights(jacobian, proposal["gram"], proposal["update"])
+        return proposal["update"].to(jacobian.dtype)
+
+    def extra_repr(self) -> str:
+        return f"state_dtype={self.state_dtype}, chunk_size={self.chunk_size}"

@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from align.mograd.aggregators._solvers import as_float64, min_norm_weights
 from align.mograd.learned.base import UpdateAggregator
-from align.mograd.learned.network import ML2ONet, rms_scales
+from align.mograd.learned.network import ML2ONet, network_inputs
 from align.mograd.registry import register_aggregator
 
 DEFAULT_WEIGHTS = "ml2o_default.safetensors"
@@ -178,28 +177,27 @@ class ML2O(UpdateAggregator):
         device = jacobian.device
         if self.net.head.weight.device != device:
             self.net.to(device)
-        jacobian = jacobian.float()
-        gram = (jacobian @ jacobian.T).double()
-        weights = torch.as_tensor(min_norm_weights(as_float64(gram)), dtype=torch.float64)
-        baseline = weights.to(jacobian) @ jacobian.to(device)
-        self.last_baseline = baseline
-        r, s = rms_scales(jacobian)
+        inputs = network_inputs(jacobian)
+        self.last_baseline = inputs["baseline"]
         self._ensure_state(m, size, device)
         update = torch.zeros(size, dtype=torch.float32, device=device)
-        if float(s) > 0:
-            s32 = float(s)
-            u = jacobian / r.to(jacobian).unsqueeze(1)
-            mean = jacobian.mean(0) / s32
-            reference = baseline / s32
+        scale = float(inputs["scale"])
+        if scale > 0:  # all-zero gradients: a zero update, the state left as it was
+            u, reference, mean = inputs["u"], inputs["mgda"], inputs["mean"]
             for start in range(0, size, self.chunk_size):
                 part = slice(start, start + self.chunk_size)
                 out, state = self.net.step(
                     u[:, part], reference[part], mean[part], self.hidden[part]
                 )
                 self.hidden[part] = state.to(self.hidden.dtype)
-                update[part] = out.float() * s32
+                update[part] = out.float() * scale
         self.steps += 1
-        return {"update": update, "baseline": baseline, "baseline_weights": weights, "gram": gram}
+        return {
+            "update": update,
+            "baseline": inputs["baseline"],
+            "baseline_weights": inputs["baseline_weights"],
+            "gram": inputs["gram"],
+        }
 
     def compute_update(
         self, jacobian: Tensor, losses: Tensor | None, preference: Tensor | None

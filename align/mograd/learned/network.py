@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from align.mograd.aggregators._solvers import as_float64, min_norm_weights
+
 #: Andrychowicz et al.'s preprocessing constant: magnitudes below e^{-p} are "zero".
 LOG_P = 10.0
 
@@ -62,6 +64,30 @@ def normalised_gradients(jacobian: Tensor) -> Tensor:
     """``u_ij = g_ij / r_i``: every objective's gradient at unit RMS (scale-free inputs)."""
     r, _ = rms_scales(jacobian)
     return jacobian / r.to(jacobian).unsqueeze(1)
+
+
+def network_inputs(jacobian: Tensor) -> dict[str, Tensor]:
+    """Everything the network reads, from ``J (m, P)`` (detached, float32):
+
+    ``u`` (m, P) the normalised gradients, ``mgda`` / ``mean`` (P,) the MGDA direction and the
+    mean gradient over ``scale`` = s (the RMS of J, a 0-d tensor), and ``baseline`` (P,) the MGDA
+    direction itself with its ``baseline_weights`` (m,) and the ``gram`` (m, m, float64).
+    """
+    jacobian = jacobian.detach().float()
+    gram = (jacobian @ jacobian.T).double()
+    weights = torch.as_tensor(min_norm_weights(as_float64(gram)), dtype=torch.float64)
+    baseline = weights.to(jacobian) @ jacobian
+    r, s = rms_scales(jacobian)
+    s32 = float(s) if float(s) > 0 else 1.0
+    return {
+        "u": jacobian / r.to(jacobian).unsqueeze(1),
+        "mgda": baseline / s32,
+        "mean": jacobian.mean(0) / s32,
+        "scale": s.float(),
+        "baseline": baseline,
+        "baseline_weights": weights,
+        "gram": gram,
+    }
 
 
 class ML2ONet(nn.Module):

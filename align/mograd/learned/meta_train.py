@@ -1,0 +1,59 @@
+"""Meta-train ML2O from a recipe and write the weights.
+
+    python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml
+    python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml --output /tmp/ml2o.safetensors \\
+        --set max_minutes=1 --set iterations=50
+
+The recipe's ``meta:`` block holds the fields of :class:`~align.mograd.learned.meta.MetaConfig`;
+``output:`` is where the weights go (relative paths from the current directory). The weights
+file carries the network config and a summary of the run (settings, wall time, validation of
+the untrained = MGDA network and of the trained one) in its metadata
+(:func:`~align.mograd.learned.ml2o.network_info`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m align.mograd.learned.meta_train")
+    parser.add_argument("recipe", help="a YAML recipe (recipes/ml2o_meta.yaml)")
+    parser.add_argument("--output", help="where to write the weights (default: the recipe's)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a meta field"
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from align.mograd.learned.meta import MetaConfig, meta_train
+    from align.mograd.learned.ml2o import save_network
+
+    recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    fields = dict(recipe.get("meta") or {})
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set needs FIELD=VALUE, got {item!r}")
+        fields[key.strip()] = yaml.safe_load(value)
+    config = MetaConfig(**fields)
+    output = Path(args.output or recipe.get("output") or "ml2o.safetensors")
+    net, summary = meta_train(config, log=lambda line: print(line, flush=True))
+    summary.update(
+        recipe=str(args.recipe),
+        torch=torch.__version__,
+        machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
+    )
+    path = save_network(net, output, **summary)
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

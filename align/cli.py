@@ -53,6 +53,97 @@ def scorers() -> None:
 
 @app.command()
 def demo(
+    output: Annotated[Path, typer.Option(help="Folder for every stage and the report.")] = Path(
+        "demo"
+    ),
+    model: Annotated[
+        str, typer.Option(help="Embedded model name, local checkpoint folder or hub id.")
+    ] = "smollm2-135m-instruct",
+    parm_steps: Annotated[int, typer.Option(min=1, help="PARM training steps.")] = 60,
+    arm_steps: Annotated[int, typer.Option(min=1, help="Training steps per GenARM ARM.")] = 30,
+    with_dpo: Annotated[
+        bool, typer.Option("--with-dpo", help="Also train and sweep an SVD-LoRA DPO policy.")
+    ] = False,
+    dpo_steps: Annotated[int, typer.Option(min=1, help="DPO policy training steps.")] = 30,
+    soup: Annotated[
+        bool, typer.Option("--soup/--no-soup", help="Sweep rewarded soups of the two ARMs.")
+    ] = True,
+    eval_prompts: Annotated[int, typer.Option(min=1, help="Held-out prompts answered.")] = 24,
+    grid: Annotated[int, typer.Option(min=1, help="Simplex divisions (10: 11 α points).")] = 10,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 48,
+    beta: Annotated[float, typer.Option(help="Guidance β (reward weighted 1/β).")] = 1.0,
+    data: Annotated[
+        Path | None, typer.Option(help="A preference dataset instead of the shipped one.")
+    ] = None,
+    recipes: Annotated[
+        Path | None, typer.Option(help="Recipe folder (default: the checkout's recipes/).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field of every training recipe (repeatable)."),
+    ] = None,
+) -> None:
+    """Multi-objective alignment end to end: train a PARM and GenARM ARMs on the shipped
+    positive/brief dataset, merge rewarded soups, sweep 11 α through every route, and write a
+    report (Pareto fronts, hypervolume, MIP). Stages are cached: a re-run reuses them."""
+    from rich.markdown import Markdown
+
+    from align.demo import DemoConfig, run_demo
+
+    started = time.perf_counter()
+    config = DemoConfig(
+        model=model,
+        output=str(output),
+        data=None if data is None else str(data),
+        recipes=None if recipes is None else str(recipes),
+        parm_steps=parm_steps,
+        arm_steps=arm_steps,
+        dpo_steps=dpo_steps,
+        with_dpo=with_dpo,
+        soup=soup,
+        eval_prompts=eval_prompts,
+        grid=grid,
+        max_new_tokens=max_new_tokens,
+        beta=beta,
+        overrides=tuple(overrides or ()),
+    )
+    try:
+        run_demo(config, log=console.print)
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from error
+    summary = output / "report" / "summary.md"
+    console.print(Markdown(summary.read_text()))
+    console.print(f"report: {output / 'report'} (summary.md, front.png, report.json)")
+    console.print(f"align demo done in {time.perf_counter() - started:.0f} s")
+
+
+@app.command()
+def evaluate(
+    config: Annotated[Path, typer.Argument(help="An evaluation config YAML (recipes/evaluate/).")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config field: output=reports/x (repeatable)."),
+    ] = None,
+) -> None:
+    """Sweep α through any routes (PARM, GenARM, MOD, a preference-adapter policy, merged
+    checkpoints, the base) with any registered scorers; write Pareto fronts, hypervolume, MIP."""
+    from rich.markdown import Markdown
+
+    from align.sweep import load_sweep_config, run_sweep
+
+    try:
+        sweep = load_sweep_config(config, overrides or [])
+        run_sweep(sweep)
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from error
+    console.print(Markdown((Path(sweep.output) / "summary.md").read_text()))
+    console.print(f"report: {sweep.output}")
+
+
+@app.command()
+def sample(
     model: Annotated[
         str, typer.Option(help="Embedded model name, local checkpoint folder or hub id.")
     ] = "smollm2-135m-instruct",

@@ -39,7 +39,7 @@ def test_shipped_prompts():
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "demo" in result.output and "scorers" in result.output
+    assert "demo" in result.output and "evaluate" in result.output
 
 
 def test_scorers_command_lists_registry():
@@ -47,12 +47,12 @@ def test_scorers_command_lists_registry():
     assert result.exit_code == 0 and "harmlessness" in result.output
 
 
-def test_demo_on_the_embedded_model(tmp_path):
+def test_sample_on_the_embedded_model(tmp_path):
     out = tmp_path / "rows.jsonl"
     result = runner.invoke(
         app,
         [
-            "demo",
+            "sample",
             "-n",
             "3",
             "--max-new-tokens",
@@ -72,7 +72,7 @@ def test_demo_on_the_embedded_model(tmp_path):
     )
 
 
-def test_demo_rejects_unknown_scorers():
-    result = runner.invoke(app, ["demo", "--scorers", "positivity,kindness"])
+def test_sample_rejects_unknown_scorers():
+    result = runner.invoke(app, ["sample", "--scorers", "positivity,kindness"])
     assert result.exit_code == 2
     assert "unknown scorer 'kindness'" in result.output

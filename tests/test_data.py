@@ -387,3 +387,18 @@ def test_split_is_reproducible_with_a_seed():
     )
     assert objectives_of(first["test"]) == ("helpful",)
     validate_preference_dataset(first["test"], ("helpful",))
+
+
+def test_a_split_of_several_pairs_per_prompt_holds_out_whole_prompts():
+    from align.data import make_preference_dataset, train_test_split_pairs
+
+    prompts = [f"prompt {i // 3}" for i in range(30)]  # 10 prompts, 3 pairs each
+    dataset = make_preference_dataset(
+        prompts, ["a"] * 30, ["b"] * 30, {"positive": [0, 1, -1] * 10}
+    )
+    split = train_test_split_pairs(dataset, test_size=0.2, seed=3)
+    train, test = set(split["train"]["prompt"]), set(split["test"]["prompt"])
+    assert not train & test
+    assert len(test) == 2 and len(split["test"]) == 6 and len(split["train"]) == 24
+    again = train_test_split_pairs(dataset, test_size=0.2, seed=3)
+    assert again["test"]["prompt"] == split["test"]["prompt"]

@@ -257,7 +257,20 @@ def detect_layout(source: Any) -> str:
 def train_test_split_pairs(
     dataset: Dataset, test_size: float | int = 0.1, seed: int = 0
 ) -> DatasetDict:
-    """A reproducible ``{"train", "test"}`` split: the same seed always gives the same rows."""
+    """A reproducible ``{"train", "test"}`` split: the same seed always gives the same rows.
+
+    When prompts repeat (several pairs per prompt), the split is by prompt — ``test_size`` is
+    then the share (or number) of prompts held out — so no held-out prompt was seen in
+    training.
+    """
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer so the split is reproducible, got {seed!r}")
-    return dataset.train_test_split(test_size=test_size, seed=seed)
+    prompts = dataset["prompt"]
+    unique = sorted(set(prompts))
+    if len(unique) == len(prompts):
+        return dataset.train_test_split(test_size=test_size, seed=seed)
+    split = Dataset.from_dict({"prompt": unique}).train_test_split(test_size=test_size, seed=seed)
+    held = set(split["test"]["prompt"])
+    test = [i for i, prompt in enumerate(prompts) if prompt in held]
+    train = [i for i, prompt in enumerate(prompts) if prompt not in held]
+    return DatasetDict({"train": dataset.select(train), "test": dataset.select(test)})

@@ -46,7 +46,7 @@ class ARMTrainer(MultiObjectivePreferenceTrainer):
                 r=args.lora_r,
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
-                target_modules=attention_targets(model),
+                target_modules=args.target_modules or attention_targets(model),
                 task_type="CAUSAL_LM",
             )
         super().__init__(model, args, *rest, **kwargs)

@@ -86,6 +86,22 @@ class MultiObjectivePreferenceConfig(DPOConfig):
     max_length: int | None = field(
         default=1024, metadata={"help": "Prompt + response tokens per row."}
     )
+    length_normalize: bool = field(
+        default=False,
+        metadata={
+            "help": "Score a response by its mean token log-prob instead of the sum (SimPO-style; "
+            "the references sum). A summed score already ranks a shorter answer higher, so pairs "
+            "that differ in length saturate the loss before anything else is learned; use a "
+            "larger beta (about 1-5) with it."
+        },
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules the added adapter wraps (ARM / PARM); default: the attention q/k/v "
+            "projections, as in GenARM and PARM."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -216,7 +232,8 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
 
     # --------------------------------------------------------------------------- scoring
     def sequence_log_probs(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Summed response-token log-probs per row (2B,), through TRL's fused LM head."""
+        """Summed (``length_normalize``: mean) response-token log-probs per row (2B,), through
+        TRL's fused LM head."""
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         outputs = model(
             input_ids=inputs["input_ids"],
@@ -226,7 +243,11 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             use_cache=False,
         )
         width = inputs["completion_mask"].shape[1] - 1
-        return outputs.log_probs[:, -width:].sum(dim=1)
+        total = outputs.log_probs[:, -width:].sum(dim=1)
+        if self.args.length_normalize:
+            tokens = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
+            return total / tokens.to(total)
+        return total
 
     def pair_scores(
         self, model: Any, inputs: Mapping[str, torch.Tensor]
@@ -312,6 +333,10 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
                 self._metrics[mode][f"alpha/{name}"].append(float(preference[i]))
             if weights is not None and len(weights) == len(self.objectives):
                 self._metrics[mode][f"weight/{name}"].append(float(weights[i]))
+        # GML2O: whether the learned step passed its guard (logged mean = acceptance rate).
+        accepted = getattr(self.engine.aggregator, "last_accepted", None)
+        if mode == "train" and accepted is not None:
+            self._metrics[mode]["gml2o/accepted"].append(float(accepted))
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         """TRL's optimizer, plus the aggregator's own parameters when it learns some

@@ -49,7 +49,7 @@ class PARMTrainer(MultiObjectivePreferenceTrainer):
                 r2=args.pblora_r2,
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
-                target_modules=attention_targets(model),
+                target_modules=args.target_modules or attention_targets(model),
                 task_type="CAUSAL_LM",
             )
         super().__init__(model, args, train_dataset, *rest, **kwargs)

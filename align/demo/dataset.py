@@ -1,0 +1,217 @@
+"""The demo's dataset: real answers of the embedded model, labelled by real offline scorers.
+
+For each shipped prompt the model answers five times: once as asked, and once in each of four
+styles (short or detailed, cheerful or gloomy) requested by a line appended to the prompt. The
+style request is not stored — the dataset's prompt is the user's prompt alone — so an ARM must
+learn from the answers what makes them positive or brief. Every pair of the four styled answers
+becomes a row (six per prompt): some pairs differ in tone only, some in length only, some in
+both, agreeing or conflicting. Labels come from the scorers, never from the style asked for:
+
+* ``positive``: the answer with the higher VADER compound sentiment (tie below ``tie_sentiment``);
+* ``brief``: the answer with fewer tokens (tie below ``tie_tokens``).
+
+The unstyled answers measure how the candidate objectives relate on the model's own outputs
+(Pearson and Spearman correlations of the scorers), which is how the objectives were chosen;
+the numbers go into the dataset card.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STYLES = (
+    "Reply in one short, cheerful sentence.",
+    "Reply in one short sentence, in a gloomy, pessimistic tone.",
+    "Reply with a detailed, enthusiastic paragraph.",
+    "Reply with a detailed paragraph, in a gloomy, pessimistic tone.",
+)
+#: Scorers whose correlations on unstyled answers are measured (the candidates).
+CANDIDATE_SCORERS = ("positivity", "brevity", "relevance", "harmlessness")
+
+
+def _label(score_0: float, score_1: float, tie: float) -> int:
+    if abs(score_0 - score_1) < tie:
+        return -1
+    return 0 if score_0 > score_1 else 1
+
+
+def scorer_correlations(
+    prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, max_tokens: int
+) -> dict[str, Any]:
+    """Pearson and Spearman correlations between the candidate scorers on the same answers."""
+    from scipy.stats import pearsonr
+
+    from align.scorers import get_scorer
+    from align.sweep.report import spearman
+
+    options = {"brevity": {"tokenizer": tokenizer, "max_tokens": max_tokens}}
+    scores = {
+        name: get_scorer(name, **options.get(name, {})).score(prompts, responses)
+        for name in CANDIDATE_SCORERS
+    }
+    table = {}
+    for a, b in itertools.combinations(CANDIDATE_SCORERS, 2):
+        constant = np.ptp(scores[a]) == 0 or np.ptp(scores[b]) == 0
+        table[f"{a}~{b}"] = {  # NaN when a scorer gives every answer the same score
+            "pearson": float("nan")
+            if constant
+            else float(pearsonr(scores[a], scores[b]).statistic),
+            "spearman": spearman(scores[a], scores[b]),
+        }
+    means = {name: float(np.mean(values)) for name, values in scores.items()}
+    return {"answers": len(responses), "means": means, "correlations": table}
+
+
+def build_demo_dataset(
+    model_name: str = "smollm2-135m-instruct",
+    *,
+    num_prompts: int = 270,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    tie_sentiment: float = 0.05,
+    tie_tokens: int = 3,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """``(dataset, card facts)`` for the first ``num_prompts`` shipped prompts."""
+    from align.data import load_prompts, make_preference_dataset
+    from align.decoding.plain import generate_responses
+    from align.models import load_model
+    from align.scorers import get_scorer
+
+    prompts = [record["prompt"] for record in load_prompts(limit=num_prompts)]
+    model, tokenizer = load_model(model_name)
+
+    def answer(requests: list[str], offset: int) -> list[str]:
+        return generate_responses(
+            model,
+            tokenizer,
+            requests,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.95,
+            seed=seed + offset,
+            show_progress=show_progress,
+        )
+
+    plain = answer(prompts, 0)
+    styled = [answer([f"{p}\n\n{style}" for p in prompts], 1 + k) for k, style in enumerate(STYLES)]
+    correlations = scorer_correlations(prompts, plain, tokenizer, max_new_tokens)
+
+    positivity = get_scorer("positivity")
+    sentiment = [positivity(prompts, texts) for texts in styled]
+    lengths = [
+        [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for texts in styled
+    ]
+    rng = random.Random(seed)
+    rows: dict[str, list] = {"prompt": [], "response_0": [], "response_1": []}
+    labels: dict[str, list[int]] = {"positive": [], "brief": []}
+    for i, prompt in enumerate(prompts):
+        for a, b in itertools.combinations(range(len(STYLES)), 2):
+            if rng.random() < 0.5:  # which style comes first must carry no signal
+                a, b = b, a
+            rows["prompt"].append(prompt)
+            rows["response_0"].append(styled[a][i])
+            rows["response_1"].append(styled[b][i])
+            labels["positive"].append(_label(sentiment[a][i], sentiment[b][i], tie_sentiment))
+            labels["brief"].append(_label(-lengths[a][i], -lengths[b][i], tie_tokens))
+    dataset = make_preference_dataset(
+        rows["prompt"], rows["response_0"], rows["response_1"], labels
+    )
+    positive, brief = np.array(labels["positive"]), np.array(labels["brief"])
+    both = (positive != -1) & (brief != -1)
+    facts = {
+        "model": model_name,
+        "prompts": len(prompts),
+        "pairs": len(dataset),
+        "max_new_tokens": max_new_tokens,
+        "sampling": "temperature 0.8, top-p 0.95",
+        "seed": seed,
+        "decided": {"positive": int((positive != -1).sum()), "brief": int((brief != -1).sum())},
+        "both_decided": int(both.sum()),
+        "agree": int((both & (positive == brief)).sum()),
+        "conflict": int((both & (positive != brief)).sum()),
+        "unstyled_answers": correlations,
+        "styled_mean_tokens": [float(np.mean(x)) for x in lengths],
+        "styled_mean_sentiment": [float(np.mean(x)) for x in sentiment],
+    }
+    return dataset, facts
+
+
+def dataset_card(facts: dict[str, Any]) -> str:
+    """The Markdown card written beside the dataset."""
+    corr = facts["unstyled_answers"]
+    lines = [
+        "# positive_brief: a two-objective preference dataset made by align",
+        "",
+        f"{facts['pairs']} pairs over {facts['prompts']} prompts shipped with align "
+        "(`align/resources/prompts.jsonl`, written for the project; the last 30 prompts are "
+        "kept out for evaluation). Answers sampled from "
+        f"`{facts['model']}` ({facts['sampling']}, at most {facts['max_new_tokens']} new "
+        f"tokens, seed {facts['seed']}), each asked for one of four styles that are not stored:",
+        "",
+    ]
+    for style, tokens, sentiment in zip(
+        STYLES, facts["styled_mean_tokens"], facts["styled_mean_sentiment"]
+    ):
+        lines.append(f'* "{style}" — mean {tokens:.1f} tokens, mean VADER {sentiment:+.3f}')
+    lines += [
+        "",
+        "Every pair of a prompt's four styled answers is a row (six per prompt, order random).",
+        "",
+        "| objective | label | decided pairs |",
+        "|---|---|---|",
+        f"| positive | higher VADER compound sentiment (tie below 0.05) | {facts['decided']['positive']} |",
+        f"| brief | fewer tokens (tie below 3) | {facts['decided']['brief']} |",
+        "",
+        f"Of the {facts['both_decided']} pairs both objectives decide, they prefer the same answer "
+        f"in {facts['agree']} and conflict in {facts['conflict']}.",
+        "",
+        "## Why these objectives",
+        "",
+        f"On {corr['answers']} unstyled answers of the model (one per prompt), the candidate "
+        "scorers correlate as follows (Pearson / Spearman):",
+        "",
+        "| scorers | Pearson | Spearman |",
+        "|---|---|---|",
+    ]
+    for pair, values in corr["correlations"].items():
+        lines.append(
+            f"| {pair.replace('~', ' vs ')} | {values['pearson']:+.3f} | {values['spearman']:+.3f} |"
+        )
+    lines += [
+        "",
+        "Positivity and brevity pull against each other on this model's own answers (a negative "
+        "correlation: longer answers carry more positive words), both scorers are cheap, offline "
+        "and deterministic, and both can move within a 48-token answer — so the trade-off is "
+        "real and visible in minutes on a CPU.",
+        "",
+        "## Remake it",
+        "",
+        "    python recipes/data/build_positive_brief.py   # about 10 minutes on 2 CPU cores",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_demo_dataset(dataset: Any, facts: dict[str, Any], path: str | Path) -> Path:
+    """The JSONL dataset, its card (``.md``) and facts (``.json``) beside it, each atomic."""
+    from align.data import save_preference_dataset
+    from align.io import atomic_file
+
+    path = save_preference_dataset(dataset, path)
+    with atomic_file(path.with_suffix(".md")) as tmp:
+        tmp.write_text(dataset_card(facts))
+    with atomic_file(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(facts, indent=2) + "\n")
+    return path

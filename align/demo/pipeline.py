@@ -1,0 +1,247 @@
+"""``align demo``: multi-objective alignment end to end on the embedded model.
+
+Stages, each cached in the output folder and reused on a re-run when its settings are unchanged:
+
+1. **data** — the shipped ``recipes/data/positive_brief.jsonl`` (real SmolLM2 answers labelled
+   by VADER sentiment and token count; :mod:`align.demo.dataset`), or built when missing;
+2. **parm** — one PARM trained on both objectives (``recipes/parm_cpu.yaml``);
+3. **arms** — one GenARM ARM per objective (``recipes/genarm_cpu.yaml``);
+4. **policy** (``--with-dpo``) — an SVD-LoRA policy trained by preference DPO
+   (``recipes/dpo_cpu.yaml``);
+5. **soup** — rewarded soups: the two single-objective ARMs, used as policies, merged exactly
+   along α (``align.merging``, LoRA interpolation) into one adapter per α;
+6. **sweep** — the 11-point α grid through every route (base, PARM-guided, GenARM-guided,
+   soup, policy) on held-out prompts, every answer scored;
+7. **report** — ``front.png``, ``report.json`` and ``summary.md`` (hypervolume, MIP,
+   Spearman ρ of each objective's score against its α).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from align.io import atomic_file
+
+#: The last 30 shipped prompts never reach the demo's training data: the sweep answers them.
+EVAL_PROMPT_OFFSET = 270
+
+
+def repository_root() -> Path:
+    """The checkout align runs from (recipes/ and the shipped dataset live there)."""
+    return Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DemoConfig:
+    """Every setting of the demo; a stage is redone only when the settings it uses change."""
+
+    model: str = "smollm2-135m-instruct"
+    output: str = "demo"
+    data: str | None = None  # None: the shipped dataset (built into output/ when missing)
+    data_prompts: int = EVAL_PROMPT_OFFSET  # prompts answered when the dataset is built here
+    recipes: str | None = None  # None: <checkout>/recipes
+    parm_steps: int = 60
+    arm_steps: int = 30
+    dpo_steps: int = 30
+    with_dpo: bool = False
+    soup: bool = True
+    eval_prompts: int = 24
+    grid: int = 10
+    max_new_tokens: int = 48
+    batch_size: int = 24
+    beta: float = 1.0
+    seed: int = 0
+    #: Extra recipe overrides for every training stage (``args.max_length=128`` ...).
+    overrides: tuple[str, ...] = ()
+
+    def recipes_dir(self) -> Path:
+        folder = Path(self.recipes) if self.recipes else repository_root() / "recipes"
+        if not (folder / "parm_cpu.yaml").is_file():
+            raise FileNotFoundError(
+                f"the demo's recipes are not in {folder}: run it from a clone of align "
+                "(git clone ...; cd align; align demo) or pass --recipes"
+            )
+        return folder
+
+
+def _stamp(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
+
+
+class Stage:
+    """A cached step: ``done()`` when its folder holds a result made with the same settings."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]):
+        self.folder, self.settings = folder, settings
+        self.stamp_file = folder.parent / f"{folder.name}.stage.json"
+
+    def done(self, result: Path) -> bool:
+        if not result.exists() or not self.stamp_file.is_file():
+            return False
+        return json.loads(self.stamp_file.read_text()).get("stamp") == _stamp(self.settings)
+
+    def start(self) -> None:
+        """Forget a result made with other settings; keep checkpoints of the same settings (a
+        stopped run resumes from its last one)."""
+        stamp = json.loads(self.stamp_file.read_text()) if self.stamp_file.is_file() else {}
+        if stamp and stamp.get("stamp") != _stamp(self.settings):
+            shutil.rmtree(self.folder, ignore_errors=True)
+        with atomic_file(self.stamp_file) as tmp:
+            tmp.write_text(
+                json.dumps({"stamp": _stamp(self.settings), **self.settings}, default=str)
+            )
+
+
+def _train(config: DemoConfig, recipe: str, output: Path, data: Path, extra: list[str]) -> Path:
+    from align.train import load_recipe, run_recipe
+
+    overrides = [
+        f"data.path={data}",
+        f"args.output_dir={output}",
+        f"args.seed={config.seed}",
+        *extra,
+        *config.overrides,
+    ]
+    settings = {"model": config.model, "recipe": recipe, "overrides": overrides}
+    stage = Stage(output, settings)
+    final = output / "final"
+    if stage.done(final):
+        return final
+    stage.start()
+    recipe_dict = load_recipe(config.recipes_dir() / recipe, overrides)
+    recipe_dict["model"] = config.model
+    return run_recipe(recipe_dict)
+
+
+def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
+    """Run (or reuse) every stage; returns the report (also written to ``<output>/report``)."""
+    from align.sweep import SweepConfig, run_sweep
+
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, work):
+        started = time.perf_counter()
+        log(f"[align demo] {name} ...")
+        result = work()
+        timings[name] = time.perf_counter() - started
+        log(f"[align demo] {name}: {timings[name]:.0f} s")
+        return result
+
+    data = timed("data", lambda: _dataset(config, out))
+    parm = timed(
+        "train PARM",
+        lambda: _train(
+            config, "parm_cpu.yaml", out / "parm", data, [f"args.max_steps={config.parm_steps}"]
+        ),
+    )
+    arms = {}
+    for objective in ("positive", "brief"):
+        arms[objective] = timed(
+            f"train ARM {objective}",
+            lambda o=objective: _train(
+                config,
+                "genarm_cpu.yaml",
+                out / f"arm-{o}",
+                data,
+                [f"args.objectives=[{o}]", f"args.max_steps={config.arm_steps}"],
+            ),
+        )
+    routes: list[dict[str, Any]] = [
+        {"name": "base", "kind": "base"},
+        {"name": "PARM", "kind": "parm", "adapter": str(parm), "beta": config.beta},
+        {
+            "name": "GenARM",
+            "kind": "genarm",
+            "arms": {k: str(v) for k, v in arms.items()},
+            "beta": config.beta,
+        },
+    ]
+    if config.soup:
+        soup = timed("merge soups", lambda: _soup(config, out, arms))
+        routes.append({"name": "rewarded soup", "kind": "merged", "path": str(soup)})
+    if config.with_dpo:
+        policy = timed(
+            "train DPO policy",
+            lambda: _train(
+                config, "dpo_cpu.yaml", out / "policy", data, [f"args.max_steps={config.dpo_steps}"]
+            ),
+        )
+        routes.append({"name": "SVD-LoRA policy", "kind": "policy", "adapter": str(policy)})
+    sweep = SweepConfig(
+        base=config.model,
+        objectives=["positive", "brief"],
+        scorers={"positive": "positivity", "brief": "brevity"},
+        routes=routes,
+        output=str(out / "report"),
+        prompts={"offset": EVAL_PROMPT_OFFSET, "limit": config.eval_prompts},
+        grid=config.grid,
+        generation={
+            "max_new_tokens": config.max_new_tokens,
+            "batch_size": config.batch_size,
+            "do_sample": False,
+        },
+        title="align demo: positive vs brief on the embedded SmolLM2",
+    )
+    report = timed("sweep and report", lambda: run_sweep(sweep))
+    report["timings"] = {**timings}
+    report["demo_config"] = asdict(config)
+    from align.sweep import write_report
+
+    write_report(report, out / "report")
+    return report
+
+
+def _dataset(config: DemoConfig, out: Path) -> Path:
+    if config.data:
+        path = Path(config.data)
+        if not path.is_file():
+            raise FileNotFoundError(f"no dataset at {path}")
+        return path.resolve()
+    shipped = repository_root() / "recipes" / "data" / "positive_brief.jsonl"
+    if shipped.is_file() and config.model == "smollm2-135m-instruct":
+        return shipped
+    # Another model, or no checkout: make the dataset from this model's own answers.
+    from align.demo.dataset import build_demo_dataset, write_demo_dataset
+
+    path = out / "data" / "positive_brief.jsonl"
+    settings = {
+        "model": config.model,
+        "prompts": config.data_prompts,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+    }
+    stage = Stage(path.parent, settings)
+    if not stage.done(path):
+        stage.start()
+        dataset, facts = build_demo_dataset(
+            config.model,
+            num_prompts=min(config.data_prompts, EVAL_PROMPT_OFFSET),
+            max_new_tokens=config.max_new_tokens,
+            seed=config.seed,
+        )
+        write_demo_dataset(dataset, facts, path)
+    return path.resolve()
+
+
+def _soup(config: DemoConfig, out: Path, arms: dict[str, Path]) -> Path:
+    from align.merging.adapters import merge_lora_adapters
+
+    folder = out / "soup"
+    stage = Stage(folder, {"arms": {k: str(v) for k, v in arms.items()}, "grid": config.grid})
+    if stage.done(folder):
+        return folder
+    stage.start()
+    merge_lora_adapters(
+        {k: str(v) for k, v in arms.items()}, folder, sweep=config.grid, overwrite=True
+    )
+    return folder

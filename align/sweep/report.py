@@ -1,0 +1,138 @@
+"""The numbers a sweep is judged by, and the report folder a person reads.
+
+Per route: the mean score of every objective at each α (one point of the front per α),
+hypervolume, MIP, spacing and, for routes swept over α, Spearman's ρ between α_i and the mean
+score of objective i (does asking for more of objective i give more of it?).
+
+Hypervolume and MIP need a common scale across routes: the reference point of the hypervolume
+is the per-objective minimum over every point of every route, moved down by 1% of the
+objective's range (so the worst point still counts a little), and MIP normalises each
+objective by the min / max over every route. Both are therefore comparable *within one report*
+only, and say so in the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from align.io import atomic_directory
+from align.pareto import hypervolume, mip, pareto_mask, plot_fronts, spacing
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (NaN when either side is constant)."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def route_metrics(
+    routes: Mapping[str, Mapping[str, Any]], objectives: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """``routes[name] = {"alphas": (K, m), "means": (K, m), ...}`` → metrics per route."""
+    everything = np.concatenate([np.asarray(r["means"], dtype=float) for r in routes.values()])
+    lower, upper = everything.min(axis=0), everything.max(axis=0)
+    reference = lower - 0.01 * np.where(upper > lower, upper - lower, 1.0)
+    metrics = {}
+    for name, route in routes.items():
+        alphas = np.asarray(route["alphas"], dtype=float)
+        means = np.asarray(route["means"], dtype=float)
+        entry: dict[str, Any] = {
+            "points": len(means),
+            "hypervolume": hypervolume(means, reference),
+            "pareto_optimal_points": int(pareto_mask(means).sum()),
+            "spacing": spacing(means),
+        }
+        if route.get("uses_preference", True) and len(means) > 1:
+            entry["mip"] = mip(alphas, means, lower, upper)
+            entry["spearman"] = {
+                objective: spearman(alphas[:, i], means[:, i])
+                for i, objective in enumerate(objectives)
+            }
+        metrics[name] = entry
+    return {"reference_point": reference.tolist(), "routes": metrics}
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def summary_markdown(report: Mapping[str, Any]) -> str:
+    """The Markdown page of a report: the table of routes, then the front of each."""
+    objectives = report["objectives"]
+    metrics = report["metrics"]["routes"]
+    lines = [
+        f"# {report.get('title', 'α sweep')}",
+        "",
+        f"Base model `{report['base']}`; objectives {', '.join(f'`{o}`' for o in objectives)} "
+        f"scored by {', '.join(f'`{s}`' for s in report['scorers'].values())}; "
+        f"{report['num_prompts']} prompts, {report['generation'].get('max_new_tokens')} new "
+        f"tokens, {'sampling' if report['generation'].get('do_sample') else 'greedy'}.",
+        "",
+        "| route | points | hypervolume | MIP | "
+        + " | ".join(f"Spearman ρ ({o})" for o in objectives)
+        + " | Pareto-optimal points |",
+        "|---|---|---|---|" + "---|" * len(objectives) + "---|",
+    ]
+    for name, entry in metrics.items():
+        rho = entry.get("spearman", {})
+        lines.append(
+            f"| {name} | {entry['points']} | {_fmt(entry['hypervolume'])} | "
+            f"{_fmt(entry.get('mip'))} | "
+            + " | ".join(_fmt(rho.get(o)) for o in objectives)
+            + f" | {entry['pareto_optimal_points']} |"
+        )
+    lines += [
+        "",
+        "Hypervolume: reference point "
+        + ", ".join(f"{v:.3f}" for v in report["metrics"]["reference_point"])
+        + " (every route's worst mean score, less 1% of the range); MIP normalises each objective "
+        "by the min / max over all routes. Both compare routes within this report only.",
+        "",
+        "![Pareto fronts](front.png)",
+        "",
+    ]
+    for name, route in report["routes"].items():
+        lines += [f"## {name}", "", "| α | " + " | ".join(objectives) + " |"]
+        lines.append("|---|" + "---|" * len(objectives))
+        for alpha, means in zip(route["alphas"], route["means"]):
+            label = ", ".join(f"{a:.1f}" for a in alpha) if route.get("uses_preference") else "–"
+            lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
+        lines.append("")
+    if report.get("timings"):
+        lines += ["## Time", ""]
+        lines += [f"* {stage}: {seconds:.0f} s" for stage, seconds in report["timings"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], folder: str | Path) -> Path:
+    """``report.json``, ``front.png`` and ``summary.md`` in ``folder``, written atomically."""
+    objectives = report["objectives"]
+    fronts = {name: np.asarray(r["means"]) for name, r in report["routes"].items()}
+    labels = {
+        name: [f"{a[0]:.1f}" for a in r["alphas"]] if r.get("uses_preference") else ["base"]
+        for name, r in report["routes"].items()
+    }
+    with atomic_directory(Path(folder), overwrite=True) as tmp:
+        plot_fronts(
+            fronts,
+            tmp / "front.png",
+            objectives,
+            labels=labels,
+            title=f"{report.get('title', 'α sweep')} (labels: α_{objectives[0]})",
+        )
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+        (tmp / "summary.md").write_text(summary_markdown(report))
+    return Path(folder)

@@ -1,0 +1,316 @@
+"""Routes: the ways a preference α reaches the text (one class per way, one registry).
+
+A route answers prompts at a preference α. Every route shares one frozen base model where it
+needs one (adapters are attached to it in place, so a sweep holds the base's weights once):
+
+* ``base``     — the untuned model, α ignored (one point: what every front should beat);
+* ``parm``     — the base guided by one PARM (α injected into its PBLoRA);
+* ``genarm``   — the base guided by one ARM per objective, weighted α_i / β;
+* ``mod``      — MOD: one policy per objective, their log-probs mixed with weights α;
+* ``policy``   — a policy with a preference adapter (SVD-LoRA / PBLoRA), α set on the adapter;
+* ``merged``   — one checkpoint (or LoRA adapter) per α, e.g. an ``align merge`` sweep
+  (rewarded soups): each α is answered by the checkpoint merged for it.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from align.preference import Preference
+
+ROUTES: dict[str, type[Route]] = {}
+
+
+def register_route(kind: str):
+    def decorate(cls: type[Route]) -> type[Route]:
+        cls.kind = kind
+        ROUTES[kind] = cls
+        return cls
+
+    return decorate
+
+
+class Route(ABC):
+    """Answers prompts at one α. ``alphas`` is the grid it is swept over (None: one point)."""
+
+    kind = "route"
+    #: False for routes whose output does not depend on α (the base).
+    uses_preference = True
+
+    def __init__(self, name: str, objectives: Sequence[str], generation: Mapping[str, Any]):
+        self.name = name
+        self.objectives = tuple(objectives)
+        self.generation = dict(generation)
+
+    def alphas(self, grid: np.ndarray) -> np.ndarray:
+        """The α values this route is evaluated at, (K, m)."""
+        return grid
+
+    @abstractmethod
+    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def close(self) -> None:
+        """Take off what this route attached to the shared base (the next route needs it bare)."""
+        return None
+
+
+def _detach(model: Any) -> None:
+    if model is not None and hasattr(model, "unload"):
+        model.unload()  # PEFT: remove the injected adapter layers, base weights untouched
+
+
+class Runtime:
+    """What routes share during one sweep: the base model, its tokenizer, loaded guides."""
+
+    def __init__(self, base: str, device: str | None = None):
+        from align.models import load_model
+
+        self.base_name = base
+        self.model, self.tokenizer = load_model(base, device=device)
+        self.model.eval()
+
+    def guide(self, reference: str) -> Any:
+        from align.decoding.loading import load_guide
+
+        model, tokenizer = load_guide(reference, self.base_name, base_model=self.model)
+        return model, tokenizer
+
+    def plain(self, model: Any, prompts: list[str], generation: Mapping[str, Any]) -> list[str]:
+        from align.decoding.plain import generate_responses
+
+        options = dict(generation)
+        return generate_responses(
+            model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=options.get("max_new_tokens", 48),
+            batch_size=options.get("batch_size", 16),
+            do_sample=options.get("do_sample", False),
+            temperature=options.get("temperature", 1.0),
+            top_p=options.get("top_p", 1.0),
+            seed=options.get("seed"),
+            show_progress=False,
+        )
+
+    def guided(self, guidance: Any, prompts: list[str], alpha: np.ndarray, generation) -> list[str]:
+        from align.decoding.guided import guided_generate
+
+        options = dict(generation)
+        size = options.get("batch_size", 16)
+        base = None if guidance.mode == "mod" else self.model
+        out: list[str] = []
+        for start in range(0, len(prompts), size):
+            seed = options.get("seed")
+            out += guided_generate(
+                base,
+                self.tokenizer,
+                prompts[start : start + size],
+                guidance,
+                alpha.tolist(),
+                max_new_tokens=options.get("max_new_tokens", 48),
+                do_sample=options.get("do_sample", False),
+                temperature=options.get("temperature", 1.0),
+                top_p=options.get("top_p"),
+                seed=None if seed is None else seed + start,
+            )
+        return out
+
+
+@register_route("base")
+class BaseRoute(Route):
+    """The untuned base model: one point, whatever α asks."""
+
+    uses_preference = False
+
+    def alphas(self, grid: np.ndarray) -> np.ndarray:
+        return np.full((1, grid.shape[1]), 1.0 / grid.shape[1])
+
+    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+        return runtime.plain(runtime.model, prompts, self.generation)
+
+
+@register_route("parm")
+class PARMRoute(Route):
+    """The base guided by one PARM adapter folder."""
+
+    def __init__(self, name, objectives, generation, adapter: str, beta: float = 1.0):
+        super().__init__(name, objectives, generation)
+        self.adapter, self.beta = str(adapter), float(beta)
+        self._guidance = None
+
+    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+        from align.decoding.guided import parm_guidance
+        from align.preference import require_same_objectives
+
+        if self._guidance is None:
+            model, tokenizer = runtime.guide(self.adapter)
+            self._guidance = parm_guidance(model, self.beta, tokenizer=tokenizer)
+            require_same_objectives(
+                self._guidance.objectives, self.objectives, f"PARM {self.adapter}", "the sweep"
+            )
+        return runtime.guided(self._guidance, prompts, alpha, self.generation)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "adapter": self.adapter, "beta": self.beta}
+
+    def close(self) -> None:
+        if self._guidance is not None:
+            _detach(self._guidance.models[0])
+            self._guidance = None
+
+
+@register_route("genarm")
+class GenARMRoute(Route):
+    """The base guided by one ARM per objective (``arms: {objective: folder}``)."""
+
+    def __init__(self, name, objectives, generation, arms: Mapping[str, str], beta: float = 1.0):
+        super().__init__(name, objectives, generation)
+        self.arms = _per_objective(arms, self.objectives, name, "arms")
+        self.beta = float(beta)
+        self._guidance = None
+
+    def _build(self, runtime: Runtime) -> Any:
+        from align.decoding.guided import genarm_guidance
+        from align.decoding.loading import load_guide
+
+        # One model per ARM: two adapters cannot both be injected into the shared base.
+        loaded = {k: load_guide(path, runtime.base_name) for k, path in self.arms.items()}
+        return genarm_guidance(
+            {k: model for k, (model, _) in loaded.items()},
+            self.beta,
+            [tok for _, tok in loaded.values()],
+        )
+
+    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+        if self._guidance is None:
+            self._guidance = self._build(runtime)
+        return runtime.guided(self._guidance, prompts, alpha, self.generation)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "arms": self.arms, "beta": self.beta}
+
+    def close(self) -> None:
+        self._guidance = None
+
+
+@register_route("mod")
+class MODRoute(GenARMRoute):
+    """MOD: one policy per objective (``arms: {objective: folder}``), log-probs mixed by α."""
+
+    def __init__(self, name, objectives, generation, arms: Mapping[str, str]):
+        super().__init__(name, objectives, generation, arms, beta=1.0)
+
+    def _build(self, runtime: Runtime) -> Any:
+        from align.decoding.guided import mod_guidance
+        from align.decoding.loading import load_guide
+
+        # Each policy needs its own weights: MOD mixes full models, no shared base.
+        loaded = {k: load_guide(path, runtime.base_name) for k, path in self.arms.items()}
+        return mod_guidance({k: model for k, (model, _) in loaded.items()})
+
+
+@register_route("policy")
+class PolicyRoute(Route):
+    """A policy with a preference adapter (SVD-LoRA / PBLoRA): α set on it, then plain decoding."""
+
+    def __init__(self, name, objectives, generation, adapter: str):
+        super().__init__(name, objectives, generation)
+        self.adapter = str(adapter)
+        self._model = None
+
+    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+        from align.adapters import objectives_of, set_preference
+        from align.preference import require_same_objectives
+
+        if self._model is None:
+            self._model, _ = runtime.guide(self.adapter)
+            require_same_objectives(
+                objectives_of(self._model), self.objectives, f"policy {self.adapter}", "the sweep"
+            )
+        set_preference(self._model, Preference(torch.as_tensor(alpha), self.objectives))
+        return runtime.plain(self._model, prompts, self.generation)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "adapter": self.adapter}
+
+    def close(self) -> None:
+        _detach(self._model)
+        self._model = None
+
+
+@register_route("merged")
+class MergedRoute(Route):
+    """One checkpoint or LoRA adapter per α: a folder written by ``align merge`` with a sweep
+    (each subfolder records its α in ``align_merge.json``), or ``checkpoints: [folder, ...]``."""
+
+    def __init__(self, name, objectives, generation, path: str | None = None, checkpoints=None):
+        super().__init__(name, objectives, generation)
+        if (path is None) == (checkpoints is None):
+            raise ValueError(f"route {name!r}: give `path` (a merge sweep) or `checkpoints`")
+        folders = (
+            sorted(p for p in Path(path).iterdir() if (p / "align_merge.json").is_file())
+            if path is not None and Path(path).is_dir()
+            else [Path(p) for p in (checkpoints or [])]
+        )
+        if not folders:
+            raise ValueError(f"route {name!r}: no merged checkpoints (align_merge.json) in {path}")
+        self.by_alpha: dict[tuple[float, ...], str] = {}
+        for folder in folders:
+            info_file = folder / "align_merge.json"
+            if not info_file.is_file():
+                raise ValueError(f"route {name!r}: {folder} has no align_merge.json")
+            info = json.loads(info_file.read_text())
+            preference = Preference.from_dict(info["preference"], self.objectives)
+            key = tuple(round(float(w), 6) for w in preference.weights.tolist())
+            self.by_alpha[key] = str(folder)
+
+    def alphas(self, grid: np.ndarray) -> np.ndarray:
+        return np.array(sorted(self.by_alpha), dtype=np.float64)
+
+    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+        folder = self.by_alpha[tuple(round(float(w), 6) for w in alpha.tolist())]
+        model, _ = runtime.guide(folder)
+        try:
+            return runtime.plain(model, prompts, self.generation)
+        finally:
+            _detach(model)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "checkpoints": self.by_alpha_json()}
+
+    def by_alpha_json(self) -> dict[str, str]:
+        return {",".join(f"{w:g}" for w in k): v for k, v in self.by_alpha.items()}
+
+
+def _per_objective(mapping: Any, objectives: tuple[str, ...], route: str, field: str) -> dict:
+    if not isinstance(mapping, Mapping) or set(mapping) != set(objectives):
+        found = sorted(mapping) if isinstance(mapping, Mapping) else mapping
+        raise ValueError(
+            f"route {route!r}: `{field}` must map each objective {list(objectives)} to a folder, "
+            f"got {found}"
+        )
+    return {objective: str(mapping[objective]) for objective in objectives}
+
+
+def build_route(spec: Mapping[str, Any], objectives: Sequence[str], generation: Mapping) -> Route:
+    """A route from its config entry: ``{name: ..., kind: parm, adapter: ..., beta: ...}``."""
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    name = spec.pop("name", kind)
+    if kind not in ROUTES:
+        raise ValueError(f"route {name!r}: kind must be one of {sorted(ROUTES)}, got {kind!r}")
+    options = {**generation, **spec.pop("generation", {})}
+    try:
+        return ROUTES[kind](name, objectives, options, **spec)
+    except TypeError as error:
+        raise ValueError(f"route {name!r} ({kind}): bad fields {sorted(spec)}: {error}") from error

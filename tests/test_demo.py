@@ -1,0 +1,129 @@
+"""The demo pipeline end to end in miniature (tiny model, a few steps), and the α sweep."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from align.cli import app
+from align.sweep import route_metrics, spearman
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from align.models import tiny_causal_lm
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model, tokenizer = tiny_causal_lm(seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_miniature_demo_builds_data_trains_merges_sweeps_and_reports(tmp_path, tiny_folder):
+    from align.demo import DemoConfig, run_demo
+
+    # A random tiny model's answers carry no sentiment (every pair a tie): train on real pairs.
+    config = DemoConfig(
+        model=str(tiny_folder),
+        output=str(tmp_path / "demo"),
+        data=str(DATA / "positive_brief_small.jsonl"),
+        parm_steps=2,
+        arm_steps=2,
+        eval_prompts=3,
+        grid=2,
+        max_new_tokens=6,
+        batch_size=3,
+        overrides=("args.save_steps=1", "args.logging_steps=1"),
+    )
+    report = run_demo(config, log=lambda *_: None)
+    folder = tmp_path / "demo" / "report"
+    assert {p.name for p in folder.iterdir()} >= {"front.png", "report.json", "summary.md"}
+    assert (folder / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((folder / "report.json").read_text())
+    assert saved["routes"].keys() == {"base", "PARM", "GenARM", "rewarded soup"}
+    for name in ("PARM", "GenARM", "rewarded soup"):
+        route = saved["routes"][name]
+        assert np.allclose(route["alphas"], [[0, 1], [0.5, 0.5], [1, 0]])
+        assert np.asarray(route["means"]).shape == (3, 2)
+        assert "mip" in saved["metrics"]["routes"][name]
+    assert len(saved["routes"]["base"]["means"]) == 1
+    summary = (folder / "summary.md").read_text()
+    assert "| PARM | 3 |" in summary and "hypervolume" in summary
+    assert report["timings"].keys() >= {"data", "train PARM", "sweep and report"}
+
+    # A re-run reuses every stage: nothing is trained or generated again.
+    made = {
+        path: path.stat().st_mtime_ns
+        for path in (tmp_path / "demo").rglob("*")
+        if path.suffix in (".safetensors", ".json") and "report" not in path.parts
+    }
+    assert any("generations" in str(path) for path in made)
+    again = run_demo(config, log=lambda *_: None)
+    assert again["routes"]["PARM"]["means"] == report["routes"]["PARM"]["means"]
+    assert {path: path.stat().st_mtime_ns for path in made} == made
+    # A changed setting redoes the stages that use it (here: the ARMs, the soup and the sweep).
+    changed = run_demo(replace(config, arm_steps=1), log=lambda *_: None)
+    assert changed["demo_config"]["arm_steps"] == 1
+    arm = tmp_path / "demo" / "arm-brief" / "final" / "adapter_model.safetensors"
+    assert arm.stat().st_mtime_ns != made[arm]
+
+
+def test_the_dataset_builder_pairs_every_two_styled_answers_and_writes_a_card(
+    tmp_path, tiny_folder
+):
+    from align.data import load_preference_data, load_prompts
+    from align.demo.dataset import build_demo_dataset, write_demo_dataset
+
+    dataset, facts = build_demo_dataset(
+        str(tiny_folder), num_prompts=4, max_new_tokens=6, batch_size=4, show_progress=False
+    )
+    path = write_demo_dataset(dataset, facts, tmp_path / "pb.jsonl")
+    loaded = load_preference_data(path)
+    assert len(loaded) == facts["pairs"] == 4 * 6
+    assert set(loaded["prompt"]) == {r["prompt"] for r in load_prompts(limit=4)}
+    assert facts["decided"]["brief"] == sum(label != -1 for label in loaded["preferred_brief"])
+    correlations = facts["unstyled_answers"]["correlations"]
+    assert "positivity~brevity" in correlations and len(correlations) == 6
+    card = (tmp_path / "pb.md").read_text()
+    assert card.startswith("# positive_brief") and "positivity vs brevity" in card
+
+
+def test_spearman_and_route_metrics_properties():
+    assert spearman([0, 0.5, 1], [1, 2, 3]) == pytest.approx(1.0)
+    assert spearman([0, 0.5, 1], [3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([0, 0.5, 1], [2, 2, 2]))
+    alphas = [[0, 1], [0.5, 0.5], [1, 0]]
+    good = {"alphas": alphas, "means": [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]}
+    bad = {"alphas": alphas, "means": [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]}  # the wrong way round
+    inner = {"alphas": alphas, "means": [[0.1, 0.4], [0.2, 0.2], [0.3, 0.1]]}
+    metrics = route_metrics({"good": good, "bad": bad, "inner": inner}, ["a", "b"])["routes"]
+    assert metrics["good"]["mip"] > metrics["bad"]["mip"]
+    assert metrics["good"]["spearman"] == {"a": 1.0, "b": 1.0}
+    assert metrics["good"]["hypervolume"] == pytest.approx(metrics["bad"]["hypervolume"])
+    assert metrics["inner"]["hypervolume"] < metrics["good"]["hypervolume"]
+
+
+def test_evaluate_explains_a_bad_config(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        "base: smollm2-135m-instruct\nobjectives: [positive, brief]\n"
+        "scorers: {positive: positivity}\nroutes: [{kind: base}]\noutput: out\n"
+    )
+    result = CliRunner().invoke(app, ["evaluate", str(config)])
+    assert result.exit_code == 2
+    assert "one scorer per objective" in result.output
+    config.write_text(
+        "base: smollm2-135m-instruct\nobjectives: [positive, brief]\n"
+        "scorers: {positive: positivity, brief: brevity}\nroutes: [{kind: magic}]\noutput: out\n"
+    )
+    result = CliRunner().invoke(app, ["evaluate", str(config)])
+    assert result.exit_code == 2 and "kind must be one of" in result.output

@@ -127,3 +127,18 @@ def test_evaluate_explains_a_bad_config(tmp_path):
     )
     result = CliRunner().invoke(app, ["evaluate", str(config)])
     assert result.exit_code == 2 and "kind must be one of" in result.output
+
+
+@pytest.mark.parametrize("name", ["positive_brief.yaml", "pku_saferlhf.yaml"])
+def test_the_shipped_evaluation_configs_are_valid(name):
+    from align.sweep import build_route, load_sweep_config
+
+    path = Path(__file__).parents[1] / "recipes" / "evaluate" / name
+    config = load_sweep_config(path, ["output=somewhere"])
+    assert config.output == "somewhere" and len(config.objectives) == 2
+    kinds = {
+        build_route(spec, config.objectives, config.generation).kind
+        for spec in config.routes
+        if spec["kind"] != "merged"
+    }
+    assert "parm" in kinds and "genarm" in kinds

@@ -120,6 +120,9 @@ def test_reward_model_scores_equal_the_model_run_one_example_at_a_time(reward_mo
     # Padding and batching must not change any score.
     np.testing.assert_allclose(batched, expected, rtol=1e-4, atol=1e-5)
     assert len(set(np.round(batched, 6))) == len(PROMPTS)  # a real model, not a constant
+    # A cost model scores its objective negated.
+    cost = get_scorer(f"reward-model:{reward_model_dir}", batch_size=3, negate=True)
+    np.testing.assert_allclose(cost.score(PROMPTS, RESPONSES), -batched, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("input_format", ["pair", "concat"])

@@ -40,6 +40,7 @@ class RewardModelScorer(Scorer):
         input_format: str = "auto",
         template: str = "\n\nHuman: {prompt}\n\nAssistant: {response}",
         label_index: int = 0,
+        negate: bool = False,
         show_progress: bool = False,
     ) -> None:
         if input_format not in INPUT_FORMATS:
@@ -76,6 +77,8 @@ class RewardModelScorer(Scorer):
                 "input_format='chat' but the reward model's tokenizer has no chat template"
             )
         self.input_format = input_format
+        # A cost model (higher = worse, e.g. a harmfulness cost) scores an objective negated.
+        self.sign = -1.0 if negate else 1.0
         self.template = template
         self.batch_size = batch_size
         self.max_length = max_length
@@ -110,4 +113,4 @@ class RewardModelScorer(Scorer):
             batch = self._encode(prompts[start:end], responses[start:end])
             logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits
             scores.append(logits[:, self.label_index].float().cpu())
-        return torch.cat(scores).numpy()
+        return self.sign * torch.cat(scores).numpy()

@@ -72,18 +72,21 @@ def _detach(model: Any) -> None:
 class Runtime:
     """What routes share during one sweep: the base model, its tokenizer, loaded guides."""
 
-    def __init__(self, base: str, device: str | None = None):
+    def __init__(self, base: str, device: str | None = None, dtype: str = "float32"):
         from align.models import load_model
 
         self.base_name = base
-        self.model, self.tokenizer = load_model(base, device=device)
+        self.load_options = {"device": device, "dtype": dtype}
+        self.model, self.tokenizer = load_model(base, **self.load_options)
         self.model.eval()
 
-    def guide(self, reference: str) -> Any:
+    def guide(self, reference: str, shared: bool = True) -> Any:
+        """``(model, tokenizer)`` of an adapter folder or checkpoint; an adapter on the base is
+        attached to the shared base (``shared``) or to a copy of its own."""
         from align.decoding.loading import load_guide
 
-        model, tokenizer = load_guide(reference, self.base_name, base_model=self.model)
-        return model, tokenizer
+        base_model = self.model if shared else None
+        return load_guide(reference, self.base_name, base_model=base_model, **self.load_options)
 
     def plain(self, model: Any, prompts: list[str], generation: Mapping[str, Any]) -> list[str]:
         from align.decoding.plain import generate_responses
@@ -181,10 +184,9 @@ class GenARMRoute(Route):
 
     def _build(self, runtime: Runtime) -> Any:
         from align.decoding.guided import genarm_guidance
-        from align.decoding.loading import load_guide
 
         # One model per ARM: two adapters cannot both be injected into the shared base.
-        loaded = {k: load_guide(path, runtime.base_name) for k, path in self.arms.items()}
+        loaded = {k: runtime.guide(path, shared=False) for k, path in self.arms.items()}
         return genarm_guidance(
             {k: model for k, (model, _) in loaded.items()},
             self.beta,
@@ -212,10 +214,9 @@ class MODRoute(GenARMRoute):
 
     def _build(self, runtime: Runtime) -> Any:
         from align.decoding.guided import mod_guidance
-        from align.decoding.loading import load_guide
 
         # Each policy needs its own weights: MOD mixes full models, no shared base.
-        loaded = {k: load_guide(path, runtime.base_name) for k, path in self.arms.items()}
+        loaded = {k: runtime.guide(path, shared=False) for k, path in self.arms.items()}
         return mod_guidance({k: model for k, (model, _) in loaded.items()})
 
 

@@ -41,6 +41,7 @@ class SweepConfig:
     )
     title: str = "α sweep"
     device: str | None = None
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.objectives = list(check_objectives(self.objectives))
@@ -157,7 +158,7 @@ def run_sweep(config: SweepConfig, *, show_progress: bool = True) -> dict[str, A
             answers = cached["answers"]
         else:
             if runtime is None:
-                runtime = Runtime(config.base, device=config.device)
+                runtime = Runtime(config.base, device=config.device, dtype=config.dtype)
             answers = []
             steps = tqdm(alphas, desc=f"sweep {route.name}", unit="α", disable=not show_progress)
             try:

@@ -19,6 +19,7 @@ vertex α, as the trainer evaluates), seconds per step, and GML2O's acceptance r
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -26,19 +27,22 @@ from pathlib import Path
 
 import numpy as np
 
+SHOWN = ("learning_rate", "beta", "target_modules", "max_length", "per_device_train_batch_size")
 
-def run(recipe_path: str, method: str, steps: int, workdir: Path) -> dict:
-    from align.train import build_trainer, load_recipe
 
-    overrides = [
-        f"args.aggregator={method}",
-        f"args.max_steps={steps}",
-        f"args.output_dir={workdir / method}",
-        "args.logging_steps=1",
-        f"args.save_steps={10 * steps}",
-        "args.report_to=none",
-    ]
-    trainer = build_trainer(load_recipe(recipe_path, overrides))
+def run(recipe: dict, method: str, steps: int, workdir: Path) -> dict:
+    from align.train import build_trainer
+
+    recipe = copy.deepcopy(recipe)
+    recipe["args"].update(
+        aggregator=method,
+        max_steps=steps,
+        output_dir=str(workdir / method),
+        logging_steps=1,
+        save_steps=10 * steps,
+        report_to="none",
+    )
+    trainer = build_trainer(recipe)
     began = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - began
@@ -64,14 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=["gml2o", "mgda"])
     args = parser.parse_args(argv)
+    from align.train import load_recipe
+
+    # Read once: every method trains from the same recipe, even if the file changes meanwhile.
+    recipe = load_recipe(args.recipe)
+    settings = {k: recipe["args"].get(k) for k in SHOWN}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            rows.append(run(args.recipe, method, args.steps, Path(tmp)))
+            rows.append(run(recipe, method, args.steps, Path(tmp)))
     names = rows[0]["objectives"]
     print(
         f"\n{args.recipe}, {args.steps} steps, trainable (adapter) parameters P = "
-        f"{rows[0]['parameters']}\n"
+        f"{rows[0]['parameters']}; recipe args: {settings}\n"
     )
     header = ["method", "s/step", "accepted"]
     for name in names:

@@ -11,13 +11,22 @@ tiny Llama with prompt categories never used in meta-training.
 
 Same budget for every method: per seed, the same K starting points, the same mini-batches
 (where the problem has data) and ``steps`` plain steps ``x ← Π(x − η d)`` with the problem's η.
-Linear scalarization uses equal weights (d = mean gradient). Reported per problem and method:
+Linear scalarization uses equal weights (d = mean gradient). PCGrad's direction is the *sum* of
+the projected gradients (Yu et al. 2020), about m times the length of the others' (MGDA's
+weights and LS's sum to 1), which makes it diverge at the shared η; it is divided by m here, so
+every method takes steps on the same scale. A run whose gradients become non-finite stops and
+counts as diverged (its point is left out of the hypervolume). Reported per problem and method:
 
 * the final objectives (full data), mean over seeds and starts;
 * the hypervolume of the K final points, reference point 1.1 × the largest starting value of
   each objective (the same for every method), mean ± std over seeds; higher is better;
 * for GML2O: the Pareto-stationarity measure ‖d*‖ (norm of the min-norm element of the convex
-  hull of the full-data gradients) at steps 0, T/4, T/2, T, and the acceptance rate.
+  hull of the full-data gradients; projected on box-constrained problems, see
+  :func:`stationarity`) at steps 0, T/4, T/2, T, and the acceptance rate.
+
+``--growing-batch`` makes the mini-batches of the data-driven problems (multi-task network,
+tiny-LM adapter) grow geometrically to the whole data set, for every method: the growing sample
+of DSSMG, without which stochastic steps of a constant size stall at a noise floor.
 """
 
 from __future__ import annotations
@@ -40,14 +49,34 @@ METHODS = ("ml2o", "gml2o", "mgda", "pcgrad", "linear")
 
 
 def stationarity(problem: Problem, x: torch.Tensor) -> float:
-    """‖d*(x)‖ with full-data gradients."""
+    """The Pareto-stationarity measure with full-data gradients: ‖d*(x)‖, the norm of the
+    min-norm element of the gradients' convex hull; on a box-constrained problem its projected
+    form ‖(x − Π(x − η d*)) / η‖, which vanishes at the constrained Pareto-critical points (a
+    corner of the box where d* points outwards); the same as ‖d*‖ in the interior."""
     xg = x.detach().clone().requires_grad_(True)
     jacobian = jacobian_at(problem.losses(xg, full=True), xg)
-    return float(get_aggregator("mgda")(jacobian.double()).norm())
+    direction = get_aggregator("mgda")(jacobian.double()).to(x)
+    with torch.no_grad():
+        moved = (x - problem.project(x - problem.lr * direction)) / problem.lr
+    return float(moved.norm())
 
 
-def run(problem: Problem, method: str, start: torch.Tensor, steps: int, seed: int) -> dict:
+def batch_size(problem: Problem, step: int, steps: int, growing: bool) -> int | None:
+    """The mini-batch of this step: the problem's own, or (``growing``, DSSMG-style) growing
+    geometrically from it to the whole data set at 3/4 of the run."""
+    base = getattr(problem, "batch", None)
+    if base is None or not growing:
+        return base
+    full = problem.data_size
+    ramp = max(1, (3 * steps) // 4)
+    return int(min(full, round(base * (full / base) ** min(1.0, step / ramp))))
+
+
+def run(
+    problem: Problem, method: str, start: torch.Tensor, steps: int, seed: int, growing: bool
+) -> dict:
     generator = torch.Generator().manual_seed(seed)
+    base_batch = getattr(problem, "batch", None)
     aggregator = None if method == "linear" else get_aggregator(method)
     x = start.clone()
     marks = sorted({0, steps // 4, steps // 2, steps})
@@ -55,16 +84,27 @@ def run(problem: Problem, method: str, start: torch.Tensor, steps: int, seed: in
     for step in range(steps):
         if method == "gml2o" and step in marks:
             measure[step] = stationarity(problem, x)
+        if base_batch is not None:
+            problem.batch = batch_size(problem, step, steps, growing)
         xg = x.clone().requires_grad_(True)
         jacobian = jacobian_at(problem.losses(xg, generator), xg)
-        direction = jacobian.mean(0) if aggregator is None else aggregator(jacobian).to(x)
+        if not torch.isfinite(jacobian).all():
+            return {"final": np.full(problem.num_objectives, np.nan), "diverged": True}
+        if aggregator is None:
+            direction = jacobian.mean(0)
+        elif method == "pcgrad":  # a sum of m projected gradients: on the others' scale
+            direction = aggregator(jacobian).to(x) / jacobian.shape[0]
+        else:
+            direction = aggregator(jacobian).to(x)
         with torch.no_grad():
             x = problem.project(x - problem.lr * direction)
+    if base_batch is not None:
+        problem.batch = base_batch
     if method == "gml2o":
         measure[steps] = stationarity(problem, x)
     with torch.no_grad():
         final = problem.losses(x, full=True).numpy().astype(float)
-    out = {"final": final}
+    out = {"final": final, "diverged": not np.isfinite(final).all()}
     if method == "gml2o":
         out["stationarity"] = measure
         out["acceptance"] = aggregator.acceptance_rate
@@ -74,8 +114,12 @@ def run(problem: Problem, method: str, start: torch.Tensor, steps: int, seed: in
 def evaluate(args: argparse.Namespace) -> list[dict]:
     rows = []
     for problem in heldout_problems():
+        if args.problems and not any(problem.name.startswith(p) for p in args.problems):
+            continue
         began = time.perf_counter()
-        per_method = {m: {"finals": [], "hv": [], "stat": [], "acc": []} for m in args.methods}
+        per_method = {
+            m: {"finals": [], "hv": [], "stat": [], "acc": [], "diverged": 0} for m in args.methods
+        }
         for seed in args.seeds:
             g = torch.Generator().manual_seed(1000 + seed)
             starts = [problem.initial(g) for _ in range(args.starts)]
@@ -84,26 +128,29 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
             reference = 1.1 * initial.max(0)
             for method in args.methods:
                 results = [
-                    run(problem, method, s, args.steps, seed * 100 + k)
+                    run(problem, method, s, args.steps, seed * 100 + k, args.growing_batch)
                     for k, s in enumerate(starts)
                 ]
                 finals = np.stack([r["final"] for r in results])
                 record = per_method[method]
                 record["finals"].append(finals)
-                inside = finals[(finals < reference).all(1)]
+                record["diverged"] += sum(bool(r["diverged"]) for r in results)
+                inside = finals[np.isfinite(finals).all(1) & (finals < reference).all(1)]
                 record["hv"].append(
                     hypervolume(inside, reference, maximize=False) if len(inside) else 0.0
                 )
                 if method == "gml2o":
-                    record["stat"] += [r["stationarity"] for r in results]
-                    record["acc"] += [r["acceptance"] for r in results]
+                    record["stat"] += [r["stationarity"] for r in results if "stationarity" in r]
+                    record["acc"] += [r["acceptance"] for r in results if "acceptance" in r]
         for method, record in per_method.items():
             row = {
                 "problem": problem.name,
                 "m": problem.num_objectives,
                 "dim": problem.dim,
                 "method": method,
-                "final": np.concatenate(record["finals"]).mean(0).round(4).tolist(),
+                "final": np.nanmean(np.concatenate(record["finals"]), 0).round(4).tolist(),
+                "diverged": record["diverged"],
+                "runs": len(args.seeds) * args.starts,
                 "hv_mean": float(np.mean(record["hv"])),
                 "hv_std": float(np.std(record["hv"])),
                 "hv_per_seed": [float(h) for h in record["hv"]],
@@ -120,12 +167,14 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
 
 
 def render(rows: list[dict], args: argparse.Namespace) -> str:
+    batches = "growing mini-batches" if args.growing_batch else "fixed mini-batches"
     lines = [
         f"Held-out problems, {args.steps} steps, seeds {args.seeds}, {args.starts} starts per "
-        f"seed; HV: hypervolume of the final points (higher is better), mean ± std over seeds.",
+        f"seed, {batches}; HV: hypervolume of the final points (higher is better), mean ± std "
+        f"over seeds.",
         "",
-        "| problem | method | final objectives (mean) | HV | HV / HV(MGDA) |",
-        "|---|---|---|---|---|",
+        "| problem | method | final objectives (mean) | HV | HV / HV(MGDA) | diverged |",
+        "|---|---|---|---|---|---|",
     ]
     by_problem: dict[str, dict[str, dict]] = {}
     for row in rows:
@@ -137,7 +186,7 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
             final = ", ".join(f"{v:.4g}" for v in row["final"])
             lines.append(
                 f"| {name} | {method} | {final} | {row['hv_mean']:.4g} ± {row['hv_std']:.2g} "
-                f"| {ratio} |"
+                f"| {ratio} | {row['diverged']}/{row['runs']} |"
             )
     lines += ["", "GML2O: Pareto-stationarity ‖d*‖ over steps (mean over seeds and starts)", ""]
     lines += ["| problem | ‖d*‖ by step | ratio end/start | acceptance rate |", "|---|---|---|---|"]
@@ -163,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--starts", type=int, default=4, help="starting points per seed (K)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument(
+        "--growing-batch",
+        action="store_true",
+        help="mini-batches grow geometrically to the full data by 3/4 of the run (DSSMG's "
+        "growing sample), for every method",
+    )
+    parser.add_argument("--problems", nargs="+", help="only problems whose name starts so")
     parser.add_argument("--output", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -3,6 +3,8 @@
 * loss-level methods (:mod:`align.mograd.scalarizations`): one backward of a scalar;
 * gradient-level methods (:mod:`align.mograd.aggregators`): weights from the Gram matrix of the
   per-objective gradients;
+* update-level methods (:mod:`align.mograd.learned`): the learned optimizer ML2O and its guarded
+  version GML2O map the per-objective gradients, coordinate by coordinate, to the update;
 * :mod:`align.mograd.engine`: runs either kind inside a training step, on one process or across
   processes.
 

@@ -82,7 +82,10 @@ kind            one process   DDP         ZeRO-0 / ZeRO-1     ZeRO-2            
 loss-level      ✓ exact       ✓           ✓ (slow)            ✓                    ✓ (slow)
 gradient-level  ✓ m bwd       ✓ m bwd     ✓ (slow) m bwd      ✓ m bwd              ✓ (slow) m+1
 feature-level   ✓ 1 bwd       ✓ (slow)    ~                   ✓ (slow)             ✓ (slow)
+update-level    ✓ m bwd       ✓ (slow)    ✗                   ✗                    ✗
 ==============  ============  ==========  ==================  ===================  ============
+
+(update-level: ``tests/test_mograd_ml2o.py``; ✗ = ``NotImplementedError``.)
 
 * Gradient accumulation: loss-level and feature-level weight each micro-batch, everywhere.
   Gradient-level: ``"micro"`` on one process and DDP (✓ slow, with ``no_sync``); ``"full"`` on

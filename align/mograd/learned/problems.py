@@ -11,7 +11,8 @@ can back-propagate through the trajectory. Four families:
   ``⟨ξ_i, x⟩`` per call, ``E ξ = 0``).
 * :class:`MultiTaskMLP` — a small multi-task network (shared trunk, one head per task) on
   generated data: a random teacher makes regression and classification targets from Gaussian
-  (or mixture-of-Gaussians) inputs; each call draws a mini-batch.
+  (or mixture-of-Gaussians) inputs; each call draws a mini-batch (with replacement; the whole
+  data set once ``batch`` reaches its size).
 * :class:`TinyLMAdapter` — a low-rank adapter on the q/v (or other) projections of a frozen tiny
   random Llama (:func:`align.models.tiny.tiny_causal_lm`); objective i is the language-model loss
   on prompts of one category of ``align/resources/prompts.jsonl``; mini-batches.
@@ -175,6 +176,7 @@ class MultiTaskMLP(Problem):
         self.flat = _Flat(shapes)
         self.dim = self.flat.dim
         self.depth = len(hidden)
+        self.data_size = samples
 
     def initial(self, generator):
         pieces = []
@@ -188,7 +190,7 @@ class MultiTaskMLP(Problem):
         return torch.cat(pieces)
 
     def losses(self, x, generator=None, full=False):
-        if full:
+        if full or self.batch >= len(self.inputs):
             rows = slice(None)
         else:
             rows = torch.randint(0, len(self.inputs), (self.batch,), generator=generator)
@@ -265,6 +267,7 @@ class TinyLMAdapter(Problem):
             )
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
             self.data.append((enc["input_ids"], enc["attention_mask"], labels))
+        self.data_size = min(len(ids) for ids, _, _ in self.data)
         named = dict(self.model.named_parameters())
         self.names = [n for n in named if n.endswith(".weight") and n.split(".")[-2] in targets]
         shapes = []
@@ -294,7 +297,7 @@ class TinyLMAdapter(Problem):
         }
         values = []
         for ids, mask, labels in self.data:
-            if not full:
+            if not full and self.batch < len(ids):
                 rows = torch.randint(0, len(ids), (self.batch,), generator=generator)
                 ids, mask, labels = ids[rows], mask[rows], labels[rows]
             out = torch.func.functional_call(

@@ -44,7 +44,7 @@ class DemoConfig:
     model: str = "smollm2-135m-instruct"
     output: str = "demo"
     data: str | None = None  # None: the shipped dataset (built into output/ when missing)
-    data_prompts: int = EVAL_PROMPT_OFFSET  # prompts answered when the dataset is built here
+    data_prompts: int = 160  # prompts answered when the dataset is built here
     recipes: str | None = None  # None: <checkout>/recipes
     parm_steps: int = 60
     arm_steps: int = 30

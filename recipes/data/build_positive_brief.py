@@ -19,7 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="recipes/data/positive_brief.jsonl")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--num-prompts", type=int, default=270, help="use the first N prompts")
+    parser.add_argument("--num-prompts", type=int, default=160, help="use the first N prompts")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)

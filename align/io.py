@@ -14,6 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, base: int) -> None:
+    """mkstemp / mkdtemp create private (0600 / 0700) entries; a finished result gets the mode
+    a plain open() / mkdir() would have given it."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, base & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; rename it to ``target`` on success.
@@ -24,6 +37,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _usual_mode(tmp, 0o777)
     try:
         yield tmp
         if target.exists():
@@ -55,6 +69,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    _usual_mode(tmp, 0o666)
     try:
         yield tmp
         os.replace(tmp, target)

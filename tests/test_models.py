@@ -95,6 +95,21 @@ def test_atomic_directory_appears_only_when_complete(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_atomic_results_get_the_usual_permissions_not_private_temporary_ones(tmp_path):
+    from align.io import atomic_file
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "report.json") as tmp:
+            tmp.write_text("{}")
+        with atomic_directory(tmp_path / "model") as tmp:
+            (tmp / "weights.bin").write_bytes(b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+
+
 def test_embedded_smollm2_loads_from_its_cache_and_generates(smollm2):
     model, tokenizer = smollm2
     path = embedded_model_path()

@@ -193,11 +193,30 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
     for name, methods in by_problem.items():
         row = methods.get("gml2o")
         if row and "stationarity" in row:
-            stat = row["stationarity"]
+            stat = {int(k): v for k, v in row["stationarity"].items()}  # JSON keys are strings
             steps = sorted(stat)
             text = ", ".join(f"{k}: {stat[k]:.3g}" for k in steps)
             ratio = stat[steps[-1]] / stat[steps[0]] if stat[steps[0]] else float("nan")
             lines.append(f"| {name} | {text} | {ratio:.3g} | {row['acceptance_rate']:.3f} |")
+    learned = [m for m in ("ml2o", "gml2o") if m in args.methods]
+    others = [m for m in ("mgda", "pcgrad", "linear") if m in args.methods]
+    if learned and others:
+        lines += [
+            "",
+            "Seeds where the learned method's hypervolume is higher (paired, same starts)",
+            "",
+        ]
+        lines += ["| problem | " + " | ".join(f"{a} > {b}" for a in learned for b in others) + " |"]
+        lines += ["|---|" + "---|" * (len(learned) * len(others))]
+        for name, methods in by_problem.items():
+            cells = []
+            for a in learned:
+                for b in others:
+                    pairs = list(zip(methods[a]["hv_per_seed"], methods[b]["hv_per_seed"]))
+                    wins = sum(x > y + 1e-12 for x, y in pairs)
+                    ties = sum(abs(x - y) <= 1e-12 for x, y in pairs)
+                    cells.append(f"{wins}/{len(pairs)}" + (f" ({ties} tied)" if ties else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     wins = {m: 0 for m in args.methods}
     for methods in by_problem.values():
         best = max(methods.values(), key=lambda r: r["hv_mean"])
@@ -220,13 +239,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--problems", nargs="+", help="only problems whose name starts so")
     parser.add_argument("--output", help="also write the rows as JSON")
+    parser.add_argument("--render", help="print the tables of a saved --output JSON and exit")
     args = parser.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        args.methods = list(dict.fromkeys(r["method"] for r in saved))
+        args.steps, args.seeds, args.starts = saved[0].get(
+            "setup", [args.steps, args.seeds, args.starts]
+        )
+        args.growing_batch = saved[0].get("growing_batch", args.growing_batch)
+        print(render(saved, args))
+        return 0
     torch.set_num_threads(1)
     began = time.perf_counter()
     rows = evaluate(args)
     print(render(rows, args))
     print(f"\n({time.perf_counter() - began:.0f}s)")
     if args.output:
+        for row in rows:
+            row["setup"] = [args.steps, args.seeds, args.starts]
+            row["growing_batch"] = args.growing_batch
         Path(args.output).write_text(json.dumps(rows, indent=2))
     return 0
 

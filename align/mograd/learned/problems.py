@@ -97,6 +97,10 @@ class Quadratic(Problem):
             mats.append(spectrum.unsqueeze(1) * q.T)  # A = diag(σ) Qᵀ: rotated, not separable
         self.matrices = torch.stack(mats)  # (m, n, n)
         self.centres = torch.randn(m, dim, generator=g)
+        if noise:
+            # The noisy gradient is read as the mean of ``batch`` independent draws (noise
+            # std / √batch), so a growing "batch" (DSSMG's growing sample) shrinks it.
+            self.batch, self.data_size = 1, 4096
         self.lr = 0.9 * dim  # the Hessian is AᵀA / n = Q diag(σ²) Qᵀ / n, largest eigenvalue 1/n
 
     def initial(self, generator):
@@ -108,9 +112,9 @@ class Quadratic(Problem):
         values = 0.5 * residual.square().mean(1)
         if self.noise and not full:
             xi = torch.randn(self.num_objectives, self.dim, generator=generator)
-            scale = self.noise / self.dim
+            scale = self.noise / self.dim / math.sqrt(getattr(self, "batch", 1))
             # Linear noise keeps E f the same up to a constant; it only perturbs the gradients.
-            values = values + scale * (xi * (x - x.detach())).sum(1)
+            values = values + scale * (xi * (x - x.detach())).sum(1)  # 0, gradient scale·ξ
         return values
 
 

@@ -49,6 +49,7 @@ def save_network(net: ML2ONet, path: str | os.PathLike, **info: Any) -> Path:
     metadata = {"config": json.dumps(net.config()), "info": json.dumps(info)}
     tmp = path.with_suffix(path.suffix + ".partial")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # the writer leaves 0600; the weights are meant to ship
     os.replace(tmp, path)
     return path
 

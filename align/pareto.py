@@ -163,7 +163,7 @@ def plot_fronts(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     with atomic_file(path) as tmp:

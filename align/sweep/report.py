@@ -131,7 +131,7 @@ def write_report(report: dict[str, Any], folder: str | Path) -> Path:
             tmp / "front.png",
             objectives,
             labels=labels,
-            title=f"{report.get('title', 'α sweep')} (labels: α_{objectives[0]})",
+            title=f"{report.get('title', 'α sweep')}\n(point labels: α_{objectives[0]})",
         )
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
         (tmp / "summary.md").write_text(summary_markdown(report))

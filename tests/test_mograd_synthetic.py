@@ -294,3 +294,14 @@ def test_script_writes_json_and_markdown(script, tmp_path, capsys):
     markdown = (tmp_path / "gaps.md").read_text()
     assert "| smooth_tchebycheff | α |" in markdown and "| dwa | K starts |" in markdown
     assert "HV gap" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["ml2o", "gml2o"])
+def test_the_finite_set_solver_runs_update_level_methods_and_gml2o_descends(method):
+    problem = get_problem("zdt1")
+    alphas = [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    start = solve_finite_set(problem, method, alphas, steps=0).objectives
+    end = solve_finite_set(problem, method, alphas, steps=30, lr=0.01).objectives
+    assert end.shape == start.shape and np.isfinite(end).all()
+    if method == "gml2o":  # every step a common descent direction: no objective rises
+        assert (end <= start + 1e-9).all() and (end < start).any()

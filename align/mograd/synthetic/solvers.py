@@ -92,6 +92,8 @@ def responds_to_preference(name: str, num_objectives: int, **options: Any) -> bo
     for alpha, method in zip(alphas, (first, make_method(name, m, **options))):
         if isinstance(method, GradientAggregator):
             out = method.weights(jacobian @ jacobian.T, losses=losses, preference=alpha)
+        elif getattr(method, "kind", None) == "update":
+            out = method(jacobian, losses=losses, preference=alpha)
         else:
             out = method(losses, alpha)
         outputs.append(out.detach().to(torch.float64))
@@ -201,7 +203,9 @@ def solve_finite_set(
     m = _evaluate(problem, start).shape[1]
     alphas = _check_preferences(preferences, m)
     methods = [make_method(method, m, seed + k, **(method_options or {})) for k in range(len(x))]
-    gradient_level = isinstance(methods[0], GradientAggregator)
+    # Update-level methods (ML2O, GML2O) map the Jacobian to the direction themselves.
+    update_level = getattr(methods[0], "kind", None) == "update"
+    gradient_level = update_level or isinstance(methods[0], GradientAggregator)
     preference_based = responds_to_preference(method, m, **(method_options or {}))
     optimizer = _optimizer(optimizer, [x, *_method_parameters(methods)], lr)
 
@@ -213,6 +217,11 @@ def solve_finite_set(
             jacobians = _jacobians(values, x)
             directions = []
             for k, aggregator in enumerate(methods):
+                if update_level:
+                    directions.append(
+                        aggregator(jacobians[k], losses=values[k].detach()).to(jacobians)
+                    )
+                    continue
                 weights = aggregator.weights(
                     jacobians[k] @ jacobians[k].T,
                     losses=values[k].detach(),

@@ -221,6 +221,13 @@ def test_permuting_objectives_leaves_the_direction_unchanged(name, jac, data):
     if name == "imtl_g":
         # IMTL-G inverts G: on a nearly singular G the answer is as ill-conditioned as G.
         assume(scale_of(jac) > 0 and np.linalg.cond(jac.numpy() @ jac.numpy().T) < 1e8)
+    if name == "cagrad":
+        # CAGrad adds c‖g0‖·g_w/‖g_w‖: when a gradient is tiny but not zero (1e-6 beside 1), the
+        # inner objectives of "g_w = that gradient" and "g_w = 0" differ by less than the
+        # solver's tolerance, yet the two give directions ‖g0‖/2 apart — a discontinuity of the
+        # method, which either order may land on (found by hypothesis: rows 0, 1e-6, -1).
+        norms = jac.norm(dim=1)
+        assume(bool(((norms == 0) | (norms > 1e-3 * norms.max())).all()))
     perm = torch.tensor(data.draw(st.permutations(range(m))))
     d = get_aggregator(name)(jac)
     d_perm = get_aggregator(name)(jac[perm])

@@ -6,7 +6,10 @@ reads ``runs/parm-cpu/final`` (the adapter), ``runs/parm-cpu/held_out.jsonl`` (w
 ``align train``) and the base model named in the adapter config, scores both responses of every
 pair at each α of the simplex grid (11 points for two objectives), and prints, per α, the share
 of decided pairs each objective's preference is reproduced in. A PARM that learned the
-trade-off is most accurate on objective i near α = e_i. Also prints the training time per step
+trade-off is most accurate on objective i near α = e_i. The first row is the base model (the
+adapter off): what the PARM must beat. The "alone" columns count only the pairs where every
+other objective ties, so one objective's signal is not hidden by another's (a summed log-prob
+ranks the shorter answer higher whatever its tone). Also prints the training time per step
 from the run's ``trainer_state.json``.
 """
 
@@ -25,11 +28,17 @@ console = Console()
 
 
 def pairwise_accuracy(
-    rewards_0: torch.Tensor, rewards_1: torch.Tensor, preferred: list[int]
+    rewards_0: torch.Tensor,
+    rewards_1: torch.Tensor,
+    preferred: list[int],
+    among: torch.Tensor | None = None,
 ) -> float:
-    """Share of decided pairs (label 0 or 1) where the higher reward is the preferred answer."""
+    """Share of decided pairs (label 0 or 1) where the higher reward is the preferred answer;
+    ``among`` restricts it to a subset of the pairs (a boolean mask)."""
     labels = torch.tensor(preferred)
     decided = labels != -1
+    if among is not None:
+        decided &= among
     if not decided.any():
         return float("nan")
     predicted = (rewards_1 > rewards_0).long()
@@ -75,12 +84,21 @@ def main(
     if limit:
         data = data.select(range(min(limit, len(data))))
     grid = simplex_grid(len(objectives), points)
+    labels = {name: torch.tensor(data[f"preferred_{name}"]) for name in objectives}
+    alone = {
+        name: torch.stack([labels[o] == -1 for o in objectives if o != name]).all(dim=0)
+        for name in objectives
+    }
     table = Table(title=f"PARM pairwise accuracy on {len(data)} held-out pairs ({adapter})")
     table.add_column("α")
     for name in objectives:
-        table.add_column(f"accuracy {name}", justify="right")
+        table.add_column(f"{name}", justify="right")
+    for name in objectives:
+        decided = int(((labels[name] != -1) & alone[name]).sum())
+        table.add_column(f"{name} alone ({decided} pairs)", justify="right")
     rows = []
-    for alpha in grid:
+
+    def score(alpha: torch.Tensor | None) -> dict[str, dict[str, float]]:
         scores = [
             arm_rewards(
                 model,
@@ -88,24 +106,39 @@ def main(
                 data["prompt"],
                 data[f"response_{k}"],
                 batch_size=batch_size,
-                pref=alpha,
+                **({} if alpha is None else {"pref": alpha}),
             )
             for k in (0, 1)
         ]
-        accuracy = {
-            name: pairwise_accuracy(*scores, data[f"preferred_{name}"]) for name in objectives
+        return {
+            "accuracy": {n: pairwise_accuracy(*scores, data[f"preferred_{n}"]) for n in objectives},
+            "alone": {
+                n: pairwise_accuracy(*scores, data[f"preferred_{n}"], alone[n]) for n in objectives
+            },
         }
-        rows.append({"preference": [round(float(a), 6) for a in alpha], "accuracy": accuracy})
+
+    def add_row(label: str, result: dict[str, dict[str, float]]) -> None:
         table.add_row(
-            "(" + ", ".join(f"{float(a):.1f}" for a in alpha) + ")",
-            *(f"{accuracy[name]:.3f}" for name in objectives),
+            label,
+            *(f"{result['accuracy'][n]:.3f}" for n in objectives),
+            *(f"{result['alone'][n]:.3f}" for n in objectives),
         )
+
+    with model.disable_adapter():
+        base = score(None)
+    add_row("base (adapter off)", base)
+    for alpha in grid:
+        result = score(alpha)
+        rows.append({"preference": [round(float(a), 6) for a in alpha], **result})
+        add_row("(" + ", ".join(f"{float(a):.1f}" for a in alpha) + ")", result)
     console.print(table)
     per_step = seconds_per_step(run)
     if per_step is not None:
         console.print(f"training time: {per_step:.2f} s per optimizer step")
     if output:
-        output.write_text(json.dumps({"objectives": list(objectives), "rows": rows}, indent=2))
+        output.write_text(
+            json.dumps({"objectives": list(objectives), "base": base, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -447,3 +447,33 @@ def test_parm_trains_with_any_kind_of_aggregator(tmp_path, tiny, aggregator, opt
         if n in before and not torch.equal(p.detach(), before[n])
     ]
     assert moved, "no adapter parameter changed"
+
+
+def test_length_normalize_scores_a_response_by_its_mean_token_log_prob(tmp_path, tiny):
+    model, tokenizer = tiny
+    pairs = positive_formal_pairs(4, seed=2)
+
+    def scores(normalize: bool) -> torch.Tensor:
+        arm = ARMTrainer(
+            copy.deepcopy(model),
+            ARMConfig(
+                output_dir=str(tmp_path / f"arm-{normalize}"),
+                per_device_train_batch_size=4,
+                objectives=["positive"],
+                length_normalize=normalize,
+                lora_dropout=0.0,
+                **CPU_ARGS,
+            ),
+            pairs,
+            processing_class=tokenizer,
+        )
+        arm.model.eval()
+        batch = one_batch(arm)
+        with torch.no_grad():
+            return arm.sequence_log_probs(arm.model, batch), batch
+
+    summed, batch = scores(False)
+    mean, _ = scores(True)
+    tokens = batch["completion_mask"].sum(dim=1).to(summed)
+    torch.testing.assert_close(mean, summed / tokens)
+    assert not torch.allclose(mean, summed)  # the responses have several tokens

@@ -210,7 +210,7 @@ def dataset_card(facts: dict[str, Any]) -> str:
         "",
         "## Remake it",
         "",
-        "    python recipes/data/build_positive_brief.py   # about 10 minutes on 2 CPU cores",
+        "    python recipes/data/build_positive_brief.py   # ~13 min measured, one thread, shared CPU",
         "",
     ]
     return "\n".join(lines)

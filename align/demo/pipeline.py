@@ -192,11 +192,11 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
         },
         title="align demo: positive vs brief on the embedded SmolLM2",
     )
-    report = timed("sweep and report", lambda: run_sweep(sweep))
-    report["timings"] = {**timings}
-    report["demo_config"] = asdict(config)
     from align.sweep import write_report
 
+    report = timed("sweep", lambda: run_sweep(sweep, write=False))
+    report["timings"] = {**timings}
+    report["demo_config"] = asdict(config)
     write_report(report, out / "report")
     return report
 

@@ -130,8 +130,11 @@ def _cache_key(route: Route, prompts: list[str], alphas: np.ndarray, base: str) 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_sweep(config: SweepConfig, *, show_progress: bool = True) -> dict[str, Any]:
-    """Generate, score and report; returns the report dict (also written to ``config.output``)."""
+def run_sweep(
+    config: SweepConfig, *, show_progress: bool = True, write: bool = True
+) -> dict[str, Any]:
+    """Generate, score and report; returns the report dict, also written to ``config.output``
+    unless ``write=False`` (a caller that adds to the report writes it once itself)."""
     started = time.perf_counter()
     objectives = config.objectives
     prompts = load_sweep_prompts(config.prompts)
@@ -200,7 +203,8 @@ def run_sweep(config: SweepConfig, *, show_progress: bool = True) -> dict[str, A
         "metrics": route_metrics(results, objectives),
         "timings": {**timings, "total": time.perf_counter() - started},
     }
-    write_report(report, output)
+    if write:
+        write_report(report, output)
     return report
 
 

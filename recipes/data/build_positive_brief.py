@@ -2,7 +2,8 @@
 
     python recipes/data/build_positive_brief.py --output recipes/data/positive_brief.jsonl
 
-What it does and why: :mod:`align.demo.dataset`. About ten minutes on two CPU cores (run it with
+What it does and why: :mod:`align.demo.dataset`. About 13 minutes measured on one thread of
+a shared 2-core CPU (run it with
 OMP_NUM_THREADS=1 when other jobs share the cores: oversubscribed threads slow generation
 tenfold); the shipped file was made with the defaults.
 """

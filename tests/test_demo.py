@@ -105,11 +105,38 @@ def test_spearman_and_route_metrics_properties():
     good = {"alphas": alphas, "means": [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]}
     bad = {"alphas": alphas, "means": [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]}  # the wrong way round
     inner = {"alphas": alphas, "means": [[0.1, 0.4], [0.2, 0.2], [0.3, 0.1]]}
-    metrics = route_metrics({"good": good, "bad": bad, "inner": inner}, ["a", "b"])["routes"]
+    bounds = [[0, 1], [0, 1]]
+    metrics = route_metrics({"good": good, "bad": bad, "inner": inner}, ["a", "b"], bounds)
+    metrics = metrics["routes"]
     assert metrics["good"]["mip"] > metrics["bad"]["mip"]
     assert metrics["good"]["spearman"] == {"a": 1.0, "b": 1.0}
     assert metrics["good"]["hypervolume"] == pytest.approx(metrics["bad"]["hypervolume"])
     assert metrics["inner"]["hypervolume"] < metrics["good"]["hypervolume"]
+    # On the unit box the three points of `good` dominate 0.5 of it (0.25 below the middle one
+    # and the two line segments add no area).
+    assert metrics["good"]["hypervolume"] == pytest.approx(0.25)
+
+
+def test_a_routes_figures_do_not_depend_on_the_other_routes():
+    rng = np.random.default_rng(0)
+    alphas = [[a, 1 - a] for a in np.linspace(0, 1, 6)]
+    routes = {
+        name: {"alphas": alphas, "means": rng.uniform([-1, 0], [1, 1], size=(6, 2)).tolist()}
+        for name in ("one", "two", "three")
+    }
+    bounds = [[-1, 1], [0, 1]]
+    everything = route_metrics(routes, ["p", "b"], bounds)
+    for left_out in routes:
+        rest = {k: v for k, v in routes.items() if k != left_out}
+        fewer = route_metrics(rest, ["p", "b"], bounds)
+        for name in rest:
+            assert fewer["routes"][name] == everything["routes"][name]
+        assert fewer["reference_point"] == everything["reference_point"] == [-1.0, 0.0]
+    # Hypervolume is a fraction of the score box: a point at the best corner dominates all of it.
+    best = route_metrics({"x": {"alphas": [[0.5, 0.5]], "means": [[1.0, 1.0]]}}, ["p", "b"], bounds)
+    assert best["routes"]["x"]["hypervolume"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="bounds"):
+        route_metrics(routes, ["p", "b"], [[0, 1]])
 
 
 def test_evaluate_explains_a_bad_config(tmp_path):

@@ -50,15 +50,36 @@ def test_harmlessness_orders_polite_above_offensive():
 def test_brevity_counts_words_or_model_tokens(tiny_lm):
     _, tokenizer = tiny_lm
     prompts = ["Say something."] * 3
-    responses = ["Yes.", "Yes, and here is a much longer answer with many words in it.", ""]
+    responses = ["Yes, it is.", "Yes, and here is a much longer answer with many words in it.", ""]
     words = get_scorer("brevity", max_tokens=10).score(prompts, responses)
-    assert words.tolist() == pytest.approx([0.8, 0.0, 1.0])
+    assert words.tolist() == pytest.approx([0.5, 0.0, 0.0])  # 5 words and marks; "" no answer
     tokens = get_scorer("brevity", max_tokens=100, tokenizer=tokenizer).score(prompts, responses)
-    n_yes = len(tokenizer("Yes.", add_special_tokens=False)["input_ids"])
+    n_yes = len(tokenizer("Yes, it is.", add_special_tokens=False)["input_ids"])
     assert tokens[0] == pytest.approx(1 - n_yes / 100)
-    assert tokens[0] > tokens[1] and tokens[2] == 1.0
+    assert tokens[0] > tokens[1] and tokens[2] == 0.0
     with pytest.raises(ValueError, match="max_tokens"):
         get_scorer("brevity", max_tokens=0)
+    with pytest.raises(ValueError, match="min_words"):
+        get_scorer("brevity", min_words=-1)
+
+
+@pytest.mark.parametrize("non_answer", ["", "   ", "Sure!", "Lemmage.", "42 ... !", "Yes, yes"])
+def test_brevity_gives_a_non_answer_no_credit(non_answer):
+    """Saying nothing (or two words) must not win the brief objective."""
+    scorer = get_scorer("brevity", max_tokens=48)
+    real = "Rain taps on the window."
+    scores = scorer.score(["Describe rain."] * 2, [non_answer, real])
+    assert scores[0] == 0.0 < scores[1]
+    # min_words=0: the plain length score, under which the non-answer would have won.
+    plain = get_scorer("brevity", max_tokens=48, min_words=0).score(["q"] * 2, [non_answer, real])
+    assert plain[0] > plain[1]
+
+
+def test_offline_scorers_declare_their_natural_range():
+    assert get_scorer("positivity").bounds == (-1.0, 1.0)
+    assert get_scorer("brevity").bounds == (0.0, 1.0)
+    assert get_scorer("harmlessness").bounds == (0.0, 1.0)
+    assert get_scorer("relevance").bounds == (-1.0, 1.0)
 
 
 def test_relevance_prefers_the_on_topic_answer():

@@ -21,6 +21,10 @@ class Scorer(ABC):
 
     name: str = "scorer"
     description: str = ""
+    #: The natural range ``(worst, best)`` of the score, or None when it has none (a reward
+    #: model's logit). Reports normalise by it, so hypervolume and MIP mean the same thing in
+    #: every report; a scorer without one needs ``bounds: [low, high]`` in its config entry.
+    bounds: tuple[float, float] | None = None
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """One float64 score per response."""

@@ -10,6 +10,7 @@ import numpy as np
 from align.scorers.base import Scorer, register_scorer
 
 _WORDS = re.compile(r"\w+|[^\w\s]")
+_LETTER_WORDS = re.compile(r"[^\W\d_]+")
 
 
 @register_scorer("positivity")
@@ -17,6 +18,7 @@ class PositivityScorer(Scorer):
     """VADER compound sentiment of the response, in [-1, 1]."""
 
     description = "VADER compound sentiment of the response, in [-1, 1]"
+    bounds = (-1.0, 1.0)
 
     def __init__(self) -> None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -34,6 +36,7 @@ class HarmlessnessScorer(Scorer):
     description = (
         "1 - offensive-language probability of the response (alt-profanity-check), in [0, 1]"
     )
+    bounds = (0.0, 1.0)
 
     def __init__(self) -> None:
         import warnings
@@ -51,18 +54,31 @@ class HarmlessnessScorer(Scorer):
 
 @register_scorer("brevity")
 class BrevityScorer(Scorer):
-    """1 − min(tokens, max_tokens) / max_tokens: 1 for an empty answer, 0 at max_tokens or more.
+    """1 − min(tokens, max_tokens) / max_tokens for an answer; 0 for a non-answer.
+
+    A non-answer is a response with fewer than ``min_words`` words (runs of letters): the empty
+    string, "Sure!", "Lemmage.". Without that floor, brevity is won by saying nothing — a guided
+    decoder steered to "brief" learns to stop at once, and a front's brief end would be empty
+    strings scored 1.0. An answer of ``min_words`` words or more scores by its length alone
+    (``min_words=0`` restores the plain length score).
 
     Counts the model's tokens when given its tokenizer, else words and punctuation marks.
     """
 
-    description = "1 - min(tokens, max_tokens) / max_tokens, in [0, 1]"
+    description = (
+        "1 - min(tokens, max_tokens) / max_tokens, in [0, 1]; 0 for a non-answer "
+        "(fewer than min_words words)"
+    )
+    bounds = (0.0, 1.0)
 
-    def __init__(self, max_tokens: int = 128, tokenizer: Any = None) -> None:
+    def __init__(self, max_tokens: int = 128, tokenizer: Any = None, min_words: int = 3) -> None:
         if max_tokens < 1:
             raise ValueError(f"brevity max_tokens must be >= 1, got {max_tokens}")
+        if min_words < 0:
+            raise ValueError(f"brevity min_words must be >= 0, got {min_words}")
         self.max_tokens = max_tokens
         self.tokenizer = tokenizer
+        self.min_words = min_words
 
     def count_tokens(self, texts: list[str]) -> np.ndarray:
         if self.tokenizer is not None:
@@ -70,6 +86,10 @@ class BrevityScorer(Scorer):
             return np.array([len(row) for row in ids])
         return np.array([len(_WORDS.findall(text)) for text in texts])
 
+    def is_answer(self, texts: list[str]) -> np.ndarray:
+        """True for responses with at least ``min_words`` words."""
+        return np.array([len(_LETTER_WORDS.findall(text)) >= self.min_words for text in texts])
+
     def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         counts = np.minimum(self.count_tokens(responses), self.max_tokens)
-        return 1.0 - counts / self.max_tokens
+        return np.where(self.is_answer(responses), 1.0 - counts / self.max_tokens, 0.0)

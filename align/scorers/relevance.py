@@ -20,6 +20,7 @@ class RelevanceScorer(Scorer):
     """Cosine similarity of the prompt's and the response's MiniLM embeddings, in [-1, 1]."""
 
     description = "cosine similarity of prompt and response MiniLM embeddings, in [-1, 1]"
+    bounds = (-1.0, 1.0)
 
     def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 64) -> None:
         from sentence_transformers import SentenceTransformer

@@ -4,11 +4,13 @@ Per route: the mean score of every objective at each α (one point of the front 
 hypervolume, MIP, spacing and, for routes swept over α, Spearman's ρ between α_i and the mean
 score of objective i (does asking for more of objective i give more of it?).
 
-Hypervolume and MIP need a common scale across routes: the reference point of the hypervolume
-is the per-objective minimum over every point of every route, moved down by 1% of the
-objective's range (so the worst point still counts a little), and MIP normalises each
-objective by the min / max over every route. Both are therefore comparable *within one report*
-only, and say so in the summary.
+Hypervolume and MIP are measured on a fixed scale, the scorers' natural ranges (``bounds``:
+positivity [-1, 1], brevity [0, 1], ...; a reward model's range is given in its config): each
+objective's mean score ``s`` becomes ``(s - low) / (high - low)`` in [0, 1], the hypervolume is the
+fraction of that unit box the route's front dominates (reference point: every objective at its
+worst, ``low``), and MIP is the mean over α of ``α · normalised scores``. A route's figures thus
+depend on its own points only: adding or removing a route changes no other route's numbers,
+and two reports with the same scorers can be compared.
 """
 
 from __future__ import annotations
@@ -36,30 +38,45 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def route_metrics(
-    routes: Mapping[str, Mapping[str, Any]], objectives: Sequence[str]
-) -> dict[str, dict[str, Any]]:
-    """``routes[name] = {"alphas": (K, m), "means": (K, m), ...}`` → metrics per route."""
-    everything = np.concatenate([np.asarray(r["means"], dtype=float) for r in routes.values()])
-    lower, upper = everything.min(axis=0), everything.max(axis=0)
-    reference = lower - 0.01 * np.where(upper > lower, upper - lower, 1.0)
+    routes: Mapping[str, Mapping[str, Any]],
+    objectives: Sequence[str],
+    bounds: Sequence[Sequence[float]],
+) -> dict[str, Any]:
+    """``routes[name] = {"alphas": (K, m), "means": (K, m), ...}`` → metrics per route, on the
+    fixed scale ``bounds`` ((m, 2): each objective's worst and best score)."""
+    bounds = np.asarray(bounds, dtype=float)
+    if bounds.shape != (len(objectives), 2) or not np.all(bounds[:, 1] > bounds[:, 0]):
+        raise ValueError(
+            f"bounds must be one (low, high) pair per objective {list(objectives)} with "
+            f"high > low, got {bounds.tolist()}"
+        )
+    lower, upper = bounds[:, 0], bounds[:, 1]
     metrics = {}
     for name, route in routes.items():
         alphas = np.asarray(route["alphas"], dtype=float)
         means = np.asarray(route["means"], dtype=float)
+        # Clipped: a mean outside the declared range would be a scorer bug; it must not add area.
+        normalised = np.clip((means - lower) / (upper - lower), 0.0, 1.0)
         entry: dict[str, Any] = {
             "points": len(means),
-            "hypervolume": hypervolume(means, reference),
+            "hypervolume": hypervolume(normalised, np.zeros(len(objectives))),
             "pareto_optimal_points": int(pareto_mask(means).sum()),
-            "spacing": spacing(means),
+            "spacing": spacing(normalised),
         }
         if route.get("uses_preference", True) and len(means) > 1:
-            entry["mip"] = mip(alphas, means, lower, upper)
+            entry["mip"] = mip(
+                alphas, normalised, np.zeros(len(objectives)), np.ones(len(objectives))
+            )
             entry["spearman"] = {
                 objective: spearman(alphas[:, i], means[:, i])
                 for i, objective in enumerate(objectives)
             }
         metrics[name] = entry
-    return {"reference_point": reference.tolist(), "routes": metrics}
+    return {
+        "bounds": {o: [float(lo), float(hi)] for o, lo, hi in zip(objectives, lower, upper)},
+        "reference_point": lower.tolist(),
+        "routes": metrics,
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -93,12 +110,14 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
             + " | ".join(_fmt(rho.get(o)) for o in objectives)
             + f" | {entry['pareto_optimal_points']} |"
         )
+    bounds = report["metrics"]["bounds"]
     lines += [
         "",
-        "Hypervolume: reference point "
-        + ", ".join(f"{v:.3f}" for v in report["metrics"]["reference_point"])
-        + " (every route's worst mean score, less 1% of the range); MIP normalises each objective "
-        "by the min / max over all routes. Both compare routes within this report only.",
+        "Hypervolume and MIP on a fixed scale, each objective normalised by its scorer's range ("
+        + ", ".join(f"`{o}` [{lo:g}, {hi:g}]" for o, (lo, hi) in bounds.items())
+        + "): hypervolume is the fraction of that box the front dominates (reference point: "
+        "every objective at its worst), so a route's figures depend on its points only and "
+        "compare across reports with the same scorers. Spacing is on the same scale.",
         "",
         "![Pareto fronts](front.png)",
         "",

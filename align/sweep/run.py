@@ -107,18 +107,50 @@ def load_sweep_prompts(spec: Mapping[str, Any]) -> list[str]:
 
 
 def build_scorers(spec: Mapping[str, Any], tokenizer: Any, max_new_tokens: int) -> dict[str, Any]:
-    """Objective → scorer; brevity counts the base's tokens against the generation budget."""
+    """Objective → scorer; brevity counts the base's tokens against the generation budget.
+
+    An entry may be a name or ``{name: ..., bounds: [low, high], <scorer options>}``; ``bounds``
+    sets the score's range for the report's fixed scale (needed by scorers without a natural
+    range, such as reward models)."""
     from align.scorers import get_scorer
 
     scorers = {}
     for objective, entry in spec.items():
         options = dict(entry) if isinstance(entry, Mapping) else {"name": entry}
         name = options.pop("name")
+        bounds = options.pop("bounds", None)
         if name == "brevity":
             options.setdefault("tokenizer", tokenizer)
             options.setdefault("max_tokens", max_new_tokens)
-        scorers[objective] = get_scorer(name, **options)
+        scorer = get_scorer(name, **options)
+        if bounds is not None:
+            scorer.bounds = _check_bounds(bounds, objective)
+        scorers[objective] = scorer
     return scorers
+
+
+def _check_bounds(bounds: Any, objective: str) -> tuple[float, float]:
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"scorer of {objective!r}: bounds must be [low, high], got {bounds!r}"
+        ) from None
+    if not (np.isfinite([low, high]).all() and high > low):
+        raise ValueError(f"scorer of {objective!r}: bounds need finite low < high, got {bounds!r}")
+    return low, high
+
+
+def scorer_bounds(scorers: Mapping[str, Any], objectives: Sequence[str]) -> list[list[float]]:
+    """Each objective's (low, high) score range, from its scorer; an error names any without."""
+    missing = [o for o in objectives if getattr(scorers[o], "bounds", None) is None]
+    if missing:
+        raise ValueError(
+            f"the scorers of {missing} declare no score range; give each a `bounds: [low, high]` "
+            "(e.g. `{name: reward-model, model: ..., bounds: [-10, 10]}`) so that hypervolume and "
+            "MIP are measured on a fixed scale"
+        )
+    return [list(scorers[o].bounds) for o in objectives]
 
 
 def _cache_key(route: Route, prompts: list[str], alphas: np.ndarray, base: str) -> str:
@@ -147,8 +179,14 @@ def run_sweep(
     grid = simplex_grid(len(objectives), config.grid).numpy()
     output = Path(config.output)
     cache_dir = output.parent / f"{output.name}.generations"
+    from align.models import load_tokenizer
+
+    # Scorers first: a missing score range is an error before any answer is generated.
+    scorers = build_scorers(
+        config.scorers, load_tokenizer(config.base), config.generation.get("max_new_tokens", 48)
+    )
+    bounds = scorer_bounds(scorers, objectives)
     runtime = None
-    scorers = None
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for route in routes:
@@ -172,13 +210,6 @@ def run_sweep(
             with atomic_file(cache) as tmp:
                 tmp.write_text(json.dumps({"key": key, "answers": answers}))
         timings[f"generate {route.name}"] = time.perf_counter() - route_started
-        if scorers is None:
-            from align.models import load_tokenizer
-
-            tokenizer = runtime.tokenizer if runtime is not None else load_tokenizer(config.base)
-            scorers = build_scorers(
-                config.scorers, tokenizer, config.generation.get("max_new_tokens", 48)
-            )
         scores = np.array(
             [[scorers[o].score(prompts, texts) for o in objectives] for texts in answers]
         )  # (K, m, N)
@@ -200,7 +231,7 @@ def run_sweep(
         "num_prompts": len(prompts),
         "generation": config.generation,
         "routes": results,
-        "metrics": route_metrics(results, objectives),
+        "metrics": route_metrics(results, objectives, bounds),
         "timings": {**timings, "total": time.perf_counter() - started},
     }
     if write:

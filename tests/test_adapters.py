@@ -420,3 +420,24 @@ def test_pref_keyword_and_merge_through_every_peft_wrapper(task_type):
     assert out.shape == (2, batch["input_ids"].shape[1] + 3)
     merged = model.merge_and_unload(preference=[0.2, 0.8])
     torch.testing.assert_close(logits(merged, batch), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pblora_theta_init_fan_in_m_or_parms_fan_in_r2_squared():
+    """Θ is (r2², m): 'fan_in_m' draws U(±1/√m), PARM's 'parm' U(±1/r2) (its Θ is stored (m, r2²))."""
+    import math
+
+    from align.adapters.pblora.layer import PBLoraCore
+
+    torch.manual_seed(0)
+    r2, m = 4, 2
+    for init, bound in (("fan_in_m", 1 / math.sqrt(m)), ("parm", 1 / r2)):
+        thetas = torch.cat(
+            [PBLoraCore(4, r2, m, init).theta.detach().flatten() for _ in range(200)]
+        )
+        assert thetas.abs().max() <= bound
+        assert thetas.abs().max() > 0.98 * bound  # the whole interval is used
+        assert thetas.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)  # uniform
+    with pytest.raises(ValueError, match="theta_init"):
+        PBLoraConfig(objectives=["a", "b"], theta_init="xavier")
+    config = PBLoraConfig(objectives=["a", "b"], theta_init="parm")
+    assert config.to_dict()["theta_init"] == "parm"  # saved with the adapter

@@ -477,3 +477,97 @@ def test_length_normalize_scores_a_response_by_its_mean_token_log_prob(tmp_path,
     tokens = batch["completion_mask"].sum(dim=1).to(summed)
     torch.testing.assert_close(mean, summed / tokens)
     assert not torch.allclose(mean, summed)  # the responses have several tokens
+
+
+def test_per_pair_preference_scores_and_weights_each_pair_at_its_own_alpha(tmp_path, tiny):
+    model, tokenizer = tiny
+    pairs = positive_formal_pairs(4, seed=3)
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        PBLoraConfig(objectives=["positive", "formal"], init_weights=False, lora_dropout=0.0),
+    )
+    trainer = PARMTrainer(
+        peft_model,
+        PARMConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            beta=0.5,
+            preference_sampling="pair",
+            preference_concentration=1.0,
+            **CPU_ARGS,
+        ),
+        pairs,
+        processing_class=tokenizer,
+    )
+    trainer.model.train()
+    batch = one_batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    # The α the trainer drew for this micro-batch, one per pair (same seeded draw).
+    trainer._alpha_step = -1
+    alphas = trainer.training_preference(pairs=4)
+    assert not torch.allclose(alphas[0], alphas[1])
+    # Reference: each pair alone, at its own α, through the batch-α path.
+    preferred = batch["preferred"]
+    terms, counts = torch.zeros(2), (preferred != -1).sum(dim=0)
+    for row in range(4):
+        single = {
+            k: torch.cat([v[row : row + 1], v[4 + row : 5 + row]])
+            if v.shape[0] == 8
+            else v[row : row + 1]
+            for k, v in batch.items()
+            if torch.is_tensor(v)
+        }
+        trainer.set_model_preference(trainer.model, alphas[row])
+        scores = trainer.pair_scores(trainer.model, single)
+        per_pair, _, n = trainer.objective_losses(*scores, single["preferred"])
+        terms += (alphas[row] * per_pair * n).detach()
+    expected = (terms / counts.clamp(min=1)).sum()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="linear scalarization"):
+        PARMConfig(
+            output_dir=str(tmp_path), preference_sampling="pair", aggregator="mgda", **CPU_ARGS
+        )
+
+
+def test_alpha_path_lr_ratio_gives_theta_its_own_learning_rate(tmp_path, tiny):
+    model, tokenizer = tiny
+    lr, ratio = 1e-3, 10.0
+    # B starts non-zero: with B = 0, Θ gets no gradient on the first step.
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        PBLoraConfig(objectives=["positive", "formal"], init_weights=False, lora_dropout=0.0),
+    )
+    trainer = PARMTrainer(
+        peft_model,
+        PARMConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=1,
+            learning_rate=lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            beta=1.0,
+            alpha_path_lr_ratio=ratio,
+            **CPU_ARGS,
+        ),
+        positive_formal_pairs(8, seed=4),
+        processing_class=tokenizer,
+    )
+    named = dict(trainer.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    theta_ids = {id(p) for n, p in named.items() if n.endswith(".theta")}
+    for group in groups:
+        in_group = {id(p) for p in group["params"]}
+        assert in_group <= theta_ids or not (in_group & theta_ids)  # never mixed
+    # Adam's first step moves every entry with a gradient by about its group's lr.
+    theta_step = max(
+        (named[n] - before[n]).abs().max().item() for n in before if n.endswith(".theta")
+    )
+    other_step = max(
+        (named[n] - before[n]).abs().max().item() for n in before if not n.endswith(".theta")
+    )
+    assert theta_step == pytest.approx(ratio * lr, rel=0.05)
+    assert other_step == pytest.approx(lr, rel=0.05)

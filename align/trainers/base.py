@@ -80,6 +80,15 @@ class MultiObjectivePreferenceConfig(DPOConfig):
     preference_concentration: float = field(
         default=1.0, metadata={"help": "p of the Dirichlet(p·1) that α is drawn from per batch."}
     )
+    preference_sampling: str = field(
+        default="batch",
+        metadata={
+            "help": "'batch': one α per micro-batch (PARM, Panacea); 'pair': one α per pair, "
+            "each pair's loss weighted by its own α (Σ_i α_i ℓ_i per pair; linear "
+            "scalarization only). Per pair, a run of N steps of B pairs sees N·B preferences "
+            "instead of N, which is what the α path learns from."
+        },
+    )
     max_prompt_length: int = field(
         default=256, metadata={"help": "Prompts keep their last max_prompt_length tokens."}
     )
@@ -116,6 +125,16 @@ class MultiObjectivePreferenceConfig(DPOConfig):
                 raise ValueError(f"beta of objective {name!r} must be > 0, got {beta}")
         if self.precompute_ref_log_probs:
             raise ValueError("precompute_ref_log_probs is not supported by align's trainers")
+        if self.preference_sampling not in ("batch", "pair"):
+            raise ValueError(
+                f"preference_sampling must be 'batch' or 'pair', got {self.preference_sampling!r}"
+            )
+        if self.preference_sampling == "pair" and self.aggregator not in ("linear", "ls"):
+            raise ValueError(
+                "preference_sampling='pair' weights each pair's losses by its own α, which is "
+                f"linear scalarization; aggregator {self.aggregator!r} takes one α per step: "
+                "use preference_sampling='batch' with it"
+            )
 
 
 class MultiObjectivePreferenceTrainer(DPOTrainer):
@@ -214,15 +233,19 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             self._signature_columns = list(TOKENIZED_COLUMNS)
 
     # ------------------------------------------------------------------------ preference
-    def training_preference(self) -> torch.Tensor:
-        """α for the current micro-batch: Dirichlet(p·1), seeded by (seed, step, micro-step)."""
+    def training_preference(self, pairs: int | None = None) -> torch.Tensor:
+        """α for the current micro-batch: Dirichlet(p·1), seeded by (seed, step, micro-step);
+        ``(m,)``, or ``(pairs, m)`` (one per pair) when ``pairs`` is given."""
         step = self.state.global_step
         if step != self._alpha_step:
             self._alpha_step, self._alpha_micro = step, 0
         rng = np.random.default_rng([self.args.seed, step, self._alpha_micro])
         self._alpha_micro += 1
         return sample_preferences(
-            len(self.objectives), concentration=self.args.preference_concentration, generator=rng
+            len(self.objectives),
+            pairs,
+            concentration=self.args.preference_concentration,
+            generator=rng,
         ).float()
 
     def set_model_preference(self, model: Any, preference: torch.Tensor) -> None:
@@ -256,14 +279,21 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
         return self.sequence_log_probs(model, inputs).chunk(2)
 
     def objective_losses(
-        self, scores_0: torch.Tensor, scores_1: torch.Tensor, preferred: torch.Tensor
+        self,
+        scores_0: torch.Tensor,
+        scores_1: torch.Tensor,
+        preferred: torch.Tensor,
+        pair_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per objective: mean ``−log σ(β_i (s_w − s_l))`` over its decided pairs, the pairwise
-        accuracy, and the number of decided pairs. An objective with none contributes 0."""
+        """Per objective: mean ``−log σ(β_i (s_w − s_l))`` over its decided pairs (each pair's
+        term times ``pair_weights[pair, i]`` when given), the pairwise accuracy, and the number
+        of decided pairs. An objective with none contributes 0."""
         decided = preferred != TIE
         sign = torch.where(preferred == 0, 1.0, -1.0).to(scores_0)
         margins = (scores_0 - scores_1).unsqueeze(1) * sign  # (B, m): s_w − s_l
         per_pair = -F.logsigmoid(self.betas.to(margins) * margins)
+        if pair_weights is not None:
+            per_pair = per_pair * pair_weights.to(per_pair)
         counts = decided.sum(dim=0)
         losses = (per_pair * decided).sum(dim=0) / counts.clamp(min=1)
         accuracy = ((margins.detach() > 0) & decided).sum(dim=0) / counts.clamp(min=1)
@@ -273,7 +303,9 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool):
         mode = "train" if self.model.training else "eval"
         preferred = inputs["preferred"]
-        if mode == "train":
+        if mode == "train" and self.conditioned and self.args.preference_sampling == "pair":
+            loss = self._per_pair_loss(model, inputs, preferred)
+        elif mode == "train":
             preference = self.training_preference() if self.conditioned else None
             if preference is not None:
                 self.set_model_preference(model, preference)
@@ -290,6 +322,19 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
         if return_outputs:
             return loss, {"logits": torch.zeros(0)}
         return loss
+
+    def _per_pair_loss(self, model: Any, inputs: dict[str, Any], preferred: torch.Tensor):
+        """``Σ_i (1/n_i) Σ_pairs α_i ℓ_i``: each pair scored at, and weighted by, its own α
+        (its two responses share it); in expectation the batch-α loss ``Σ_i α_i L_i``."""
+        alpha = self.training_preference(pairs=preferred.shape[0])
+        self.set_model_preference(model, torch.cat([alpha, alpha]))  # rows: [resp_0; resp_1]
+        scores = self.pair_scores(model, inputs)
+        weighted, accuracy, counts = self.objective_losses(*scores, preferred, alpha)
+        losses, _, _ = self.objective_losses(*(s.detach() for s in scores), preferred)
+        self.engine.observe(losses)
+        self.engine.last_weights = alpha.mean(dim=0)
+        self._log_objectives("train", losses, accuracy, counts, alpha.mean(dim=0))
+        return weighted.sum()
 
     def _evaluation_loss(self, model: Any, inputs: dict[str, Any], preferred: torch.Tensor):
         """Each objective judged at its own vertex α (α = e_i), where a PARM should order pairs
@@ -357,6 +402,7 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             "betas": dict(zip(self.objectives, self.betas.tolist())),
             "aggregator": self.args.aggregator,
             "preference_concentration": self.args.preference_concentration,
+            "preference_sampling": self.args.preference_sampling,
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

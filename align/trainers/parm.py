@@ -33,6 +33,24 @@ class PARMConfig(MultiObjectivePreferenceConfig):
     pblora_r2: int = field(default=4, metadata={"help": "Preference-aware rank."})
     lora_alpha: float = field(default=8, metadata={"help": "PBLoRA alpha (s = alpha / r2)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "PBLoRA dropout."})
+    pblora_theta_init: str = field(
+        default="fan_in_m",
+        metadata={"help": "Θ's initialisation (PBLoraConfig.theta_init): 'fan_in_m' or 'parm'."},
+    )
+    alpha_path_lr_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning rate of Θ (the map α → W2(α), the only parameters that tell the "
+            "objectives apart) relative to learning_rate. With Adam an entry moves about lr per "
+            "step, so at lr 1e-3 Θ (entries ~0.5 at init) barely leaves its random start in a "
+            "short run; a larger ratio lets the α path learn within it."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.alpha_path_lr_ratio > 0:
+            raise ValueError(f"alpha_path_lr_ratio must be > 0, got {self.alpha_path_lr_ratio}")
 
 
 class PARMTrainer(MultiObjectivePreferenceTrainer):
@@ -49,7 +67,33 @@ class PARMTrainer(MultiObjectivePreferenceTrainer):
                 r2=args.pblora_r2,
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
+                theta_init=args.pblora_theta_init,
                 target_modules=args.target_modules or attention_targets(model),
                 task_type="CAUSAL_LM",
             )
         super().__init__(model, args, train_dataset, *rest, **kwargs)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        """TRL's optimizer, with Θ (every PBLoRA core's α map) in groups of its own at
+        ``alpha_path_lr_ratio`` × the learning rate (the scheduler scales every group alike)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        ratio = self.args.alpha_path_lr_ratio
+        if ratio == 1.0:
+            return optimizer
+        theta = {
+            id(p)
+            for name, p in self.accelerator.unwrap_model(self.model).named_parameters()
+            if p.requires_grad and "pblora_core" in name and name.endswith(".theta")
+        }
+        if not theta:
+            raise ValueError(
+                "alpha_path_lr_ratio is set but the model has no PBLoRA Θ to apply it to"
+            )
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in theta]
+            if not moved:
+                continue
+            group["params"] = [p for p in group["params"] if id(p) not in theta]
+            optimizer.add_param_group({**group, "params": moved, "lr": group["lr"] * ratio})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from align.adapters.config import PreferenceAdapterConfig
 
 PBLORA = "PBLORA"
+THETA_INITS = ("fan_in_m", "parm")
 
 
 @dataclass
@@ -26,10 +27,24 @@ class PBLoraConfig(PreferenceAdapterConfig):
         default=8, metadata={"help": "Scaling numerator: s = lora_alpha / r2."}
     )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
+    theta_init: str = field(
+        default="fan_in_m",
+        metadata={
+            "help": "Initialisation of Θ ((r2², m), the map α → W2(α)), Kaiming-uniform "
+            "(a = √5, bound 1/√fan_in) with fan-in m ('fan_in_m': entries up to 1/√m, 0.71 "
+            "for m = 2) or with fan-in r2² as in PARM's code, which stores Θ transposed "
+            "('parm': entries up to 1/r2, 0.25 for r2 = 4). PARM's makes the α-dependent block "
+            "start ~√(r2²/m) times smaller, and at short budgets learn less α-dependence."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PBLORA
+        if self.theta_init not in THETA_INITS:
+            raise ValueError(
+                f"PBLoraConfig.theta_init must be one of {THETA_INITS}, got {self.theta_init!r}"
+            )
         if self.r1 < 0 or self.r2 < 1:
             raise ValueError(
                 f"PBLoraConfig needs r1 >= 0 and r2 >= 1, got r1={self.r1}, r2={self.r2}"

@@ -19,17 +19,22 @@ from align.adapters.base import PreferenceLayer
 class PBLoraCore(nn.Module):
     """The α-dependent core: W1 (r1×r1) and Θ, a bias-free linear map α -> W2(α) (r2×r2)."""
 
-    def __init__(self, r1: int, r2: int, num_objectives: int) -> None:
+    def __init__(self, r1: int, r2: int, num_objectives: int, theta_init: str = "fan_in_m") -> None:
         super().__init__()
         self.r1, self.r2 = r1, r2
+        self.theta_init = theta_init
         self.w1 = nn.Parameter(torch.empty(r1, r1))
         self.theta = nn.Parameter(torch.empty(r2 * r2, num_objectives))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for weight in (self.w1, self.theta):
-            if weight.numel():
-                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        if self.w1.numel():
+            nn.init.kaiming_uniform_(self.w1, a=math.sqrt(5))
+        if self.theta_init == "parm":
+            # PARM keeps Θ as (m, r2²) and initialises that: fan-in r2², bound 1/r2.
+            nn.init.kaiming_uniform_(self.theta.T, a=math.sqrt(5))
+        else:  # fan-in m, bound 1/√m
+            nn.init.kaiming_uniform_(self.theta, a=math.sqrt(5))
 
     def w2(self, alpha: torch.Tensor) -> torch.Tensor:
         """W2(α): (r2, r2) for α (m,), or (B, r2, r2) for α (B, m)."""
@@ -62,7 +67,9 @@ class PBLoraLayer(PreferenceLayer):
         rank = config.r1 + config.r2
         self.pblora_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False)
         self.pblora_B[adapter_name] = nn.Linear(rank, self.out_features, bias=False)
-        self.pblora_core[adapter_name] = PBLoraCore(config.r1, config.r2, len(config.objectives))
+        self.pblora_core[adapter_name] = PBLoraCore(
+            config.r1, config.r2, len(config.objectives), getattr(config, "theta_init", "fan_in_m")
+        )
         nn.init.kaiming_uniform_(self.pblora_A[adapter_name].weight, a=math.sqrt(5))
         if config.init_weights:
             nn.init.zeros_(self.pblora_B[adapter_name].weight)

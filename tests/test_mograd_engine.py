@@ -203,6 +203,46 @@ def test_full_accumulation_is_the_method_on_the_effective_batch():
     torch.testing.assert_close(grads_of(params), expected, rtol=1e-5, atol=1e-6)
 
 
+def _gradient_and_update_level_methods() -> list[str]:
+    """Every registered method that needs the per-objective gradients, once by canonical name."""
+    from align.mograd.registry import aggregator_class, canonical_aggregators
+
+    return [
+        name
+        for name in canonical_aggregators()
+        if getattr(aggregator_class(name), "kind", None) in ("gradient", "update")
+    ]
+
+
+@pytest.mark.parametrize("method", _gradient_and_update_level_methods())
+def test_full_accumulation_over_k_micro_batches_is_one_big_batch(method):
+    """Issue 15: under "full", k micro-batches (each scalar scaled by 1/k, as the trainers do)
+    give the update the method gives on the effective batch — also for methods whose update
+    does not scale with J (Nash-MTL: J and 4J give the same d), which used to come out k× small.
+    """
+    k = 4
+    preference = torch.tensor([0.2, 0.3, 0.5])
+    model, x, y = problem()
+    params = list(model.parameters())
+    engine = MultiObjectiveEngine(method, params, accumulation="full")
+    rows = x.shape[0] // k
+    for i in range(k):
+        part = slice(i * rows, (i + 1) * rows)
+        losses, _ = losses_of(model, x[part], y[part])
+        (engine(losses, preference, sync=i == k - 1) / k).backward()
+    accumulated = grads_of(params)
+
+    big_model, _, _ = problem()
+    big_params = list(big_model.parameters())
+    losses, _ = losses_of(big_model, x, y)  # equal parts: its J is the mean of theirs
+    MultiObjectiveEngine(method, big_params)(losses, preference).backward()
+    one_batch = grads_of(big_params)
+    assert float(one_batch.norm()) > 1e-4
+    torch.testing.assert_close(
+        accumulated, one_batch, rtol=1e-4, atol=1e-6 * float(one_batch.norm())
+    )
+
+
 class FakeAccelerator:
     """What the engine reads from an Accelerator: the fp16 scaler and the boundary flag."""
 

@@ -64,11 +64,14 @@ Gradient accumulation (``accumulation=``)
 -----------------------------------------
 * ``"micro"`` (default): weights per micro-batch; the update of an optimizer step is the sum of
   the micro-batches' combined gradients.
-* ``"full"``: per-objective gradients are summed over the micro-batches of an optimizer step
-  and the weights computed once, at the last micro-batch (``accelerator.sync_gradients``, or
-  ``sync=`` per call), from the Jacobian of the whole effective batch; earlier micro-batches
-  return a scalar with zero gradient. Exactly the method on the effective batch; under DDP it
-  also reduces ``J`` once per optimizer step instead of once per micro-batch.
+* ``"full"``: per-objective gradients are accumulated over the k micro-batches of an optimizer
+  step and the method runs once, at the last micro-batch (``accelerator.sync_gradients``, or
+  ``sync=`` per call), on their mean — the Jacobian (and losses) of the whole effective batch;
+  earlier micro-batches return a scalar with zero gradient. The last one injects ``k · d``,
+  which the trainer's usual ``1 / k`` scaling of each micro-batch's loss turns into ``d``: exactly
+  the method's update on the effective batch, also for methods whose update does not scale with
+  J (Nash-MTL, FairGrad), as if the step were one big batch. Under DDP it also reduces ``J``
+  once per optimizer step instead of once per micro-batch.
 
 Support matrix
 --------------
@@ -400,11 +403,12 @@ class MultiObjectiveEngine:
             losses, params, scale or 1.0, batched=self.jacobian_mode == "batched"
         )
         stacked = torch.cat([jacobian, losses.detach().float().reshape(m, 1)], dim=1)
+        count = 1
         if self.accumulation == "full":
             stacked = self._accumulate(stacked)
             if not boundary:
                 return self._zero_update(losses, params)
-            self._pop_pending()
+            count = self._pop_pending()  # the stack is now the effective batch's mean J
         if size > 1:
             D.all_reduce_sum(stacked, group)
             stacked /= size
@@ -420,10 +424,11 @@ class MultiObjectiveEngine:
             if coefficients is None or coefficients.numel() != m:
                 coefficients = torch.full((m,), 1.0 / m)
             value = (coefficients.to(losses) * losses.detach()).sum()
-            return D.inject(value, params, D.split_like(direction.to(jacobian), params))
+            direction = direction.to(jacobian) * count
+            return D.inject(value, params, D.split_like(direction, params))
         if weights is None:
             weights = self._weights(gram, mean_losses, preference)
-        direction = weights.to(jacobian) @ jacobian
+        direction = (weights.to(jacobian) @ jacobian) * count
         value = (weights.to(losses) * losses.detach()).sum()
         return D.inject(value, params, D.split_like(direction, params))
 
@@ -448,10 +453,19 @@ class MultiObjectiveEngine:
         value = (weights.to(losses) * losses.detach()).sum()
         return D.inject(value, params, [torch.zeros_like(p) for p in params])
 
-    def _pop_pending(self) -> None:
-        """At the boundary: the loss column becomes the mean over the micro-batches."""
-        self._pending["stack"][:, -1] /= self._pending["count"]
+    def _pop_pending(self) -> int:
+        """At the boundary: the summed stack becomes the mean over the step's micro-batches (the
+        effective batch's per-objective gradients and losses, when the micro-batches are of equal
+        size); returns their number k.
+
+        The method runs on that mean, and the caller injects ``k · d``: the trainer scales every
+        micro-batch's scalar by ``1 / k`` (transformers, Accelerate and DeepSpeed alike), so the
+        step's gradient is exactly ``d``, the method's update on the effective batch. Methods
+        whose update does not scale with J (Nash-MTL, FairGrad) need the mean, not the sum."""
+        count = self._pending["count"]
+        self._pending["stack"] /= count
         self._pending = None
+        return count
 
     # ------------------------------------------------------------------------- DeepSpeed
     def _gradient_level_deepspeed(
@@ -512,15 +526,20 @@ class MultiObjectiveEngine:
                 )
                 value = (torch.full_like(losses.detach(), 1.0 / m) * losses.detach()).sum()
                 return D.inject(value, params, directions)
-            self._pop_pending()
+            count = self._pop_pending()  # the effective batch's mean J (see _pop_pending)
             jacobian, local_losses = summed[:, :-1], summed[:, -1]
         else:
+            count = 1
             local_losses = losses.detach().float()
         # The Gram of the averaged gradients: the shard Grams summed over ranks (m² numbers);
-        # the losses ride along in the same collective.
+        # the losses ride along in the same collective. ZeRO-0 does not shard: every rank holds
+        # the same reduced J, so its Gram is not summed, but the losses (local) still are, so
+        # that methods reading them (EPO, MGDA's loss normalisations) agree on every rank.
         packed = torch.cat([(jacobian @ jacobian.T).reshape(-1), local_losses])
-        if shards.sharded and size > 1:
+        if size > 1:
             D.all_reduce_sum(packed, group)
+            if not shards.sharded:
+                packed[: m * m] /= size
             mean_losses = packed[m * m :] / size
         else:
             mean_losses = packed[m * m :]
@@ -532,7 +551,7 @@ class MultiObjectiveEngine:
         if shards.stage == 3:
             counters.restore()  # the trainer's backward goes through the graph once more
             return (weights.to(losses) * losses).sum()
-        local_direction = weights.to(jacobian) @ jacobian
+        local_direction = (weights.to(jacobian) @ jacobian) * count
         if shards.stage == 0:
             return D.inject(value, params, D.split_like(local_direction, params))
         return D.inject(value, params, shards.masked_directions(local_direction, size))

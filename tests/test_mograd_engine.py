@@ -523,6 +523,24 @@ def test_zero3_matches_one_process(tmp_path):
     _assert_matches_one_process(results, ["mgda"], feature_level=True)
 
 
+def test_zero0_averages_the_losses_for_methods_that_read_them(tmp_path):
+    """Issue 15: under ZeRO-0 (DeepSpeed without sharding) the ranks hold the same reduced J
+    but their own losses; EPO and loss-normalised MGDA must see the mean losses on every rank
+    (else each rank weighs differently and the averaged update matches nothing)."""
+    methods = ["epo", "mgda_loss"]
+    results = _launch(tmp_path, "zero0", "--methods", ",".join(methods))
+    _assert_matches_one_process(results, methods)
+    step = _step_module()
+    for method in methods:
+        reference = []
+        step.run(None, method, 2, weights=reference)
+        ranks = results[f"weights/{method}"]
+        assert len(ranks) == 2 and len(ranks[0]) == len(reference) == step.STEPS
+        for on_rank_0, on_rank_1, expected in zip(*ranks, reference):
+            assert torch.equal(on_rank_0, on_rank_1), (method, on_rank_0, on_rank_1)
+            torch.testing.assert_close(on_rank_0, expected, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zero0", "zero1"])
 def test_zero0_and_zero1_match_one_process(tmp_path, backend):

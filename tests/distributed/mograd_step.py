@@ -25,6 +25,8 @@ SEQ = 12
 STEPS = 2
 LR = 0.5
 CLIP = 1.0  # the DeepSpeed configs of the tests clip at 1.0: every run clips alike
+#: Names the tests may pass in --methods besides registered ones: (method, its options).
+VARIANTS = {"mgda_loss": ("mgda", {"normalization": "loss"})}
 
 
 def build_model():
@@ -71,11 +73,13 @@ def run(
     feature_level: bool = False,
     micro_batches: int = 1,
     jacobian: str = "loop",
+    weights: list | None = None,
 ) -> dict[str, torch.Tensor]:
     """STEPS optimizer steps; returns the trainable parameters (full, on every process).
 
     ``accelerator=None``: one plain process on the rows of all ``world_size`` processes (the
-    reference the tests compare with).
+    reference the tests compare with). ``weights``: a list that gets the engine's weights of
+    each step's last micro-batch.
     """
     from align.mograd.engine import MultiObjectiveEngine
 
@@ -85,6 +89,7 @@ def run(
     optimizer = torch.optim.SGD(params, lr=LR)
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
+    method, options = VARIANTS.get(method, (method, {}))
     engine = MultiObjectiveEngine(
         method,
         params,
@@ -92,6 +97,7 @@ def run(
         feature_level=feature_level,
         accumulation=accumulation,
         jacobian=jacobian,
+        **options,
     )
     deepspeed = accelerator is not None and accelerator.state.deepspeed_plugin is not None
     for step in range(STEPS):
@@ -126,6 +132,8 @@ def run(
         optimizer.step()  # under DeepSpeed, accelerator.backward stepped (this is a no-op)
         optimizer.zero_grad()
         engine.observe(losses.detach())
+        if weights is not None and engine.last_weights is not None:
+            weights.append(engine.last_weights.detach().clone().cpu())
     return {name: full_parameter(p).detach().clone().cpu() for name, p in zip(names, params)}
 
 
@@ -166,6 +174,7 @@ def main() -> None:
         )
     results = {}
     for method in args.methods.split(","):
+        weights = []
         results[method] = run(
             accelerator,
             method,
@@ -174,8 +183,13 @@ def main() -> None:
             feature_level=args.feature_level,
             micro_batches=args.micro_batches,
             jacobian=args.jacobian,
+            weights=weights,
         )
         accelerator.free_memory()  # drop the prepared model (a new DeepSpeed engine each method)
+        # Every rank's weights, step by step: the ranks must agree on them.
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, weights)
+        results[f"weights/{method}"] = gathered
     results["world_size"] = torch.distributed.get_world_size()
     results["distributed_type"] = str(accelerator.distributed_type)
     if torch.distributed.get_rank() == 0:

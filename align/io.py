@@ -76,3 +76,34 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: Files that determine what a model folder computes (weights, configs, training record), and
+#: not what merely sits beside it (checkpoints of the run, logs, READMEs).
+_CONTENT_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".txt")
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """A sha256 of what a file, or the weights and records in a model folder, contain.
+
+    For a folder: the top-level weight, config, tokenizer and training-record files (names and
+    bytes), so an adapter retrained in place gets a new digest while its path stays the same.
+    Sub-folders (a run's ``checkpoint-N``) are not part of what the folder computes.
+    """
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _CONTENT_SUFFIXES)
+    )
+    if not files:
+        raise FileNotFoundError(f"{path} holds no model files to fingerprint")
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

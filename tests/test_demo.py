@@ -77,6 +77,56 @@ def test_a_miniature_demo_builds_data_trains_merges_sweeps_and_reports(tmp_path,
     assert arm.stat().st_mtime_ns != made[arm]
 
 
+def test_a_retrained_arm_regenerates_exactly_the_routes_that_use_it(tmp_path, tiny_folder):
+    """Generations are keyed by what the adapters contain, not by their paths."""
+    from align.demo.pipeline import DemoConfig, _train
+    from align.sweep import SweepConfig, run_sweep
+
+    demo = DemoConfig(model=str(tiny_folder), output=str(tmp_path))
+    data = DATA / "positive_brief_small.jsonl"
+
+    def train(recipe: str, folder: str, *extra: str) -> str:
+        overrides = ["args.max_steps=1", "args.save_steps=1", *extra]
+        return str(_train(demo, recipe, tmp_path / folder, data, overrides))
+
+    parm = train("parm_cpu.yaml", "parm")
+    arms = {
+        o: train("genarm_cpu.yaml", f"arm-{o}", f"args.objectives=[{o}]")
+        for o in ("positive", "brief")
+    }
+    config = SweepConfig(
+        base=str(tiny_folder),
+        objectives=["positive", "brief"],
+        scorers={"positive": "positivity", "brief": "brevity"},
+        routes=[
+            {"name": "base", "kind": "base"},
+            {"name": "PARM", "kind": "parm", "adapter": parm},
+            {"name": "GenARM", "kind": "genarm", "arms": arms},
+        ],
+        output=str(tmp_path / "report"),
+        prompts={"limit": 2},
+        grid=1,
+        generation={"max_new_tokens": 4, "batch_size": 2, "do_sample": False},
+    )
+    first = run_sweep(config, show_progress=False, write=False)
+    assert {r["generations"] for r in first["routes"].values()} == {"generated"}
+    again = run_sweep(config, show_progress=False, write=False)
+    assert {r["generations"] for r in again["routes"].values()} == {"reused"}
+    # The brief ARM retrained in place (another seed): same path, new weights.
+    before = (Path(arms["brief"]) / "adapter_model.safetensors").read_bytes()
+    assert (
+        train("genarm_cpu.yaml", "arm-brief", "args.objectives=[brief]", "args.seed=1")
+        == arms["brief"]
+    )
+    assert (Path(arms["brief"]) / "adapter_model.safetensors").read_bytes() != before
+    after = run_sweep(config, show_progress=False, write=False)
+    assert {name: r["generations"] for name, r in after["routes"].items()} == {
+        "base": "reused",
+        "PARM": "reused",
+        "GenARM": "generated",
+    }
+
+
 def test_the_dataset_builder_pairs_every_two_styled_answers_and_writes_a_card(
     tmp_path, tiny_folder
 ):

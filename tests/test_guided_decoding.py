@@ -468,3 +468,61 @@ def test_load_guide_attaches_an_adapter_for_the_same_base_to_the_loaded_base(tmp
     assert guide.get_base_model() is loaded_base  # one copy of the weights, shared-base decoding
     separate, _ = load_guide(str(tmp_path / "parm"), str(tmp_path / "base"))
     assert separate.get_base_model() is not loaded_base
+
+
+def _shared_parm():
+    """A PARM on the very module used as the base (one stacked forward per step)."""
+    torch.manual_seed(7)
+    config = PBLoraConfig(objectives=list(OBJECTIVES), init_weights=False, lora_dropout=0.0)
+    arm = get_peft_model(tiny_causal_lm(seed=0)[0], config).eval()
+    with torch.no_grad():
+        for name, p in arm.named_parameters():
+            if "pblora_B" in name:
+                p.mul_(50)
+    return arm.get_base_model(), parm_guidance(arm, beta=0.5)
+
+
+@pytest.mark.parametrize("mode", ["parm", "parm-shared", "genarm", "mod"])
+def test_a_sweep_in_one_pass_equals_each_alpha_alone_with_rows_leaving_at_eos(setup, mode):
+    """repeats=K: the prompts' prefill shared across the α blocks, finished rows dropped from
+    the batch; every row must still decode exactly as it does alone."""
+    base, tokenizer, batch = setup
+    if mode == "parm-shared":
+        base, guidance = _shared_parm()
+    else:
+        guidance = guidance_for(mode)
+    alphas = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    prompts = batch["input_ids"].shape[0]
+    width = batch["input_ids"].shape[1]
+    free = [decode(base, tokenizer, guidance, batch, a, steps=8) for a in alphas]
+    # EOS: tokens some rows produce early, so rows finish at different steps.
+    eos = sorted({int(free[0][0, width + 1]), int(free[2][1, width + 3])})
+    kwargs = dict(max_new_tokens=8, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+    together = guided_decode(
+        base,
+        guidance,
+        batch["input_ids"],
+        batch["attention_mask"],
+        alphas.repeat_interleave(prompts, dim=0),
+        eos_token_id=eos,
+        repeats=3,
+        **kwargs,
+    )
+    assert together.shape[0] == 3 * prompts
+    stopped_early = 0
+    for k, alpha in enumerate(alphas):
+        for i in range(prompts):
+            alone = guided_decode(
+                base,
+                guidance,
+                batch["input_ids"][i : i + 1],
+                batch["attention_mask"][i : i + 1],
+                alpha,
+                eos_token_id=eos,
+                **kwargs,
+            )[0]
+            row = together[k * prompts + i]
+            assert torch.equal(row[: len(alone)], alone), (k, i)
+            assert (row[len(alone) :] == tokenizer.pad_token_id).all()
+            stopped_early += len(alone) < width + 8
+    assert stopped_early >= 2  # the EOS choice did make rows leave the batch early

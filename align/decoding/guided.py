@@ -15,7 +15,7 @@ measures against.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -156,12 +156,100 @@ def sampling_processors(
 
 
 @dataclass
-class _Group:
-    """One forward per step: a model (own KV cache) run on ``len(coefficients)`` stacked copies
-    of the batch, copy i weighted per row by ``coefficients[i]``."""
+class _Copy:
+    """One weighting of a model's scores: ``coefficient`` per active row; ``gate`` switches a
+    shared-base PARM's adapter off (0) or on (1) for these rows; ``uses_alpha``: its scores
+    depend on α during the prompt (PARM rows), so its prefill cannot be shared across α."""
 
-    scorer: _CachedScorer
-    coefficients: list[torch.Tensor]
+    coefficient: torch.Tensor
+    gate: float | None = None
+    uses_alpha: bool = False
+
+
+class _Group:
+    """One model with its own KV cache, run each step on ``len(copies)`` stacked copies of the
+    active rows (only a shared-base PARM stacks two: base rows and PARM rows in one forward)."""
+
+    def __init__(self, model: nn.Module, vocab_size: int, copies: list[_Copy], arm=None):
+        self.scorer = _CachedScorer(model, vocab_size)
+        self.copies = copies
+        self.arm = arm  # the PARM whose α (and row gate) this group sets, if any
+        self.alpha: Preference | None = None  # per active row, for the PARM
+
+    def _configure(self, copies: Sequence[_Copy], rows: int, alpha: Preference | None) -> None:
+        """Set the PARM's α and row gate for a forward over ``copies`` × ``rows`` rows."""
+        if self.arm is None:
+            return
+        from align.adapters import preference_tuner, set_preference
+
+        same = bool((alpha.weights == alpha.weights[0]).all())
+        # One α for every row takes the adapter's folded path (LoRA's per-token cost).
+        set_preference(
+            self.arm,
+            alpha[0]
+            if same
+            else Preference(alpha.weights.repeat(len(copies), 1), alpha.objectives),
+        )
+        if copies[0].gate is not None:
+            gate = torch.cat([torch.full((rows,), float(c.gate)) for c in copies])
+            preference_tuner(self.arm).set_row_gate(gate)
+
+    def prefill(self, inputs: tuple[torch.Tensor, ...], repeats: int) -> list[torch.Tensor]:
+        """Scores after the prompts, per copy, for ``repeats`` × prompts rows (α-major). A copy
+        whose scores do not depend on α runs the prompts once and repeats the result."""
+        prompts = inputs[0].shape[0]
+        caches, outputs = [], []
+        for copy in self.copies:
+            shared = repeats > 1 and not copy.uses_alpha
+            rows = prompts if shared else prompts * repeats
+            alpha = (
+                None
+                if self.alpha is None
+                else Preference(self.alpha.weights[:rows], self.alpha.objectives)
+            )
+            self._configure([copy], rows, alpha)
+            self.scorer.cache = DynamicCache()
+            log_probs = self.scorer(*(t if shared else t.repeat(repeats, 1) for t in inputs))
+            if shared:
+                tile = torch.arange(prompts, device=log_probs.device).repeat(repeats)
+                self.scorer.cache.batch_select_indices(tile)
+                log_probs = log_probs[tile]
+            caches.append(self.scorer.cache)
+            outputs.append(log_probs)
+        self.scorer.cache = caches[0] if len(caches) == 1 else _stack_caches(caches)
+        self._configure(self.copies, prompts * repeats, self.alpha)
+        return outputs
+
+    def step(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        copies = len(self.copies)
+        if copies > 1:
+            inputs = tuple(t.repeat(copies, 1) for t in inputs)
+        return list(self.scorer(*inputs).chunk(copies))
+
+    def keep(self, rows: torch.Tensor, active: int) -> None:
+        """Keep only ``rows`` (indices into the ``active`` current rows): finished rows leave
+        the batch and every copy's cache."""
+        index = torch.cat([rows + c * active for c in range(len(self.copies))])
+        self.scorer.cache.batch_select_indices(index.to(self.scorer_device))
+        for copy in self.copies:
+            copy.coefficient = copy.coefficient[rows]
+        if self.alpha is not None:
+            self.alpha = Preference(self.alpha.weights[rows.cpu()], self.alpha.objectives)
+        self._configure(self.copies, len(rows), self.alpha)
+
+    @property
+    def scorer_device(self) -> torch.device:
+        return self.scorer.cache.layers[0].keys.device
+
+
+def _stack_caches(caches: Sequence[DynamicCache]) -> DynamicCache:
+    """One cache holding the rows of several, in order (their lengths agree: same prompts)."""
+    stacked = DynamicCache()
+    for index in range(len(caches[0].layers)):
+        keys = torch.cat([c.layers[index].keys for c in caches])
+        values = torch.cat([c.layers[index].values for c in caches])
+        stacked.update(keys, values, index)
+    return stacked
 
 
 def _plan(base: nn.Module | None, guidance: Guidance, preference: Preference, vocab_size: int):
@@ -181,25 +269,17 @@ def _plan(base: nn.Module | None, guidance: Guidance, preference: Preference, vo
         arm = guidance.models[0]
         tuner = preference_tuner(arm)
         previous = get_preference(arm)
-        shared = base is not None and arm.get_base_model() is base
-        # One α for every row takes the adapter's folded path (LoRA's per-token cost).
-        same = bool((preference.weights == preference.weights[0]).all())
-        injected = preference[0] if same else preference
-        if shared:
-            copies = 2 if inverse_beta else 1
-            if not same:
-                injected = Preference(preference.weights.repeat(copies, 1), preference.objectives)
-            set_preference(arm, injected)
-            tuner.set_row_gate(torch.cat([torch.zeros(rows), torch.ones(rows)])[: copies * rows])
-            coefficients = [ones, torch.full((rows,), inverse_beta)][:copies]
-            groups = [_Group(_CachedScorer(arm, vocab_size), coefficients)]
+        guide = _Copy(torch.full((rows,), inverse_beta), uses_alpha=True)
+        if base is not None and arm.get_base_model() is base:
+            copies = [_Copy(ones, gate=0.0)] + ([replace(guide, gate=1.0)] if inverse_beta else [])
+            groups = [_Group(arm, vocab_size, copies, arm=arm)]
         else:
-            set_preference(arm, injected)
-            groups = [_Group(_CachedScorer(base, vocab_size), [ones])]
+            groups = [_Group(base, vocab_size, [_Copy(ones)])]
             if inverse_beta:
-                groups.append(
-                    _Group(_CachedScorer(arm, vocab_size), [torch.full((rows,), inverse_beta)])
-                )
+                groups.append(_Group(arm, vocab_size, [guide], arm=arm))
+        for group in groups:
+            if group.arm is not None:
+                group.alpha = preference
 
         def restore() -> None:
             tuner.set_row_gate(None)
@@ -212,7 +292,7 @@ def _plan(base: nn.Module | None, guidance: Guidance, preference: Preference, vo
         ]
     else:
         pairs = [(policy, alpha[:, j]) for j, policy in enumerate(guidance.models)]
-    groups = [_Group(_CachedScorer(m, vocab_size), [c]) for m, c in pairs if bool((c != 0).any())]
+    groups = [_Group(m, vocab_size, [_Copy(c)]) for m, c in pairs if bool((c != 0).any())]
     return groups, lambda: None
 
 
@@ -233,13 +313,23 @@ def guided_decode(
     stopping_criteria: Any = None,
     generator: torch.Generator | None = None,
     streamer: Any = None,
+    repeats: int = 1,
 ) -> torch.Tensor:
-    """Decode from left-padded ``input_ids``; returns ``(B, prompt + new)`` token ids."""
+    """Decode from left-padded ``input_ids``; returns ``(repeats · B, prompt + new)`` token ids.
+
+    ``repeats`` > 1 answers every prompt ``repeats`` times, row ``k·B + i`` being prompt ``i``
+    at preference row ``k·B + i`` (e.g. one α of a sweep per block of B rows): each model whose
+    prompt scores do not depend on α (the base, GenARM's ARMs, MOD's policies) reads the prompts
+    once, and its cache is shared by the repeats. Rows that finish leave the batch (and every
+    cache), so the remaining rows decode at the cost of their own number.
+    """
     if guidance.mode != "mod" and base is None:
         raise ValueError(f"{guidance.mode} guidance needs a base model")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    rows = input_ids.shape[0]
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    rows = input_ids.shape[0] * repeats
     preference = Preference.coerce(preference, guidance.objectives).expand(rows)
     device = input_ids.device
     processors = logits_processor if logits_processor is not None else LogitsProcessorList()
@@ -249,25 +339,28 @@ def guided_decode(
 
     groups, restore = _plan(base, guidance, preference, vocab_size)
     try:
-        weights = [[c.to(device)[:, None] for c in group.coefficients] for group in groups]
-        sequences, mask = input_ids, attention_mask
-        step_input = sequences
-        step_positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        for group in groups:
+            for copy in group.copies:
+                copy.coefficient = copy.coefficient.to(device)[:, None]
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        outputs = [g.prefill((input_ids, attention_mask, positions), repeats) for g in groups]
+        sequences = input_ids.repeat(repeats, 1)
+        mask = attention_mask.repeat(repeats, 1)
+        positions = positions[:, -1:].repeat(repeats, 1)
+        active = torch.arange(rows, device=device)  # rows still decoding, in batch order
+        next_tokens = sequences[:, -1]
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         if streamer is not None:
-            streamer.put(input_ids.cpu())
-        for _ in range(max_new_tokens):
+            streamer.put(sequences.cpu())
+        for step in range(max_new_tokens):
+            if step:
+                outputs = [g.step((next_tokens[:, None], mask, positions)) for g in groups]
             scores = 0
-            for group, coefficients in zip(groups, weights):
-                copies = len(coefficients)
-                inputs = (step_input, mask, step_positions)
-                if copies > 1:  # only the shared-base group stacks the batch; no copies otherwise
-                    inputs = tuple(t.repeat(copies, 1) for t in inputs)
-                log_probs = group.scorer(*inputs)
-                for copy, coefficient in enumerate(coefficients):
-                    scores = scores + coefficient * log_probs[copy * rows : (copy + 1) * rows]
+            for group, log_probs in zip(groups, outputs):
+                for copy, values in zip(group.copies, log_probs):
+                    scores = scores + copy.coefficient * values
             scores = torch.log_softmax(scores, dim=-1)  # the normaliser log Z
-            scores = processors(sequences, scores)
+            scores = processors(sequences[active], scores)
             if do_sample:
                 next_tokens = torch.multinomial(
                     torch.softmax(scores, dim=-1), 1, generator=generator
@@ -275,20 +368,29 @@ def guided_decode(
             else:
                 next_tokens = scores.argmax(dim=-1)
             next_tokens = torch.where(
-                finished, torch.full_like(next_tokens, pad_token_id), next_tokens
+                finished[active], torch.full_like(next_tokens, pad_token_id), next_tokens
             )
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+            column = torch.full((rows,), pad_token_id, dtype=sequences.dtype, device=device)
+            column[active] = next_tokens
+            sequences = torch.cat([sequences, column[:, None]], dim=-1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            positions = positions + 1
             if streamer is not None:
-                streamer.put(next_tokens.cpu())
+                streamer.put(column.cpu())
             if eos.numel():
-                finished |= torch.isin(next_tokens, eos)
+                finished[active] |= torch.isin(next_tokens, eos)
             if stopping_criteria is not None:
-                finished |= stopping_criteria(sequences, scores).to(device)
+                finished[active] |= stopping_criteria(sequences[active], scores).to(device)
             if bool(finished.all()):
                 break
-            step_input = next_tokens[:, None]
-            step_positions = step_positions[:, -1:] + 1
+            done = finished[active]
+            # Drop finished rows once they are an eighth of the batch: a cache copy per drop.
+            if int(done.sum()) * 8 >= len(active):
+                keep = (~done).nonzero().squeeze(1)
+                for group in groups:
+                    group.keep(keep, len(active))
+                active, next_tokens = active[keep], next_tokens[keep]
+                mask, positions = mask[keep], positions[keep]
     finally:
         restore()
         if streamer is not None:
@@ -342,6 +444,56 @@ def guided_generate(
     )
     new_tokens = sequences[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def guided_sweep(
+    base: nn.Module | None,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    guidance: Guidance,
+    preferences: PreferenceLike,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    chat_template: bool = True,
+) -> list[list[str]]:
+    """Answer every prompt at each of K preferences, in one decoding pass: ``answers[k][i]``
+    is prompt i at α_k. The models whose prompt scores do not depend on α read the prompts
+    once for all K (see :func:`guided_decode`'s ``repeats``)."""
+    from align.chat import encode_prompts
+
+    _check_tokenizers(tokenizer, guidance)
+    alphas = Preference.coerce(preferences, guidance.objectives)
+    if not alphas.is_batched:
+        alphas = Preference(alphas.weights[None], alphas.objectives)
+    batch = encode_prompts(tokenizer, list(prompts), chat_template)
+    device = next((base or guidance.models[0]).parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    count = len(prompts)
+    sequences = guided_decode(
+        base,
+        guidance,
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        Preference(alphas.weights.repeat_interleave(count, dim=0), alphas.objectives),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        do_sample=do_sample,
+        logits_processor=sampling_processors(do_sample, temperature, top_k, top_p),
+        generator=generator,
+        repeats=len(alphas),
+    )
+    texts = tokenizer.batch_decode(
+        sequences[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    texts = [text.strip() for text in texts]
+    return [texts[k * count : (k + 1) * count] for k in range(len(alphas))]
 
 
 def guided_custom_generate(

@@ -234,10 +234,16 @@ def _dataset(config: DemoConfig, out: Path) -> Path:
 
 
 def _soup(config: DemoConfig, out: Path, arms: dict[str, Path]) -> Path:
+    from align.io import content_digest
     from align.merging.adapters import merge_lora_adapters
 
     folder = out / "soup"
-    stage = Stage(folder, {"arms": {k: str(v) for k, v in arms.items()}, "grid": config.grid})
+    # Keyed by what the ARMs contain, not where they are: a retrained ARM makes a new soup.
+    digests = {k: content_digest(v) for k, v in arms.items()}
+    stage = Stage(
+        folder,
+        {"arms": {k: str(v) for k, v in arms.items()}, "content": digests, "grid": config.grid},
+    )
     if stage.done(folder):
         return folder
     stage.start()

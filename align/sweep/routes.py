@@ -56,12 +56,41 @@ class Route(ABC):
     @abstractmethod
     def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]: ...
 
+    def answer_all(
+        self, runtime: Runtime, prompts: list[str], alphas: np.ndarray, progress: Any = None
+    ) -> list[list[str]]:
+        """Answers at every α, ``[k][i]``; routes that can answer several α in one pass do."""
+        answers = []
+        for alpha in alphas:
+            answers.append(self.answer(runtime, prompts, alpha))
+            if progress is not None:
+                progress.update(1)
+        return answers
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind}
+
+    def sources(self) -> list[str]:
+        """The adapter / checkpoint folders this route's answers are computed from."""
+        return []
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What determines this route's answers: its settings and the *content* of every folder
+        it reads (an adapter retrained at the same path has a new fingerprint)."""
+        return {**self.describe(), "content": {s: source_digest(s) for s in self.sources()}}
 
     def close(self) -> None:
         """Take off what this route attached to the shared base (the next route needs it bare)."""
         return None
+
+
+def source_digest(reference: str) -> str:
+    """The content digest of a local file or folder; a hub id or embedded model name stands for
+    itself."""
+    from align.io import content_digest
+
+    path = Path(reference).expanduser()
+    return content_digest(path) if path.exists() else reference
 
 
 def _detach(model: Any) -> None:
@@ -104,6 +133,40 @@ class Runtime:
             seed=options.get("seed"),
             show_progress=False,
         )
+
+    def guided_sweep(
+        self, guidance: Any, prompts: list[str], alphas: np.ndarray, generation, progress=None
+    ) -> list[list[str]]:
+        """Every α of ``alphas`` for every prompt: ``alphas_per_pass`` α (default: all) and
+        ``batch_size`` prompts decode together, the prompts read once per pass by the models
+        whose scores do not depend on α."""
+        from align.decoding.guided import guided_sweep
+
+        options = dict(generation)
+        size = options.get("batch_size", 16)
+        per_pass = options.get("alphas_per_pass") or len(alphas)
+        answers: list[list[str]] = [[] for _ in alphas]
+        for first in range(0, len(alphas), per_pass):
+            block = alphas[first : first + per_pass]
+            for start in range(0, len(prompts), size):
+                seed = options.get("seed")
+                texts = guided_sweep(
+                    None if guidance.mode == "mod" else self.model,
+                    self.tokenizer,
+                    prompts[start : start + size],
+                    guidance,
+                    block.tolist(),
+                    max_new_tokens=options.get("max_new_tokens", 48),
+                    do_sample=options.get("do_sample", False),
+                    temperature=options.get("temperature", 1.0),
+                    top_p=options.get("top_p"),
+                    seed=None if seed is None else seed + first * len(prompts) + start,
+                )
+                for k, rows in enumerate(texts):
+                    answers[first + k] += rows
+            if progress is not None:
+                progress.update(len(block))
+        return answers
 
     def guided(self, guidance: Any, prompts: list[str], alpha: np.ndarray, generation) -> list[str]:
         from align.decoding.guided import guided_generate
@@ -151,7 +214,7 @@ class PARMRoute(Route):
         self.adapter, self.beta = str(adapter), float(beta)
         self._guidance = None
 
-    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+    def _build(self, runtime: Runtime) -> Any:
         from align.decoding.guided import parm_guidance
         from align.preference import require_same_objectives
 
@@ -161,10 +224,21 @@ class PARMRoute(Route):
             require_same_objectives(
                 self._guidance.objectives, self.objectives, f"PARM {self.adapter}", "the sweep"
             )
-        return runtime.guided(self._guidance, prompts, alpha, self.generation)
+        return self._guidance
+
+    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+        return runtime.guided(self._build(runtime), prompts, alpha, self.generation)
+
+    def answer_all(self, runtime, prompts, alphas, progress=None) -> list[list[str]]:
+        return runtime.guided_sweep(
+            self._build(runtime), prompts, alphas, self.generation, progress
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "adapter": self.adapter, "beta": self.beta}
+
+    def sources(self) -> list[str]:
+        return [self.adapter]
 
     def close(self) -> None:
         if self._guidance is not None:
@@ -193,13 +267,24 @@ class GenARMRoute(Route):
             [tok for _, tok in loaded.values()],
         )
 
-    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+    def _guide(self, runtime: Runtime) -> Any:
         if self._guidance is None:
             self._guidance = self._build(runtime)
-        return runtime.guided(self._guidance, prompts, alpha, self.generation)
+        return self._guidance
+
+    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+        return runtime.guided(self._guide(runtime), prompts, alpha, self.generation)
+
+    def answer_all(self, runtime, prompts, alphas, progress=None) -> list[list[str]]:
+        return runtime.guided_sweep(
+            self._guide(runtime), prompts, alphas, self.generation, progress
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "arms": self.arms, "beta": self.beta}
+
+    def sources(self) -> list[str]:
+        return list(self.arms.values())
 
     def close(self) -> None:
         self._guidance = None
@@ -243,6 +328,9 @@ class PolicyRoute(Route):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "adapter": self.adapter}
+
+    def sources(self) -> list[str]:
+        return [self.adapter]
 
     def close(self) -> None:
         _detach(self._model)
@@ -288,6 +376,9 @@ class MergedRoute(Route):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "checkpoints": self.by_alpha_json()}
+
+    def sources(self) -> list[str]:
+        return list(self.by_alpha.values())
 
     def by_alpha_json(self) -> dict[str, str]:
         return {",".join(f"{w:g}" for w in k): v for k, v in self.by_alpha.items()}

@@ -1,9 +1,10 @@
 """An α sweep: every route answers the same prompts at every α of the grid, every answer is
 scored on every objective, and the mean scores per α make each route's front.
 
-Generations are cached per route in ``<output>/generations/<route>.json`` under a key of
-everything that determines them (the route's description, prompts, α grid and decoding
-options), so a re-run only generates what changed.
+Generations are cached per route in ``<output>.generations/<route>.json`` under a key of
+everything that determines them — the route's settings, the *content* of every adapter or
+checkpoint it reads (not its path: an adapter retrained in place is answered anew), the base,
+prompts, α grid and decoding options — so a re-run only generates what changed.
 """
 
 from __future__ import annotations
@@ -154,8 +155,16 @@ def scorer_bounds(scorers: Mapping[str, Any], objectives: Sequence[str]) -> list
 
 
 def _cache_key(route: Route, prompts: list[str], alphas: np.ndarray, base: str) -> str:
+    from align.sweep.routes import source_digest
+
     blob = json.dumps(
-        [route.describe(), route.generation, base, prompts, np.round(alphas, 6).tolist()],
+        [
+            route.fingerprint(),
+            route.generation,
+            [base, source_digest(base)],
+            prompts,
+            np.round(alphas, 6).tolist(),
+        ],
         sort_keys=True,
         default=str,
     )
@@ -195,17 +204,19 @@ def run_sweep(
         cache = cache_dir / f"{route.name}.json"
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
         route_started = time.perf_counter()
-        if cached.get("key") == key:
+        reused = cached.get("key") == key
+        if reused:
             answers = cached["answers"]
         else:
             if runtime is None:
                 runtime = Runtime(config.base, device=config.device, dtype=config.dtype)
-            answers = []
-            steps = tqdm(alphas, desc=f"sweep {route.name}", unit="α", disable=not show_progress)
+            progress = tqdm(
+                total=len(alphas), desc=f"sweep {route.name}", unit="α", disable=not show_progress
+            )
             try:
-                for alpha in steps:
-                    answers.append(route.answer(runtime, prompts, alpha))
+                answers = route.answer_all(runtime, prompts, alphas, progress)
             finally:
+                progress.close()
                 route.close()
             with atomic_file(cache) as tmp:
                 tmp.write_text(json.dumps({"key": key, "answers": answers}))
@@ -222,6 +233,7 @@ def run_sweep(
             if len(prompts) > 1
             else None,
             "examples": [texts[0] for texts in answers],
+            "generations": "reused" if reused else "generated",
         }
     report = {
         "title": config.title,

@@ -1,0 +1,220 @@
+"""What makes a PARM learn its α-dependence within the demo's budget: an ablation on the demo.
+
+    python evaluation/parm_ablation.py --out ablation                # every variant
+    python evaluation/parm_ablation.py --out ablation -v pair -v genarm
+    python evaluation/parm_ablation.py --out ablation --render       # the table of what is done
+
+Each variant is a set of overrides of ``recipes/parm_cpu.yaml`` (or ``genarm``: the two
+GenARM ARMs of ``recipes/genarm_cpu.yaml`` at the same pairs budget), trained on the shipped
+``positive_brief`` data exactly as ``align demo`` trains it, then swept over α on the demo's
+held-out prompts (the last shipped prompts, which no dataset uses), greedy, 48 tokens, and
+scored on the demo's fixed scale (positivity [-1, 1], brevity [0, 1] with no credit for a
+non-answer): hypervolume, MIP, Spearman ρ per objective, and the wall time of training and of
+the sweep. Every stage is cached under ``--out`` (training by its settings, generations by the
+adapter's content), so a re-run only does what is new, and ``--render`` re-scores what exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+#: name → (what it changes, overrides of parm_cpu.yaml). "genarm" is the baseline to beat.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "recipe": ("the recipe before this ablation: one α per step, Dirichlet(0.5)", []),
+    "pair": ("one α per pair", ["args.preference_sampling=pair"]),
+    "pair-c1": (
+        "one α per pair, Dirichlet(1)",
+        ["args.preference_sampling=pair", "args.preference_concentration=1.0"],
+    ),
+    "pair-theta10": (
+        "one α per pair, Θ's lr ×10",
+        ["args.preference_sampling=pair", "args.alpha_path_lr_ratio=10"],
+    ),
+    "pair-theta10-c1": (
+        "one α per pair, Θ's lr ×10, Dirichlet(1)",
+        [
+            "args.preference_sampling=pair",
+            "args.alpha_path_lr_ratio=10",
+            "args.preference_concentration=1.0",
+        ],
+    ),
+    "pair-parm-init": (
+        "one α per pair, PARM's Θ init",
+        ["args.preference_sampling=pair", "args.pblora_theta_init=parm"],
+    ),
+    "pair-r2-8": (
+        "one α per pair, r1 4 / r2 8",
+        ["args.preference_sampling=pair", "args.pblora_r2=8", "args.lora_alpha=16"],
+    ),
+    "pair-lr2e-3": (
+        "one α per pair, lr 2e-3",
+        ["args.preference_sampling=pair", "args.learning_rate=2e-3"],
+    ),
+    "pair-attn": (
+        "one α per pair, attention only (q/k/v/o)",
+        ["args.preference_sampling=pair", "args.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
+    ),
+    "pair-40": ("one α per pair, 40 steps", ["args.preference_sampling=pair"]),
+    "theta10": ("one α per step, Θ's lr ×10", ["args.alpha_path_lr_ratio=10"]),
+    "genarm": ("GenARM: two LoRA ARMs, half the steps each", []),
+}
+STEPS = {"pair-40": 40}
+
+
+def _sweep(name: str, route: dict, out: Path, prompts: int, grid: int) -> dict:
+    from align.demo.pipeline import EVAL_PROMPT_OFFSET
+    from align.sweep import SweepConfig, run_sweep
+
+    config = SweepConfig(
+        base="smollm2-135m-instruct",
+        objectives=["positive", "brief"],
+        scorers={"positive": "positivity", "brief": "brevity"},
+        routes=[route],
+        output=str(out / "report"),
+        prompts={"offset": EVAL_PROMPT_OFFSET, "limit": prompts},
+        grid=grid,
+        generation={"max_new_tokens": 48, "batch_size": 24, "do_sample": False},
+        title=f"ablation: {name}",
+    )
+    return run_sweep(config, show_progress=False)
+
+
+def run_variant(name: str, out: Path, steps: int, prompts: int, grid: int, beta: float) -> dict:
+    from align.demo.pipeline import DemoConfig, _dataset, _train
+
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    config = DemoConfig(output=str(folder))
+    data = _dataset(config, folder)
+    steps = STEPS.get(name, steps)
+    started = time.perf_counter()
+    if name == "genarm":
+        arms = {
+            o: str(
+                _train(
+                    config,
+                    "genarm_cpu.yaml",
+                    folder / f"arm-{o}",
+                    data,
+                    [f"args.objectives=[{o}]", f"args.max_steps={steps // 2}"],
+                )
+            )
+            for o in ("positive", "brief")
+        }
+        route = {"name": name, "kind": "genarm", "arms": arms, "beta": beta}
+    else:
+        parm = _train(
+            config,
+            "parm_cpu.yaml",
+            folder / "parm",
+            data,
+            [f"args.max_steps={steps}", *VARIANTS[name][1]],
+        )
+        route = {"name": name, "kind": "parm", "adapter": str(parm), "beta": beta}
+    trained = _remember(folder / "train_seconds.json", time.perf_counter() - started)
+    started = time.perf_counter()
+    report = _sweep(name, route, folder / f"beta-{beta:g}", prompts, grid)
+    swept = _remember(
+        folder / f"beta-{beta:g}" / "sweep_seconds.json", time.perf_counter() - started
+    )
+    summary = {
+        "variant": name,
+        "what": VARIANTS[name][0],
+        "steps": steps,
+        "beta": beta,
+        "metrics": report["metrics"]["routes"][name],
+        "means": report["routes"][name]["means"],
+        "alphas": report["routes"][name]["alphas"],
+        "train_s": trained,
+        "sweep_s": swept,
+    }
+    (folder / f"ablation-beta-{beta:g}.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _remember(path: Path, seconds: float) -> float:
+    """The time of the run that did the work: a cached re-run (a few seconds) keeps it."""
+    if seconds < 10 and path.is_file():
+        return json.loads(path.read_text())["seconds"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def render(out: Path) -> None:
+    table = Table(title=f"PARM ablation ({out})")
+    for column in (
+        "variant",
+        "what",
+        "steps",
+        "β",
+        "HV",
+        "MIP",
+        "ρ positive",
+        "ρ brief",
+        "α=(0,1) brief",
+        "α=(1,0) positive",
+        "train s",
+        "sweep s",
+    ):
+        table.add_column(column)
+    for path in sorted(out.glob("*/ablation-beta-*.json")):
+        s = json.loads(path.read_text())
+        m = s["metrics"]
+        rho = m.get("spearman", {})
+        table.add_row(
+            s["variant"],
+            s["what"],
+            str(s["steps"]),
+            f"{s['beta']:g}",
+            f"{m['hypervolume']:.3f}",
+            f"{m.get('mip', float('nan')):.3f}",
+            f"{rho.get('positive', float('nan')):.3f}",
+            f"{rho.get('brief', float('nan')):.3f}",
+            f"{s['means'][0][1]:.3f}",
+            f"{s['means'][-1][0]:.3f}",
+            f"{s['train_s']:.0f}",
+            f"{s['sweep_s']:.0f}",
+        )
+    console.print(table)
+
+
+def main(
+    out: Annotated[Path, typer.Option(help="Folder for every variant's runs and sweeps.")] = Path(
+        "ablation"
+    ),
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", "-v", help="Variants to run (default: all).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="PARM steps (GenARM: half per ARM).")] = 60,
+    prompts: Annotated[int, typer.Option(help="Held-out prompts answered.")] = 24,
+    grid: Annotated[int, typer.Option(help="Simplex divisions (10: 11 α).")] = 10,
+    beta: Annotated[float, typer.Option(help="Decoding β.")] = 1.0,
+    render_only: Annotated[bool, typer.Option("--render", help="Only print the table.")] = False,
+) -> None:
+    if not render_only:
+        names = variant or list(VARIANTS)
+        unknown = sorted(set(names) - set(VARIANTS))
+        if unknown:
+            raise typer.BadParameter(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        for name in names:
+            console.print(f"[bold]{name}[/bold]: {VARIANTS[name][0]}")
+            summary = run_variant(name, out, steps, prompts, grid, beta)
+            console.print(
+                summary["metrics"],
+                f"train {summary['train_s']:.0f} s, sweep {summary['sweep_s']:.0f} s",
+            )
+    render(out)
+
+
+if __name__ == "__main__":
+    typer.run(main)

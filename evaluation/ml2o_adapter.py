@@ -36,6 +36,8 @@ def run(recipe: dict, method: str, steps: int, workdir: Path) -> dict:
     recipe = copy.deepcopy(recipe)
     recipe["args"].update(
         aggregator=method,
+        # MGDA / GML2O ignore α: PARM refuses them unless allowed (they learn one trade-off).
+        allow_preference_blind_aggregator=True,
         max_steps=steps,
         output_dir=str(workdir / method),
         logging_steps=1,

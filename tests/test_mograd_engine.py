@@ -243,6 +243,35 @@ def test_full_accumulation_over_k_micro_batches_is_one_big_batch(method):
     )
 
 
+def test_famo_in_the_engine_steps_once_per_optimizer_step_on_consecutive_mean_losses():
+    """Issue 15: FAMO's logits take one step per optimizer step (not per micro-batch), on the
+    change between consecutive steps' mean losses (oracle: torch's Adam on ⟨softmax(ξ), δ⟩),
+    and stay the same through the micro-batches of a step."""
+    engine = MultiObjectiveEngine("famo")
+    reference = torch.zeros(2, requires_grad=True)
+    adam = torch.optim.Adam([reference], lr=0.025, weight_decay=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    means = []
+    for step in range(4):
+        batch = [torch.rand(2, generator=generator, dtype=torch.float64) + 0.5 for _ in range(3)]
+        start = engine.aggregator.logits.clone()
+        for i, losses in enumerate(batch):
+            # Every micro-batch of the step is combined with the same logits.
+            assert torch.equal(engine.aggregator.logits, start) or step == 0
+            engine(losses.clone().requires_grad_(), sync=i == len(batch) - 1)
+        means.append(torch.stack(batch).mean(dim=0))
+        if step > 0:
+            delta = means[-2].log() - means[-1].log()
+            adam.zero_grad()
+            (torch.softmax(reference, 0) * delta.float()).sum().backward()
+            adam.step()
+        torch.testing.assert_close(
+            engine.aggregator.logits.float(), reference.detach(), atol=1e-6, rtol=0
+        )
+    assert int(engine.aggregator.adam_steps) == 3
+    assert float(engine.aggregator.logits.abs().max()) > 0.01  # it moved
+
+
 class FakeAccelerator:
     """What the engine reads from an Accelerator: the fp16 scaler and the boundary flag."""
 
@@ -361,8 +390,10 @@ def test_clear_errors():
 def test_state_dict_round_trip_and_observe():
     engine = MultiObjectiveEngine("stch", ideal="running")
     losses = torch.tensor([0.5, 0.25, 1.0])
-    engine(losses, torch.tensor([0.2, 0.3, 0.5]))
-    engine.observe(losses)
+    engine(losses, torch.tensor([0.2, 0.3, 0.5]))  # one step (sync defaults to True): observed
+    assert torch.equal(engine.aggregator.running_min, losses.double())
+    with pytest.raises(ValueError, match="observe='manual'"):
+        engine.observe(losses)  # it would count the step twice
     state = engine.state_dict()
     fresh = MultiObjectiveEngine("stch", ideal="running")
     fresh.load_state_dict(state)

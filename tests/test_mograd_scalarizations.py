@@ -372,4 +372,8 @@ def test_engine_runs_a_preference_based_scalarization():
     engine(losses, torch.tensor([0.5, 0.5])).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert engine.last_weights is not None
-    engine.observe(losses.detach())
+    manual = MultiObjectiveEngine("stch", ideal="running", observe="manual")
+    manual(losses, torch.tensor([0.5, 0.5]))
+    assert manual.aggregator.running_min.numel() == 0  # nothing observed until asked
+    manual.observe(losses.detach())
+    assert torch.equal(manual.aggregator.running_min, losses.detach().double())

@@ -428,6 +428,7 @@ def test_parm_trains_with_any_kind_of_aggregator(tmp_path, tiny, aggregator, opt
             max_steps=3,
             aggregator=aggregator,
             beta=1.0,
+            allow_preference_blind_aggregator=aggregator in ("mgda", "dwa"),
             **options,
             **CPU_ARGS,
         ),

@@ -64,6 +64,10 @@ class LossAggregator(nn.Module, ABC):
     kind = "loss"
     #: True when the method needs α (it then raises a ``ValueError`` without it).
     uses_preference = False
+    #: True when α, if given, changes the update although it is optional (linear
+    #: scalarization); :func:`~align.mograd.registry.preference_aware_aggregators` lists the
+    #: methods with either flag.
+    preference_aware = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,6 +91,15 @@ class LossAggregator(nn.Module, ABC):
         """Called with the (detached) losses after each optimizer step; stateful methods
         (DWA's history, FAMO's logits) update here. Default: nothing."""
 
+    def observe_step(self, losses: Tensor) -> None:
+        """What :class:`~align.mograd.engine.MultiObjectiveEngine` calls, once per optimizer
+        step after its last micro-batch was combined, with the mean over the step's
+        micro-batches (and processes) of the losses the step combined — the losses at the
+        parameters *before* the step's update; the next step's combines see the new state.
+        Default: :meth:`observe` with them (DWA's history, Tchebycheff's running ideal and
+        warm-up); FAMO, which compares losses before and after an update, overrides it."""
+        self.observe(losses)
+
 
 class GradientAggregator(nn.Module, ABC):
     """Gradient-level method: weights from the Gram matrix, update ``d = wᵀ J``.
@@ -98,6 +111,8 @@ class GradientAggregator(nn.Module, ABC):
 
     kind = "gradient"
     uses_preference = False
+    #: True when an optional α changes the update (UPGrad's, DualProj's, ... pref_vector).
+    preference_aware = False
     #: True when the method also needs the loss values (EPO).
     uses_losses = False
 

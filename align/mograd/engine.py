@@ -91,6 +91,9 @@ update-level    ✓ m bwd       ✓ (slow)    ✗                   ✗         
 (update-level: ``tests/test_mograd_ml2o.py``; ✗ = ``NotImplementedError``.)
 
 * Gradient accumulation: loss-level and feature-level weight each micro-batch, everywhere.
+  Stateful loss-level methods (DWA, FAMO, a running ideal point, a nadir warm-up) are observed
+  once per optimizer step, on the mean of the step's micro-batch losses (averaged over
+  processes too), at the boundary after its last micro-batch (``observe="step"``).
   Gradient-level: ``"micro"`` on one process and DDP (✓ slow, with ``no_sync``); ``"full"`` on
   one process, DDP and ZeRO-0/1/2 (✓ slow for DDP and ZeRO-2). Under ZeRO, ``"micro"`` with more
   than one micro-batch per step is refused with an error (ZeRO reduces every micro-batch into
@@ -128,6 +131,7 @@ from align.mograd.registry import get_aggregator
 
 _ACCUMULATION = ("micro", "full")
 _JACOBIAN = ("loop", "batched")
+_OBSERVE = ("step", "manual")
 
 
 class MultiObjectiveEngine:
@@ -147,6 +151,13 @@ class MultiObjectiveEngine:
         jacobian: ``"loop"`` (one ``autograd.grad`` per objective, least memory) or
             ``"batched"`` (one vmapped ``autograd.grad`` for all objectives).
         process_group: the data-parallel process group (default: the whole world).
+        observe: stateful loss-level methods (DWA, FAMO, a running ideal point, a nadir
+            warm-up): ``"step"`` (default) — the engine observes, once per optimizer step, the
+            mean over the step's micro-batches of the losses it was called with, at the
+            accumulation boundary, after that micro-batch's scalar (so the state is the same for
+            every micro-batch of a step and step t sees the steps before it); ``"manual"`` — you
+            call :meth:`observe` yourself (e.g. FAMO's paper protocol with the losses after the
+            step on the same batch).
         **options: passed to the method's constructor.
     """
 
@@ -160,9 +171,13 @@ class MultiObjectiveEngine:
         accumulation: str = "micro",
         jacobian: str = "loop",
         process_group: Any = None,
+        observe: str = "step",
         **options: Any,
     ) -> None:
         self.aggregator = get_aggregator(aggregator, **options)
+        if observe not in _OBSERVE:
+            raise ValueError(f"observe must be one of {_OBSERVE}, got {observe!r}")
+        self.observe_mode = observe
         self.parameters = [p for p in (parameters or []) if p.requires_grad]
         if accumulation not in _ACCUMULATION:
             raise ValueError(f"accumulation must be one of {_ACCUMULATION}, got {accumulation!r}")
@@ -195,6 +210,8 @@ class MultiObjectiveEngine:
         #: The m×m Gram matrix of the last gradient-level solve (global, detached).
         self.last_gram: Tensor | None = None
         self._pending: dict[str, Any] | None = None  # accumulation="full": sums so far
+        self._step_losses: Tensor | None = None  # observe="step": this step's summed losses
+        self._step_count = 0
         self._checked_ddp = False
 
     # ------------------------------------------------------------------------ properties
@@ -228,11 +245,13 @@ class MultiObjectiveEngine:
 
         ``features``: the shared representation, with ``feature_level=True``. ``sync``: whether
         this micro-batch ends an optimizer step (default: the accelerator's ``sync_gradients``,
-        else True); only ``accumulation="full"`` uses it.
+        else True); ``accumulation="full"`` and the per-step observation of stateful loss-level
+        methods use it.
         """
         losses = check_losses(losses, f"MultiObjectiveEngine({self.name})")
         if not self.is_gradient_level:
-            return self._loss_level(losses, preference)
+            boundary = D.sync_gradients(self.accelerator) if sync is None else bool(sync)
+            return self._loss_level(losses, preference, boundary)
         if not losses.requires_grad:
             raise ValueError(
                 f"MultiObjectiveEngine({self.name}): none of the losses requires grad — they "
@@ -257,11 +276,12 @@ class MultiObjectiveEngine:
         return self._gradient_level_local(losses, preference, boundary)
 
     # ------------------------------------------------------------------------ loss-level
-    def _loss_level(self, losses: Tensor, preference: Tensor | None) -> Tensor:
+    def _loss_level(self, losses: Tensor, preference: Tensor | None, boundary: bool) -> Tensor:
         group, size = self._world()
         if size == 1:
             loss = self.aggregator(losses, preference)
             self.last_weights = self.aggregator.last_weights
+            self._observe_step(losses, boundary)
             return loss
         # The method at the global mean losses; locally, its coefficients times the local
         # losses: the average over processes of the gradient is that of S on the union batch.
@@ -270,7 +290,36 @@ class MultiObjectiveEngine:
         value = self.aggregator(point, preference)
         self.last_weights = self.aggregator.last_weights
         (coefficients,) = torch.autograd.grad(value, point, retain_graph=True)
+        self._observe_step(mean, boundary)  # already the mean over processes: no collective
         return value + (coefficients.detach() * (losses - losses.detach())).sum()
+
+    @property
+    def _stateful(self) -> bool:
+        """A loss-level method with something to observe (DWA, FAMO, Tchebycheff's references)."""
+        cls = type(self.aggregator)
+        return isinstance(self.aggregator, LossAggregator) and (
+            cls.observe is not LossAggregator.observe
+            or cls.observe_step is not LossAggregator.observe_step
+        )
+
+    def _observe_step(self, losses: Tensor, boundary: bool) -> None:
+        """observe="step": add this micro-batch's losses (global means across processes) to the
+        step's; at the boundary, after the micro-batch was combined, the method observes their
+        mean over the step's micro-batches — once per optimizer step."""
+        if self.observe_mode != "step" or not self._stateful:
+            return
+        values = losses.detach().to(torch.float64).reshape(-1)
+        if self._step_losses is None:
+            self._step_losses, self._step_count = values.clone(), 1
+        elif self._step_losses.shape != values.shape:
+            raise ValueError("the number of objectives changed within an optimizer step")
+        else:
+            self._step_losses += values
+            self._step_count += 1
+        if boundary:
+            mean = self._step_losses / self._step_count
+            self._step_losses, self._step_count = None, 0
+            self.aggregator.observe_step(mean)
 
     # ------------------------------------------------------------------- gradient-level
     def _weights(self, gram: Tensor, losses: Tensor, preference: Tensor | None) -> Tensor:
@@ -609,13 +658,20 @@ class MultiObjectiveEngine:
 
     # -------------------------------------------------------------------------- the rest
     def observe(self, losses: Tensor) -> None:
-        """Pass the step's (detached) losses to stateful loss-level methods. Across processes,
-        call it on every process: the losses are averaged first, so the state stays the same
-        everywhere."""
+        """``observe="manual"``: pass (detached) losses to a stateful loss-level method's
+        ``observe`` now. Across processes, call it on every process: the losses are averaged
+        first, so the state stays the same everywhere. With ``observe="step"`` (the default) the
+        engine observes each optimizer step itself, and calling this is an error for a stateful
+        method (it would count the step twice); for a stateless one it does nothing."""
         if not isinstance(self.aggregator, LossAggregator):
             return
         if type(self.aggregator).observe is LossAggregator.observe:
-            return  # stateless (linear, Tchebycheff, ...): no per-step all-reduce for nothing
+            return  # stateless (linear, ...): no per-step all-reduce for nothing
+        if self.observe_mode == "step":
+            raise ValueError(
+                f"MultiObjectiveEngine({self.name}) observes every optimizer step's mean losses "
+                f"itself (observe='step'); build it with observe='manual' to call observe()"
+            )
         losses = torch.as_tensor(losses).detach()
         group, size = self._world()
         if size > 1:

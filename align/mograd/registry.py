@@ -37,6 +37,19 @@ def canonical_aggregators() -> list[str]:
     return _METHODS.canonical_names()
 
 
+def preference_aware_aggregators() -> list[str]:
+    """Canonical names of the methods whose update depends on α: those that need it
+    (``uses_preference``: Tchebycheff, smooth Tchebycheff, EPO, ...) and those that use it when
+    given (``preference_aware``: linear scalarization, UPGrad, ...). The others ignore α."""
+    return sorted(
+        {
+            cls.name
+            for cls in _METHODS.classes().values()
+            if getattr(cls, "uses_preference", False) or getattr(cls, "preference_aware", False)
+        }
+    )
+
+
 def available_aggregators() -> dict[str, str]:
     """Name → kind ("loss", "gradient" or "update") of every registered method (aliases
     included)."""

@@ -77,6 +77,16 @@ class MultiObjectivePreferenceConfig(DPOConfig):
             "micro-batch ('micro') or once per optimizer step ('full'; needed under ZeRO)."
         },
     )
+    allow_preference_blind_aggregator: bool = field(
+        default=False,
+        metadata={
+            "help": "PARM / preference DPO: allow an aggregator whose update ignores α (MGDA, "
+            "PCGrad, Nash-MTL, DWA, FAMO, ...; refused by default). α is still set on the "
+            "adapter each batch, but the update no longer depends on it, so nothing pushes the "
+            "α path to tell the objectives apart: the adapter learns one α-agnostic trade-off "
+            "(the method's), and moving α at inference changes little except by chance."
+        },
+    )
     preference_concentration: float = field(
         default=1.0, metadata={"help": "p of the Dirichlet(p·1) that α is drawn from per batch."}
     )
@@ -162,6 +172,18 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
         optimizers: tuple[Any, Any] = (None, None),
         ref_model: Any = None,
     ) -> None:
+        if self.conditioned and not args.allow_preference_blind_aggregator:
+            from align.mograd.registry import aggregator_class, preference_aware_aggregators
+
+            method = aggregator_class(args.aggregator)
+            if not (method.uses_preference or getattr(method, "preference_aware", False)):
+                raise ValueError(
+                    f"{type(self).__name__} conditions the adapter on α, but aggregator "
+                    f"{args.aggregator!r} ignores α, so the α path would learn nothing "
+                    f"α-dependent; use a preference-aware method "
+                    f"({', '.join(preference_aware_aggregators())}) or set "
+                    f"allow_preference_blind_aggregator: true"
+                )
         self.objectives = select_objectives(train_dataset, args.objectives)
         if self.single_objective and len(self.objectives) != 1:
             raise ValueError(
@@ -311,9 +333,8 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
                 self.set_model_preference(model, preference)
             scores = self.pair_scores(model, inputs)
             losses, accuracy, counts = self.objective_losses(*scores, preferred)
-            # Stateful methods (DWA's history, FAMO's logits) see each step's losses, which
-            # were computed after the previous update.
-            self.engine.observe(losses.detach())
+            # Stateful methods (DWA's history, FAMO's logits) are observed by the engine, once
+            # per optimizer step, on the mean of the step's micro-batch losses.
             features = torch.cat(scores) if self.args.feature_level else None
             loss = self.engine(losses, preference, features=features)
             self._log_objectives(mode, losses, accuracy, counts, preference)

@@ -131,7 +131,7 @@ def run(
             accelerator.clip_grad_norm_(params, CLIP)
         optimizer.step()  # under DeepSpeed, accelerator.backward stepped (this is a no-op)
         optimizer.zero_grad()
-        engine.observe(losses.detach())
+        # Stateful loss-level methods: the engine observed the step's mean losses itself.
         if weights is not None and engine.last_weights is not None:
             weights.append(engine.last_weights.detach().clone().cpu())
     return {name: full_parameter(p).detach().clone().cpu() for name, p in zip(names, params)}

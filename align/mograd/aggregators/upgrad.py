@@ -29,6 +29,8 @@ class UPGrad(GradientAggregator):
     not require one.
     """
 
+    preference_aware = True
+
     def compute_weights(
         self, gram: Tensor, losses: Tensor | None, preference: Tensor | None
     ) -> Tensor:

@@ -15,6 +15,11 @@ Weights ``z = softmax(ξ)`` come from learnable logits ξ.
 
 Pass :meth:`observe` the losses *after* the optimizer step on the same batch (one extra forward,
 no backward), as the paper does; the next batch's losses also work but add batch noise to δ.
+Inside :class:`~align.mograd.engine.MultiObjectiveEngine` (the trainers) FAMO is instead
+observed once per optimizer step with the step's mean losses (:meth:`observe_step`): δ then
+compares consecutive steps, ``log(L̄_{t−1} − b) − log(L̄_t − b)`` — the effect of update t−1,
+on the next step's batches — and ξ's step applies from step t + 1 on (the state is the same for
+every micro-batch of a step).
 ξ, its Adam moments and the last losses are buffers (not parameters: the model's optimizer
 must not touch ξ), so ``state_dict`` resumes FAMO exactly. Not preference-based: α is ignored.
 """
@@ -66,6 +71,9 @@ class FAMO(ObjectiveState, LossAggregator):
         # The losses of the last combine (θ before the step), waiting for observe.
         self.register_buffer("pending", torch.empty(0, **float64))
         self.register_buffer("has_pending", torch.zeros((), dtype=torch.bool))
+        # observe_step: the mean losses of the last optimizer step.
+        self.register_buffer("step_losses", torch.empty(0, **float64))
+        self.register_buffer("has_step_losses", torch.zeros((), dtype=torch.bool))
 
     def _gaps(self, losses: Tensor) -> Tensor:
         """``L − b + eps``, refusing losses below their declared bound."""
@@ -79,7 +87,7 @@ class FAMO(ObjectiveState, LossAggregator):
         return gaps + self.eps
 
     def _state(self, m: int, device) -> None:
-        for name in ("logits", "exp_avg", "exp_avg_sq", "pending"):
+        for name in ("logits", "exp_avg", "exp_avg_sq", "pending", "step_losses"):
             self._size_buffer(name, (m,), 0.0, device)
 
     def combine(self, losses: Tensor, preference: Tensor | None) -> Tensor:
@@ -100,7 +108,24 @@ class FAMO(ObjectiveState, LossAggregator):
             raise ValueError(
                 f"FAMO: observe got {losses.numel()} losses, combine had {self.pending.numel()}"
             )
-        delta = torch.log(self._gaps(self.pending)) - torch.log(self._gaps(losses))
+        self._step(self.pending, losses)
+        self.has_pending.fill_(False)
+
+    def observe_step(self, losses: Tensor) -> None:
+        """The engine's once-per-step observation (mean losses of the step, before its update):
+        one logit step on the change since the previous step's mean losses."""
+        losses = losses.detach().to(torch.float64).reshape(-1)
+        self._state(losses.numel(), losses.device)
+        losses = losses.to(self.step_losses)
+        if bool(self.has_step_losses):
+            self._step(self.step_losses, losses)
+        self.step_losses.copy_(losses)
+        self.has_step_losses.fill_(True)
+        self.has_pending.fill_(False)  # the combines since were of these same losses
+
+    def _step(self, before: Tensor, after: Tensor) -> None:
+        """One Adam step of ξ on ``⟨z(ξ), δ⟩``, ``δ = log(before − b) − log(after − b)``."""
+        delta = torch.log(self._gaps(before)) - torch.log(self._gaps(after))
         z = torch.softmax(self.logits, dim=0)
         # (∂z/∂ξ)ᵀ δ for the softmax Jacobian diag(z) − z zᵀ, plus weight decay (as in Adam's
         # L2 form, which is what the authors' torch.optim.Adam(weight_decay=γ) does).
@@ -112,4 +137,12 @@ class FAMO(ObjectiveState, LossAggregator):
         m_hat = self.exp_avg / (1 - _BETAS[0] ** step)
         v_hat = self.exp_avg_sq / (1 - _BETAS[1] ** step)
         self.logits -= self.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
-        self.has_pending.fill_(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state saved before observe_step existed has no step losses: start without them.
+        for name, empty in (("step_losses", self.step_losses), ("has_step_losses", None)):
+            if prefix + "logits" in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = (
+                    torch.zeros((), dtype=torch.bool) if empty is None else empty.new_empty(0)
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

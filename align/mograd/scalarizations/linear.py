@@ -12,6 +12,8 @@ from align.mograd.registry import register_aggregator
 class LinearScalarization(LossAggregator):
     """``Σ α_i L_i``; without α, the plain mean of the losses (equal weights)."""
 
+    preference_aware = True
+
     def combine(self, losses: Tensor, preference: Tensor | None) -> Tensor:
         weights = (
             preference if preference is not None else losses.new_full(losses.shape, 1 / len(losses))

@@ -145,6 +145,24 @@ def test_the_dataset_builder_pairs_every_two_styled_answers_and_writes_a_card(
     assert "positivity~brevity" in correlations and len(correlations) == 6
     card = (tmp_path / "pb.md").read_text()
     assert card.startswith("# positive_brief") and "positivity vs brevity" in card
+    # Re-measuring keeps the answers and reproduces the builder's unstyled sampling exactly.
+    from align.demo.dataset import remeasure_demo_dataset
+
+    again, refreshed = remeasure_demo_dataset(path, batch_size=4, show_progress=False)
+    assert again["response_0"] == loaded["response_0"]
+    assert again["preferred_brief"] == loaded["preferred_brief"]
+    same = json.dumps(refreshed["unstyled_answers"]) == json.dumps(facts["unstyled_answers"])
+    assert same  # compared as JSON: a constant scorer's correlation is NaN on both sides
+
+
+def test_a_non_answer_never_wins_the_brief_label():
+    from align.demo.dataset import brief_label
+
+    assert brief_label((2, 30), (False, True), tie=3) == 1  # "Ok." loses to a real answer
+    assert brief_label((30, 2), (True, False), tie=3) == 0
+    assert brief_label((1, 2), (False, False), tie=3) == -1
+    assert brief_label((10, 30), (True, True), tie=3) == 0
+    assert brief_label((10, 11), (True, True), tie=3) == -1
 
 
 def test_spearman_and_route_metrics_properties():

@@ -314,6 +314,7 @@ def guided_decode(
     generator: torch.Generator | None = None,
     streamer: Any = None,
     repeats: int = 1,
+    drop_finished: bool = True,
 ) -> torch.Tensor:
     """Decode from left-padded ``input_ids``; returns ``(repeats · B, prompt + new)`` token ids.
 
@@ -321,7 +322,9 @@ def guided_decode(
     at preference row ``k·B + i`` (e.g. one α of a sweep per block of B rows): each model whose
     prompt scores do not depend on α (the base, GenARM's ARMs, MOD's policies) reads the prompts
     once, and its cache is shared by the repeats. Rows that finish leave the batch (and every
-    cache), so the remaining rows decode at the cost of their own number.
+    cache), so the remaining rows decode at the cost of their own number (``drop_finished=False``
+    keeps them to the end, as plain ``generate`` does: the baseline of
+    ``evaluation/benchmarks/sweep_pass.py``).
     """
     if guidance.mode != "mod" and base is None:
         raise ValueError(f"{guidance.mode} guidance needs a base model")
@@ -385,7 +388,7 @@ def guided_decode(
                 break
             done = finished[active]
             # Drop finished rows once they are an eighth of the batch: a cache copy per drop.
-            if int(done.sum()) * 8 >= len(active):
+            if drop_finished and int(done.sum()) * 8 >= len(active):
                 keep = (~done).nonzero().squeeze(1)
                 for group in groups:
                     group.keep(keep, len(active))

@@ -8,7 +8,9 @@ becomes a row (six per prompt): some pairs differ in tone only, some in length o
 both, agreeing or conflicting. Labels come from the scorers, never from the style asked for:
 
 * ``positive``: the answer with the higher VADER compound sentiment (tie below ``tie_sentiment``);
-* ``brief``: the answer with fewer tokens (tie below ``tie_tokens``).
+* ``brief``: the answer with fewer tokens (tie below ``tie_tokens``); a non-answer (fewer than
+  three words, which the ``brevity`` scorer gives no credit) never wins: against an answer it
+  loses, against another non-answer it ties.
 
 The unstyled answers measure how the candidate objectives relate on the model's own outputs
 (Pearson and Spearman correlations of the scorers), which is how the objectives were chosen;
@@ -40,6 +42,16 @@ def _label(score_0: float, score_1: float, tie: float) -> int:
     if abs(score_0 - score_1) < tie:
         return -1
     return 0 if score_0 > score_1 else 1
+
+
+def brief_label(tokens: tuple[int, int], answers: tuple[bool, bool], tie: float) -> int:
+    """Which of two responses is briefer: fewer tokens wins, but only a real answer can win
+    (the same rule as the ``brevity`` scorer, so labels and evaluation agree)."""
+    if answers[0] != answers[1]:
+        return 0 if answers[0] else 1
+    if not answers[0]:
+        return -1
+    return _label(-tokens[0], -tokens[1], tie)
 
 
 def scorer_correlations(
@@ -82,7 +94,6 @@ def build_demo_dataset(
 ) -> tuple[Any, dict[str, Any]]:
     """``(dataset, card facts)`` for the first ``num_prompts`` shipped prompts."""
     from align.data import load_prompts, make_preference_dataset
-    from align.decoding.plain import generate_responses
     from align.models import load_model
     from align.scorers import get_scorer
 
@@ -90,17 +101,8 @@ def build_demo_dataset(
     model, tokenizer = load_model(model_name)
 
     def answer(requests: list[str], offset: int) -> list[str]:
-        return generate_responses(
-            model,
-            tokenizer,
-            requests,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            do_sample=True,
-            temperature=0.8,
-            top_p=0.95,
-            seed=seed + offset,
-            show_progress=show_progress,
+        return _sample_answers(
+            model, tokenizer, requests, seed + offset, max_new_tokens, batch_size, show_progress
         )
 
     plain = answer(prompts, 0)
@@ -119,6 +121,7 @@ def build_demo_dataset(
         [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         for texts in styled
     ]
+    real = [get_scorer("brevity").is_answer(texts) for texts in styled]
     rng = random.Random(seed)
     rows: dict[str, list] = {"prompt": [], "response_0": [], "response_1": []}
     labels: dict[str, list[int]] = {"positive": [], "brief": []}
@@ -130,12 +133,12 @@ def build_demo_dataset(
             rows["response_0"].append(styled[a][i])
             rows["response_1"].append(styled[b][i])
             labels["positive"].append(_label(sentiment[a][i], sentiment[b][i], tie_sentiment))
-            labels["brief"].append(_label(-lengths[a][i], -lengths[b][i], tie_tokens))
+            labels["brief"].append(
+                brief_label((lengths[a][i], lengths[b][i]), (real[a][i], real[b][i]), tie_tokens)
+            )
     dataset = make_preference_dataset(
         rows["prompt"], rows["response_0"], rows["response_1"], labels
     )
-    positive, brief = np.array(labels["positive"]), np.array(labels["brief"])
-    both = (positive != -1) & (brief != -1)
     facts = {
         "model": model_name,
         "prompts": len(prompts),
@@ -143,15 +146,86 @@ def build_demo_dataset(
         "max_new_tokens": max_new_tokens,
         "sampling": "temperature 0.8, top-p 0.95",
         "seed": seed,
-        "decided": {"positive": int((positive != -1).sum()), "brief": int((brief != -1).sum())},
-        "both_decided": int(both.sum()),
-        "agree": int((both & (positive == brief)).sum()),
-        "conflict": int((both & (positive != brief)).sum()),
+        **_label_counts(labels["positive"], labels["brief"]),
         "unstyled_answers": correlations,
         "styled_answers": styled_correlations,
         "styled_mean_tokens": [float(np.mean(x)) for x in lengths],
         "styled_mean_sentiment": [float(np.mean(x)) for x in sentiment],
     }
+    return dataset, facts
+
+
+def _sample_answers(model, tokenizer, requests, seed, max_new_tokens, batch_size, show_progress):
+    from align.decoding.plain import generate_responses
+
+    return generate_responses(
+        model,
+        tokenizer,
+        requests,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        do_sample=True,
+        temperature=0.8,
+        top_p=0.95,
+        seed=seed,
+        show_progress=show_progress,
+    )
+
+
+def _label_counts(positive: Sequence[int], brief: Sequence[int]) -> dict[str, Any]:
+    positive, brief = np.array(positive), np.array(brief)
+    both = (positive != -1) & (brief != -1)
+    return {
+        "decided": {"positive": int((positive != -1).sum()), "brief": int((brief != -1).sum())},
+        "both_decided": int(both.sum()),
+        "agree": int((both & (positive == brief)).sum()),
+        "conflict": int((both & (positive != brief)).sum()),
+    }
+
+
+def remeasure_demo_dataset(
+    path: str | Path, *, batch_size: int = 16, tie_tokens: int = 3, show_progress: bool = True
+) -> tuple[Any, dict[str, Any]]:
+    """The shipped dataset relabelled and its card re-measured with today's scorers, without
+    regenerating the styled answers: ``brief`` labels by :func:`brief_label`; correlations on
+    the dataset's styled answers, and on the unstyled answers sampled again exactly as the
+    builder sampled them (same prompts, seed and batches). Returns ``(dataset, facts)``."""
+    from align.data import load_preference_data, load_prompts, make_preference_dataset
+    from align.models import load_model
+    from align.scorers import get_scorer
+
+    path = Path(path)
+    facts = json.loads(path.with_suffix(".json").read_text())
+    rows = load_preference_data(path)
+    model, tokenizer = load_model(facts["model"])
+    brevity = get_scorer("brevity")
+    brief = []
+    for first, second in zip(rows["response_0"], rows["response_1"]):
+        tokens = [len(t) for t in tokenizer([first, second], add_special_tokens=False)["input_ids"]]
+        brief.append(
+            brief_label(tuple(tokens), tuple(brevity.is_answer([first, second])), tie_tokens)
+        )
+    styled = dict.fromkeys(
+        (p, r) for key in ("response_0", "response_1") for p, r in zip(rows["prompt"], rows[key])
+    )
+    prompts = [record["prompt"] for record in load_prompts(limit=facts["prompts"])]
+    plain = _sample_answers(
+        model, tokenizer, prompts, facts["seed"], facts["max_new_tokens"], batch_size, show_progress
+    )
+    max_tokens = facts["max_new_tokens"]
+    facts.update(
+        _label_counts(rows["preferred_positive"], brief),
+        unstyled_answers=scorer_correlations(prompts, plain, tokenizer, max_tokens),
+        styled_answers=scorer_correlations(
+            [p for p, _ in styled], [r for _, r in styled], tokenizer, max_tokens
+        ),
+    )
+    dataset = make_preference_dataset(
+        rows["prompt"],
+        rows["response_0"],
+        rows["response_1"],
+        {"positive": list(rows["preferred_positive"]), "brief": brief},
+    )
     return dataset, facts
 
 
@@ -179,7 +253,7 @@ def dataset_card(facts: dict[str, Any]) -> str:
         "| objective | label | decided pairs |",
         "|---|---|---|",
         f"| positive | higher VADER compound sentiment (tie below 0.05) | {facts['decided']['positive']} |",
-        f"| brief | fewer tokens (tie below 3) | {facts['decided']['brief']} |",
+        f"| brief | fewer tokens (tie below 3); a non-answer (fewer than 3 words) never wins | {facts['decided']['brief']} |",
         "",
         f"Of the {facts['both_decided']} pairs both objectives decide, they prefer the same answer "
         f"in {facts['agree']} and conflict in {facts['conflict']}.",
@@ -211,6 +285,10 @@ def dataset_card(facts: dict[str, Any]) -> str:
         "## Remake it",
         "",
         "    python recipes/data/build_positive_brief.py   # ~13 min measured, one thread, shared CPU",
+        "",
+        "Relabel and re-measure it with today's scorers, keeping its answers:",
+        "",
+        "    python recipes/data/build_positive_brief.py --remeasure",
         "",
     ]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from align.demo.dataset import build_demo_dataset, write_demo_dataset
+from align.demo.dataset import build_demo_dataset, remeasure_demo_dataset, write_demo_dataset
 
 
 def main() -> None:
@@ -24,14 +24,22 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    dataset, facts = build_demo_dataset(
-        args.model,
-        num_prompts=args.num_prompts,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
+    parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="keep the answers of --output; relabel and re-measure the card with today's scorers",
     )
+    args = parser.parse_args()
+    if args.remeasure:
+        dataset, facts = remeasure_demo_dataset(args.output, batch_size=args.batch_size)
+    else:
+        dataset, facts = build_demo_dataset(
+            args.model,
+            num_prompts=args.num_prompts,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
     path = write_demo_dataset(dataset, facts, args.output)
     print(json.dumps({k: v for k, v in facts.items() if k != "unstyled_answers"}, indent=2))
     print(json.dumps(facts["unstyled_answers"], indent=2))

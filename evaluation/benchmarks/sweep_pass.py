@@ -1,0 +1,102 @@
+"""Benchmark: a route's whole α sweep in one pass against one decoding pass per α, side by side.
+
+    python evaluation/benchmarks/sweep_pass.py --parm demo/parm/final \
+        --arms demo/arm-positive/final demo/arm-brief/final [--prompts 24] [--grid 10]
+
+For the demo's trained PARM and GenARM ARMs (trained adapters matter: how early answers end
+decides what dropping finished rows saves), on the demo's held-out prompts, greedy, 48 tokens:
+
+* ``per α, keep rows``: one ``guided_decode`` per α, every row decoded to the end of the
+  longest answer — how the sweep ran before;
+* ``per α, drop finished``: the same, rows leaving the batch (and their caches) at EOS;
+* ``one pass``: all α together (``repeats=K``), the prompts read once by every model whose
+  prompt scores do not depend on α, finished rows dropped.
+
+Prints wall time and the ratio to the first row, and checks that all three give the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from align.chat import encode_prompts
+from align.decoding import genarm_guidance, guided_decode, parm_guidance
+from align.decoding.loading import load_guide
+from align.demo.pipeline import EVAL_PROMPT_OFFSET
+from align.models import load_model
+from align.preference import simplex_grid
+from align.sweep.run import load_sweep_prompts
+
+
+def run(base, tokenizer, guidance, batch, alphas, one_pass: bool, drop: bool, tokens: int):
+    options = dict(
+        max_new_tokens=tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        drop_finished=drop,
+    )
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    started = time.perf_counter()
+    if one_pass:
+        rows = alphas.repeat_interleave(ids.shape[0], dim=0)
+        out = guided_decode(base, guidance, ids, mask, rows, repeats=len(alphas), **options)
+        answers = list(out[:, ids.shape[1] :].split(ids.shape[0]))
+    else:
+        answers = [
+            guided_decode(base, guidance, ids, mask, a, **options)[:, ids.shape[1] :]
+            for a in alphas
+        ]
+    elapsed = time.perf_counter() - started
+    return elapsed, [_trim(a, tokenizer.pad_token_id) for a in answers]
+
+
+def _trim(tokens: torch.Tensor, pad: int) -> list[list[int]]:
+    return [[t for t in row.tolist() if t != pad] for row in tokens]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parm", help="a trained PARM adapter folder")
+    parser.add_argument("--arms", nargs=2, help="two trained ARM adapter folders (GenARM)")
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--grid", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    args = parser.parse_args()
+    base, tokenizer = load_model()
+    base.eval()
+    prompts = load_sweep_prompts({"offset": EVAL_PROMPT_OFFSET, "limit": args.prompts})
+    batch = encode_prompts(tokenizer, prompts)
+    alphas = simplex_grid(2, args.grid).float()
+    routes = {}
+    if args.parm:
+        parm, _ = load_guide(args.parm, "smollm2-135m-instruct", base_model=base)
+        routes["PARM (shared base)"] = (base, parm_guidance(parm, beta=1.0))
+    if args.arms:
+        arms = [load_guide(a, "smollm2-135m-instruct")[0] for a in args.arms]
+        routes["GenARM (m = 2)"] = (base, genarm_guidance(dict(zip(("a", "b"), arms)), beta=1.0))
+    if not routes:
+        parser.error("give --parm and/or --arms")
+    print(f"{len(prompts)} prompts × {len(alphas)} α, greedy, {args.new_tokens} new tokens")
+    print(f"{'route':<22}{'mode':<24}{'seconds':>10}{'ratio':>8}")
+    for name, (model, guidance) in routes.items():
+        baseline, reference = None, None
+        for label, one_pass, drop in (
+            ("per α, keep rows", False, False),
+            ("per α, drop finished", False, True),
+            ("one pass", True, True),
+        ):
+            seconds, answers = run(
+                model, tokenizer, guidance, batch, alphas, one_pass, drop, args.new_tokens
+            )
+            baseline = baseline or seconds
+            reference = reference or answers
+            same = "" if answers == reference else "  (tokens differ!)"
+            print(f"{name:<22}{label:<24}{seconds:>10.1f}{baseline / seconds:>7.2f}×{same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -63,11 +63,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "one α per pair, attention only (q/k/v/o)",
         ["args.preference_sampling=pair", "args.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
     ),
-    "pair-40": ("one α per pair, 40 steps", ["args.preference_sampling=pair"]),
     "theta10": ("one α per step, Θ's lr ×10", ["args.alpha_path_lr_ratio=10"]),
     "genarm": ("GenARM: two LoRA ARMs, half the steps each", []),
+    "pair-top10": (
+        "one α per pair, adapters on the top 10 of 30 layers only (a shorter backward)",
+        [
+            "args.preference_sampling=pair",
+            r"args.target_modules=.*\.layers\.2[0-9]\.(self_attn|mlp)\.\w+_proj",
+        ],
+    ),
 }
-STEPS = {"pair-40": 40}
 
 
 def _sweep(name: str, route: dict, out: Path, prompts: int, grid: int) -> dict:
@@ -91,11 +96,10 @@ def _sweep(name: str, route: dict, out: Path, prompts: int, grid: int) -> dict:
 def run_variant(name: str, out: Path, steps: int, prompts: int, grid: int, beta: float) -> dict:
     from align.demo.pipeline import DemoConfig, _dataset, _train
 
-    folder = out / name
+    folder = out / (name if steps == 60 else f"{name}@{steps}")
     folder.mkdir(parents=True, exist_ok=True)
     config = DemoConfig(output=str(folder))
     data = _dataset(config, folder)
-    steps = STEPS.get(name, steps)
     started = time.perf_counter()
     if name == "genarm":
         arms = {

@@ -3,6 +3,7 @@ registered method, and agreement with torchjd (an independent implementation).""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import warnings
 
@@ -208,7 +209,7 @@ def test_mgda_loss_normalisations():
 #: Methods whose direction does not depend on the order of the objectives. PCGrad's does when
 #: m ≥ 3 (it projects sequentially), so it is only checked with m ≤ 2; EPO's LP may break ties
 #: between optimal vertices differently, so it makes no such promise.
-PERMUTATION_INVARIANT = ("mgda", "upgrad", "imtl_g", "cagrad", "nash_mtl")
+PERMUTATION_INVARIANT = ("mgda", "upgrad", "imtl_g", "cagrad", "nash_mtl", "dualproj", "config")
 
 
 @pytest.mark.parametrize("name", [*PERMUTATION_INVARIANT, "pcgrad"])
@@ -239,7 +240,17 @@ def test_permuting_objectives_leaves_the_direction_unchanged(name, jac, data):
 #: What each method promises when J becomes c·J (c > 0): weights unchanged (so d → c d), except
 #: Nash-MTL, whose d is unchanged (‖d‖ = √m) so weights → weights / c, and MGDA with "l2"
 #: normalisation, whose d (min-norm point of the unit gradients) is unchanged.
-SCALE_INVARIANT_WEIGHTS = ("mgda", "upgrad", "imtl_g", "cagrad", "pcgrad", "epo")
+SCALE_INVARIANT_WEIGHTS = (
+    "mgda",
+    "upgrad",
+    "imtl_g",
+    "cagrad",
+    "pcgrad",
+    "epo",
+    "dualproj",
+    "aligned_mtl",
+    "config",
+)
 
 
 @pytest.mark.parametrize("name", [*SCALE_INVARIANT_WEIGHTS, "nash_mtl", "mgda_l2"])
@@ -349,7 +360,7 @@ def test_methods_refuse_bad_grams():
 
 #: Methods that promise d conflicts with no gradient (g_i · d ≥ 0). Nash-MTL only where its
 #: equation has a solution: zero outside the convex hull of the gradients (MGDA's d ≠ 0).
-NON_CONFLICTING = ("mgda", "upgrad", "nash_mtl")
+NON_CONFLICTING = ("mgda", "upgrad", "nash_mtl", "dualproj")
 
 
 @pytest.mark.parametrize("name", NON_CONFLICTING)
@@ -675,3 +686,167 @@ def test_nash_mtl_agrees_with_torchjd():
         w = get_aggregator("nash_mtl").weights(gram)
         torch.testing.assert_close(w, expected, atol=1e-3, rtol=1e-3)
     assert compared >= 10
+
+
+# --------------------------------------------------------------------------------------------
+# DualProj, Aligned-MTL, ConFIG, GradVac, FairGrad (issue 15): agreement with torchjd 0.18
+
+
+@SETTINGS
+@given(jacobians(), st.booleans())
+def test_dualproj_agrees_with_torchjd(jac, with_preference):
+    """torchjd's DualProj (project the p-weighted mean once) with an exact BVLS projector.
+    Entries either 0 or within 1e3 of the largest: a 1e-8 entry beside 1 makes a cone so thin
+    that both solvers' tolerances (~1e-9 of a violation) admit answers far apart."""
+    gram = jac @ jac.T
+    assume(scale_of(jac) > 1e-6)
+    entries = jac.abs()
+    assume(bool(((entries == 0) | (entries >= 1e-3 * float(entries.max()))).all()))
+    m = jac.shape[0]
+    pref = torch.linspace(1.0, 2.0, m, dtype=torch.float64)
+    pref = pref / pref.sum() if with_preference else None
+    expected = torchjd_aggregation.DualProjWeighting(
+        pref_vector=pref, projector=_BoundedLeastSquaresProjector()
+    )(gram)
+    w = get_aggregator("dualproj").weights(gram, preference=pref)
+    torch.testing.assert_close(w @ jac, expected @ jac, atol=1e-6 * float(jac.norm()), rtol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_QUADPROG, reason="torchjd's default projector needs quadprog")
+@SETTINGS
+@given(jacobians())
+def test_dualproj_agrees_with_torchjd_default_projector(jac):
+    gram = jac @ jac.T
+    assume(scale_of(jac) > 1e-6)
+    regularised = gram / gram.trace() + 1e-4 * torch.eye(jac.shape[0], dtype=gram.dtype)
+    w = get_aggregator("dualproj").weights(regularised)
+    expected = torchjd_aggregation.DualProjWeighting()(gram)
+    torch.testing.assert_close(w, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+@SETTINGS
+@given(jac=jacobians(), with_preference=st.booleans())
+def test_aligned_mtl_agrees_with_torchjd(scale_mode, jac, with_preference):
+    gram = jac @ jac.T
+    assume(scale_of(jac) > 1e-6)
+    eigenvalues = np.linalg.eigvalsh(gram.numpy())
+    # Away from the rank cut-off (λ_max · m · eps), where rounding could pick either side.
+    tol = eigenvalues.max() * jac.shape[0] * np.finfo(np.float64).eps
+    assume(not ((eigenvalues > tol / 100) & (eigenvalues < tol * 100)).any())
+    m = jac.shape[0]
+    pref = torch.linspace(1.0, 2.0, m, dtype=torch.float64)
+    pref = pref / pref.sum() if with_preference else None
+    expected = torchjd_aggregation.AlignedMTLWeighting(pref_vector=pref, scale_mode=scale_mode)(
+        gram
+    )
+    w = get_aggregator("aligned_mtl", scale_mode=scale_mode).weights(gram, preference=pref)
+    torch.testing.assert_close(w @ jac, expected @ jac, atol=1e-6 * float(jac.norm()), rtol=1e-6)
+
+
+def test_aligned_mtl_aligns_the_principal_components():
+    """The balanced Jacobian ``Bᵀ... = Jᵀ B`` has orthogonal columns of equal norm √λ_min on the
+    span of independent gradients: ``Bᵀ G B = λ_min I``."""
+    gen = torch.Generator().manual_seed(0)
+    jac = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    gram = jac @ jac.T
+    agg = get_aggregator("aligned_mtl")
+    balance = torch.stack([agg.weights(gram, preference=e) for e in torch.eye(3, dtype=gram.dtype)])
+    lam_min = float(torch.linalg.eigvalsh(gram).min())
+    torch.testing.assert_close(balance @ gram @ balance.T, lam_min * torch.eye(3, dtype=gram.dtype))
+
+
+@SETTINGS
+@given(jacobians(min_m=2), st.booleans())
+def test_config_agrees_with_torchjd(jac, with_preference):
+    """Well-conditioned unit gradients (where a Gram pseudo-inverse is as good as U's own)."""
+    norms = jac.norm(dim=1)
+    assume(bool((norms > 1e-3 * float(norms.max())).all()) and float(norms.max()) > 1e-3)
+    units = jac / norms[:, None]
+    assume(np.linalg.cond((units @ units.T).numpy()) < 1e5)
+    m = jac.shape[0]
+    pref = torch.linspace(1.0, 2.0, m, dtype=torch.float64) if with_preference else None
+    expected = torchjd_aggregation.ConFIG(pref_vector=pref)(jac)
+    got = get_aggregator("config")(jac, preference=None if pref is None else pref / pref.sum())
+    torch.testing.assert_close(got, expected, atol=1e-6 * float(jac.norm()), rtol=1e-6)
+    # Equal cosines with every gradient (p = 1): the conflict-free direction.
+    if pref is None and float(got.norm()) > 0:
+        cosines = (units @ got) / got.norm()
+        torch.testing.assert_close(cosines, cosines.mean().expand_as(cosines))
+
+
+@SETTINGS
+@given(st.integers(2, 5), st.integers(0, 2**16), st.floats(0.0, 1.0))
+def test_gradvac_agrees_with_torchjd_over_several_calls(m, seed, beta):
+    """Same seed, same visiting orders, the same EMA targets carried from call to call."""
+    gen = torch.Generator().manual_seed(seed)
+    grams = []
+    for _ in range(4):
+        jac = torch.randn(m, m + 2, generator=gen, dtype=torch.float64)
+        grams.append(jac @ jac.T)
+    ours = get_aggregator("gradvac", beta=beta, seed=seed)
+    theirs = torchjd_aggregation.GradVacWeighting(beta=beta)
+    torch.manual_seed(seed)
+    expected = [theirs(g) for g in grams]
+    for gram, w_theirs in zip(grams, expected):
+        torch.testing.assert_close(ours.weights(gram), w_theirs, atol=1e-9, rtol=1e-9)
+
+
+def test_gradvac_state_round_trips_and_starts_as_pcgrad():
+    gen = torch.Generator().manual_seed(1)
+    jacs = [torch.randn(3, 4, generator=gen, dtype=torch.float64) for _ in range(6)]
+    first = get_aggregator("gradvac", seed=2)
+    for jac in jacs[:3]:
+        first(jac)
+    state = copy.deepcopy(first.state_dict())  # as torch.save would (buffers are live views)
+    assert state["targets"].shape == (3, 3) and "_extra_state" in state
+    expected = [first(jac) for jac in jacs[3:]]
+    resumed = get_aggregator("gradvac", seed=99)  # the generator state comes from the dict
+    resumed.load_state_dict(state)
+    for jac, d in zip(jacs[3:], expected):
+        assert torch.equal(resumed(jac), d)
+    # Zero targets (the first call): PCGrad's surgery of the conflicting pairs, m = 2.
+    pair = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        get_aggregator("gradvac", eps=0.0)(pair), get_aggregator("pcgrad")(pair)
+    )
+
+
+def _fairgrad_residual(gram: torch.Tensor, w: torch.Tensor, alpha: float) -> float:
+    return float((gram @ w - w ** (-1.0 / alpha)).abs().max())
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, 5.0])
+def test_fairgrad_solves_its_equation_and_agrees_with_torchjd(alpha):
+    gen = torch.Generator().manual_seed(0)
+    compared = 0
+    for _ in range(20):
+        m = int(torch.randint(2, 6, (), generator=gen))
+        jac = torch.randn(m, m + 3, generator=gen, dtype=torch.float64)
+        gram = jac @ jac.T
+        w = get_aggregator("fairgrad", alpha=alpha).weights(gram)
+        assert (w > 0).all()
+        assert _fairgrad_residual(gram, w, alpha) <= 1e-7 * float((w ** (-1 / alpha)).max())
+        expected = torchjd_aggregation.FairGradWeighting(alpha=alpha)(gram)
+        if _fairgrad_residual(gram, expected, alpha) > 1e-6:
+            continue  # SciPy's least_squares stopped early
+        compared += 1
+        torch.testing.assert_close(w, expected, atol=1e-5, rtol=1e-5)
+    assert compared >= 10
+    torch.testing.assert_close(
+        get_aggregator("fairgrad", alpha=0.0).weights(gram),
+        torch.full((m,), 1.0 / m, dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
+def test_fairgrad_scaling_and_its_nash_mtl_case(alpha):
+    """J → cJ scales d by c^((1−α)/(1+α)); at α = 1 the equation is Nash-MTL's."""
+    gen = torch.Generator().manual_seed(3)
+    jac = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    fair = get_aggregator("fairgrad", alpha=alpha)
+    d = fair(jac)
+    for c in (1e-2, 7.0):
+        torch.testing.assert_close(fair(c * jac), c ** ((1 - alpha) / (1 + alpha)) * d)
+    if alpha == 1.0:
+        torch.testing.assert_close(d, get_aggregator("nash_mtl")(jac), atol=1e-8, rtol=1e-8)

@@ -23,6 +23,9 @@ from align.mograd.engine import MultiObjectiveEngine
 REPO = Path(__file__).resolve().parents[1]
 STEP_SCRIPT = REPO / "tests" / "distributed" / "mograd_step.py"
 GRADIENT_METHODS = ["mgda", "pcgrad", "upgrad", "cagrad", "imtl_g"]
+#: Issue 15's additions: through the engine's Gram path on one process, DDP and ZeRO-2.
+NEW_GRADIENT_METHODS = ["aligned_mtl", "config", "dualproj", "fairgrad", "gradvac"]
+NEW_LOSS_METHODS = ["pbi", "cosmos"]
 
 
 def _step_module():
@@ -75,7 +78,7 @@ def jacobian_of(losses: torch.Tensor, params) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("jacobian", ["loop", "batched"])
-@pytest.mark.parametrize("method", GRADIENT_METHODS)
+@pytest.mark.parametrize("method", GRADIENT_METHODS + NEW_GRADIENT_METHODS)
 def test_injected_update_equals_backward_of_the_weighted_sum(method, jacobian):
     model, x, y = problem()
     params = list(model.parameters())
@@ -131,6 +134,8 @@ LOSS_METHODS = [
     ("tch", {}),
     ("dwa", {}),
     ("uw", {"num_objectives": 3}),
+    ("pbi", {}),
+    ("cosmos", {}),
 ]
 
 
@@ -480,7 +485,7 @@ def _differ(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("backend", ["ddp", "zero2"])
 def test_two_processes_match_one_process_on_the_union_batch(tmp_path, backend):
-    methods = ["linear", "stch", "mgda"]
+    methods = ["linear", "stch", "mgda", *NEW_GRADIENT_METHODS, *NEW_LOSS_METHODS]
     results = _launch(tmp_path, backend, "--methods", ",".join(methods))
     references = _assert_matches_one_process(results, methods)
     assert _differ(references["mgda"], references["linear"])  # MGDA is not LS here

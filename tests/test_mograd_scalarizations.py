@@ -377,3 +377,70 @@ def test_engine_runs_a_preference_based_scalarization():
     assert manual.aggregator.running_min.numel() == 0  # nothing observed until asked
     manual.observe(losses.detach())
     assert torch.equal(manual.aggregator.running_min, losses.detach().double())
+
+
+# --- PBI and COSMOS (issue 15): agreement with torchjd's scalarizers ------------------------
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(losses_and_preference(m_min=1), st.sampled_from([0.0, 1.0, 5.0]), st.booleans())
+def test_pbi_agrees_with_torchjd(case, theta, shifted):
+    from torchjd.scalarization import PBI
+
+    losses, alpha = case
+    ideal = torch.linspace(-1.0, -0.5, losses.numel(), dtype=torch.float64) if shifted else None
+    ours_losses = losses.clone().requires_grad_(True)
+    options = {"theta": theta} | ({"ideal": ideal.tolist()} if shifted else {})
+    method = get_aggregator("pbi", **options)
+    value = method(ours_losses, alpha)
+    value.backward()
+    theirs_losses = losses.clone().requires_grad_(True)
+    expected = PBI(theta, alpha, reference=ideal)(theirs_losses)
+    expected.backward()
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(ours_losses.grad, theirs_losses.grad)
+    torch.testing.assert_close(method.last_weights, ours_losses.grad)
+
+
+def test_pbi_is_minimised_on_the_preference_ray():
+    """Among loss vectors at the same distance from the ideal point, PBI is smallest on the ray
+    of α (d_2 = 0) — the point it converges to."""
+    alpha = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    method = get_aggregator("pbi")
+    on_ray = alpha / alpha.norm()
+    angles = torch.linspace(0.0, math.pi / 2, 41, dtype=torch.float64)
+    values = [float(method(torch.stack([a.cos(), a.sin()]), alpha)) for a in angles]
+    best = angles[int(torch.tensor(values).argmin())]
+    assert abs(float(best) - math.atan2(float(on_ray[1]), float(on_ray[0]))) < 0.05
+    with pytest.raises(ValueError, match="preference"):
+        method(torch.ones(2))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(losses_and_preference(m_min=1), st.sampled_from([0.0, 0.01, 1.0, 8.0]))
+def test_cosmos_agrees_with_torchjd(case, lambda_):
+    from torchjd.scalarization import COSMOS
+
+    losses, alpha = case
+    losses = losses + 0.1  # the cosine's gradient is undefined at L = 0
+    ours_losses = losses.clone().requires_grad_(True)
+    method = get_aggregator("cosmos", lambda_=lambda_)
+    value = method(ours_losses, alpha)
+    value.backward()
+    theirs_losses = losses.clone().requires_grad_(True)
+    expected = COSMOS(lambda_, alpha)(theirs_losses)
+    expected.backward()
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(ours_losses.grad, theirs_losses.grad)
+    torch.testing.assert_close(method.last_weights, ours_losses.grad)
+
+
+def test_cosmos_without_the_penalty_is_linear_scalarization():
+    losses = torch.tensor([0.5, 2.0, 1.0])
+    alpha = torch.tensor([0.2, 0.3, 0.5])
+    assert torch.equal(
+        get_aggregator("cosmos", lambda_=0.0)(losses, alpha),
+        get_aggregator("linear")(losses, alpha),
+    )
+    with pytest.raises(ValueError, match="lambda_"):
+        get_aggregator("cosmos", lambda_=-1.0)

@@ -4,10 +4,11 @@ Every method turns m per-objective losses into one update, in one of two ways:
 
 * a :class:`LossAggregator` maps the loss vector ``L ∈ R^m`` (and α, for preference-based
   methods) to one scalar; one backward of that scalar gives the update (linear scalarization,
-  Tchebycheff, smooth Tchebycheff, DWA, uncertainty weighting, random weighting, FAMO);
+  Tchebycheff, smooth Tchebycheff, PBI, COSMOS, DWA, uncertainty weighting, random weighting,
+  FAMO);
 * a :class:`GradientAggregator` maps the m×m Gram matrix ``G = J Jᵀ`` of the per-objective
   gradients to weights ``w``; the update is ``d = Σ w_i g_i = wᵀ J`` (MGDA, PCGrad, CAGrad,
-  IMTL-G, Nash-MTL, UPGrad, EPO). Needing only G is what makes these cheap to distribute: m²
+  IMTL-G, Nash-MTL, UPGrad, EPO, DualProj, Aligned-MTL, ConFIG, GradVac, FairGrad). Needing only G is what makes these cheap to distribute: m²
   numbers describe the whole conflict between objectives.
 
 Both are ``torch.nn.Module`` so that their state (loss history, learnable log-variances, FAMO's

@@ -17,7 +17,8 @@ How each kind of method gets there
   coefficients there, ``c = ∂S/∂L (L̄)``: the averaged gradient is then exactly the gradient of
   S on the union of the batches, also for non-linear S (Tchebycheff), and stateful methods see
   the same losses on every process.
-* **gradient-level** (MGDA, PCGrad, CAGrad, IMTL-G, Nash-MTL, UPGrad, EPO): the per-objective
+* **gradient-level** (MGDA, PCGrad, CAGrad, IMTL-G, Nash-MTL, UPGrad, EPO, DualProj,
+  Aligned-MTL, ConFIG, GradVac, FairGrad): the per-objective
   gradients of ``parameters`` form ``J (m, P)``; the weights come from the Gram ``J Jᵀ``; the
   update ``d = wᵀ J`` is *injected*: the returned scalar has the value ``Σ w_i L_i`` and a
   custom backward that hands ``grad_output · d`` to the parameters (no second pass through the
@@ -31,6 +32,9 @@ How each kind of method gets there
     tensor, so every rank computes the same weights and the same ``d``. DDP then averages the
     injected ``d`` — identical values, so nothing is counted twice; it costs DDP's usual
     all-reduce of P numbers, which also keeps its bucket bookkeeping (and ``no_sync``) intact.
+  - DeepSpeed ZeRO-0 (no sharding): as ZeRO-1/2 below for ``J`` (every rank reads the same
+    reduced gradients), and the losses are averaged over the ranks (EPO and MGDA's loss
+    normalisations read them), so every rank computes the same weights.
   - DeepSpeed ZeRO-1/2: ``torch.autograd.grad`` fails under ZeRO, so each objective is one
     ``engine.backward(L_i)`` (at a forced accumulation boundary, so ZeRO reduces it), this
     rank's gradient partition is read and cleared. The Gram is the all-reduced sum of the
@@ -76,7 +80,9 @@ Gradient accumulation (``accumulation=``)
 Support matrix
 --------------
 Each ✓ is a test in ``tests/test_mograd_engine.py`` that compares two CPU processes (gloo) with
-one process on the union of their batches (LS, STCH and MGDA; ZeRO-0/1: LS and MGDA); "slow"
+one process on the union of their batches (LS, STCH, MGDA, and on DDP / ZeRO-2 also PBI, COSMOS,
+DualProj, Aligned-MTL, ConFIG, GradVac, FairGrad; ZeRO-0: LS, MGDA, EPO and loss-normalised MGDA
+with the ranks' weights compared too; ZeRO-1: LS and MGDA); "slow"
 ones run with ``-m slow``; ~ = by construction, untested.
 
 ==============  ============  ==========  ==================  ===================  ============

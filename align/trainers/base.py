@@ -352,7 +352,6 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
         scores = self.pair_scores(model, inputs)
         weighted, accuracy, counts = self.objective_losses(*scores, preferred, alpha)
         losses, _, _ = self.objective_losses(*(s.detach() for s in scores), preferred)
-        self.engine.observe(losses)
         self.engine.last_weights = alpha.mean(dim=0)
         self._log_objectives("train", losses, accuracy, counts, alpha.mean(dim=0))
         return weighted.sum()

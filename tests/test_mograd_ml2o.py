@@ -37,6 +37,14 @@ def jacobian(m: int, p: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(m, p, generator=g) * scales.unsqueeze(1)
 
 
+def aligned_jacobians(count: int, m: int, p: int, seed: int = 0) -> list[torch.Tensor]:
+    """Partly aligned gradients of one scale, on which the shipped GML2O takes its learned
+    steps (on :func:`jacobian`'s, 10⁵ apart in scale, it falls back to MGDA)."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(p, generator=g)
+    return [shared + 0.5 * torch.randn(m, p, generator=g) for _ in range(count)]
+
+
 def mgda_direction(j: torch.Tensor) -> torch.Tensor:
     return get_aggregator("mgda")(j.double()).float()
 
@@ -133,10 +141,11 @@ def test_update_is_homogeneous_in_the_gradients():
 
 @pytest.mark.parametrize("state_dtype", ["float16", "float32"])
 def test_state_dict_round_trip_reproduces_the_next_update(state_dtype):
-    j = [jacobian(2, 64, seed=s) for s in range(5)]
+    j = aligned_jacobians(5, 2, 64)
     original = GML2O(state_dtype=state_dtype)
     for step in range(3):
         original(j[step])
+    assert int(original.accepted) == 3  # so the saved state has advanced
     saved = {k: v.clone() for k, v in original.state_dict().items()}
     restored = GML2O(state_dtype=state_dtype)
     restored.load_state_dict(saved)
@@ -186,6 +195,53 @@ def test_guard_rejects_a_too_long_step_and_accepts_a_good_one():
     mean_only(conflict)
     assert mean_only.last_accepted is False
     assert not accepts(conflict, conflict.mean(0), mgda_direction(conflict), 0.5, 10.0)
+
+
+def _stateful_net(a: float) -> ML2ONet:
+    """``a · d*`` plus a small head on the shared LSTM state, so the update depends on the
+    recurrent state (the zero head of :func:`with_gains` would hide it)."""
+    net = with_gains(a)
+    with torch.no_grad():
+        net.head.weight.copy_(0.05 * torch.linspace(-1.0, 1.0, net.shared_hidden)[None])
+        net.head.bias.fill_(0.01)
+    return net
+
+
+def test_a_rejected_learned_step_leaves_the_recurrent_state_where_it_was():
+    js = aligned_jacobians(3, 2, 48, seed=30)
+    net = _stateful_net(2.0)  # ≈ 2 d*: accepted at max_ratio 10, refused at max_ratio 1
+    guarded, skipped = GML2O(net=net), GML2O(net=net)
+    guarded(js[0])
+    skipped(js[0])
+    assert guarded.last_accepted and skipped.last_accepted
+    before = guarded.hidden.clone()
+    guarded.max_ratio = 1.0  # the same learned step is now too long: MGDA's is taken
+    d = guarded(js[1])
+    assert guarded.last_accepted is False
+    torch.testing.assert_close(d, mgda_direction(js[1]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(guarded.hidden, before, rtol=0, atol=0)
+    assert int(guarded.decisions) == 2 and int(guarded.accepted) == 1
+    guarded.max_ratio = 10.0
+    # A checkpoint taken after the rejection resumes to the same next update.
+    resumed = GML2O(net=net)
+    resumed.load_state_dict({k: v.clone() for k, v in guarded.state_dict().items()})
+    # The rejected step left no trace: the next update is that of a run that never saw it ...
+    after_rejection = guarded(js[2])
+    assert guarded.last_accepted
+    torch.testing.assert_close(after_rejection, skipped(js[2]), rtol=0, atol=0)
+    torch.testing.assert_close(guarded.hidden, skipped.hidden, rtol=0, atol=0)
+    torch.testing.assert_close(resumed(js[2]), after_rejection, rtol=0, atol=0)
+    # ... and the state matters: a run whose state did advance on js[1] gives another one.
+    advanced = ML2O(net=net)
+    for j in js[:2]:
+        advanced(j)
+    assert not torch.allclose(advanced(js[2]), after_rejection)
+    # With every learned step refused, the state stays the fresh (zero) one.
+    refused = GML2O(net=_stateful_net(-1.0))
+    for j in js:
+        refused(j)
+    assert refused.acceptance_rate == 0.0 and int(refused.steps) == 3
+    assert refused.hidden.shape[0] == 48 and not refused.hidden.any()
 
 
 def test_gml2o_steps_are_common_descent_directions():

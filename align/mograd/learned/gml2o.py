@@ -1,4 +1,4 @@
-"""GML2O: ML2O with a guard that makes the iterates converge to a Pareto-critical point.
+"""GML2O: ML2O with a guard that keeps MGDA's convergence argument (see below for its terms).
 
 Each step computes two candidate directions from the same per-objective gradients ``g_i``:
 
@@ -14,15 +14,68 @@ much longer::
 
     ⟨d, g_i⟩ ≥ margin · ‖d*‖²  for every i      and      ‖d‖ ≤ max_ratio · ‖d*‖
 
-otherwise ``d*`` is taken. ``d*`` itself satisfies ``⟨d*, g_i⟩ ≥ ‖d*‖²`` (min-norm property)
-with ratio 1, so *every* step satisfies the two inequalities with constants
-``c = min(margin, 1)`` and ``C = max(max_ratio, 1)``. With L-Lipschitz gradients and a step
-``x ← x − η d``, each objective then falls by at least ``η (c − η L C² / 2) ‖d*‖²``; for
-``η < 2c / (L C²)`` summing over steps gives ``Σ_k ‖d*_k‖² < ∞``, so ``‖d*_k‖ → 0``: the
-Pareto-stationarity measure (the norm of the min-norm element of the gradients' convex hull)
-vanishes and every limit point is Pareto-critical. That is the same argument as for MGDA,
-which is why the guard compares against it. At a Pareto-critical point (``d* = 0``) only
-``d = 0`` passes.
+otherwise ``d*`` is taken.
+
+**What is proven, exactly.** ``d*`` passes the test with constants 1 (min-norm property), so
+*every* returned direction satisfies, for the gradients ``g_i`` it was given::
+
+    ⟨d, g_i⟩ ≥ c ‖d*‖² for every i,   ‖d‖ ≤ C ‖d*‖,   c = min(margin, 1), C = max(max_ratio, 1)
+
+That is a property of the direction alone; it always holds. The convergence statement built on
+it needs, in addition:
+
+1. every ``f_i`` has an L-Lipschitz gradient, and one of them is bounded below;
+2. deterministic gradients: ``g_i = ∇f_i(x_k)`` exactly, the gradients the guard tested;
+3. plain steps with the returned direction, ``x_{k+1} = x_k − η_k d_k`` — no momentum,
+   per-coordinate preconditioning, weight decay or projection;
+4. the step bound ``0 < η_min ≤ η_k ≤ η_max < 2c / (L C²)`` — with the defaults (margin 0.5,
+   max_ratio 10) ``η < 1 / (100 L)``, a hundred times below MGDA's own bound ``2 / L``. L is
+   not known to the method and nothing checks the step against it.
+
+Then the descent lemma gives, for every i, ``f_i(x_{k+1}) ≤ f_i(x_k) − η_k (c − η_k L C²/2)
+‖d*_k‖²``: every objective is non-increasing, ``Σ_k ‖d*_k‖² ≤ (f_i(x_0) − inf f_i) /
+(η_min (c − η_max L C² / 2)) < ∞``, so ``min_{k<K} ‖d*_k‖² = O(1/K)`` and ``‖d*_k‖ → 0``: the
+Pareto-stationarity measure (the norm of the min-norm element of the gradients' convex hull, a
+continuous function of x) vanishes and every limit point is Pareto-critical. That is MGDA's own
+argument (c = C = 1), which is why the guard compares against it. At a Pareto-critical point
+(``d* = 0``) only ``d = 0`` passes.
+
+**What holds in the trainers.** They inject ``d`` as the gradient and step with AdamW (cosine
+or linear schedule, warm-up, global-norm clipping at ``max_grad_norm``) on mini-batch
+gradients, so assumptions 2–4 do not hold and the convergence statement does not carry over:
+
+* *mini-batches*: the guard tests the batch gradients, so ``d`` is a common descent direction
+  of the batch losses, not necessarily of the objectives; ``d*`` is the min-norm element of
+  noisy gradients, and ``‖d*‖`` levels off at a noise floor (measured in the README's held-out
+  table). DSSMG's growing sample is what restores convergence; a fixed batch size gives none.
+* *gradient accumulation*: with ``accumulation="micro"`` GML2O is called once per micro-batch
+  (each call tests, and may advance the state on, one micro-batch) and the step's update is
+  the sum of k directions, each guarded for its own micro-batch only; with ``"full"`` it is
+  called once per optimizer step on the effective batch's mean Jacobian, and the guard holds
+  for that batch.
+* *global-norm clipping* multiplies ``d`` by a factor in (0, 1]: the direction and both
+  inequalities survive; with plain SGD it is a smaller ``η_k``, inside the argument as long
+  as the factor stays bounded away from 0 (bounded gradients).
+* *schedules*: a schedule is ``η_k``. Warm-up only shortens steps; a decay to 0 (cosine) breaks
+  ``η_min > 0`` — with ``Σ η_k = ∞`` one still gets ``Σ η_k ‖d*_k‖² < ∞`` and
+  ``liminf ‖d*_k‖ = 0``, and a finite run has no asymptotics anyway.
+* *AdamW*: the applied displacement is ``η_k (m̂_k / (√v̂_k + ε) + λ x_k)``, a per-coordinate
+  rescaled moving average of past directions plus weight decay, not ``η_k d_k``. A positive
+  diagonal rescaling of a common descent direction need not be one when the objectives
+  conflict, momentum mixes directions tested at earlier points, and decay pulls towards 0:
+  neither the per-step decrease nor ``‖d*‖ → 0`` follows.
+
+What survives all of these is the per-direction property: each direction the optimizer is
+handed is a common descent direction of the gradients it was computed from, with
+``⟨d, g_i⟩ ≥ c ‖d*‖²`` and ``‖d‖ ≤ C ‖d*‖`` — the kind of input MGDA hands it (c = C = 1).
+The guard bounds what the learned part can feed the optimizer; it does not give AdamW on
+mini-batches a guarantee that MGDA under AdamW lacks.
+
+**Rejected steps do not advance the recurrent state.** The candidate state is computed in a
+separate tensor (``ML2O.propose(commit=False)``; a second copy of the state while the call
+runs) and committed only with the learned step it produced, so the network's history holds only
+the learned steps that were taken. (The guarantee above does not depend on it: it holds
+whatever the learned part does.) ``steps`` counts calls, ``accepted`` the learned steps taken.
 
 The decision is exposed as ``last_accepted`` and the running ``acceptance_rate`` (its counters
 are buffers, saved with ``state_dict``); the trainers log it as ``gml2o/accepted``.
@@ -90,13 +143,15 @@ class GML2O(ML2O):
     def compute_update(
         self, jacobian: Tensor, losses: Tensor | None, preference: Tensor | None
     ) -> Tensor:
-        proposal = self.propose(jacobian)
+        # The candidate state is committed only with the learned step it produced.
+        proposal = self.propose(jacobian, commit=False)
         update, baseline = proposal["update"], proposal["baseline"]
         ok = accepts(jacobian, update, baseline, self.margin, self.max_ratio)
         self.last_accepted = ok
         self.decisions += 1
         self.accepted += int(ok)
         if ok:
+            self.commit(proposal)
             self.last_weights = span_weights(jacobian, proposal["gram"], update)
             return update.to(jacobian.dtype)
         self.last_weights = proposal["baseline_weights"]

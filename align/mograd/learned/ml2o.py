@@ -108,7 +108,8 @@ class ML2O(UpdateAggregator):
             m = 2 with the default Hs = 8, H = 16, i.e. 128 bytes per parameter in float16.
         chunk_size: coordinates processed at once (bounds the temporaries).
 
-    The recurrent state (``hidden``, shape (P, state size)) and the step counter are buffers:
+    The recurrent state (``hidden``, shape (P, state size)) and the step counter (calls) are
+    buffers:
     ``state_dict`` / ``load_state_dict`` save and restore them (a checkpoint resumes with the
     same next update). A call with a different (m, P) than the state's starts a fresh state.
     The network's parameters are frozen (``requires_grad=False``): the trainers' optimizer
@@ -169,10 +170,17 @@ class ML2O(UpdateAggregator):
 
     # ------------------------------------------------------------------------- update
     @torch.no_grad()
-    def propose(self, jacobian: Tensor) -> dict[str, Tensor]:
-        """Advance the state and return the learned update with what it was built from:
-        ``update`` (P,), ``baseline`` (the MGDA direction d*), ``baseline_weights`` (m,),
-        ``gram`` (m, m, float64)."""
+    def propose(self, jacobian: Tensor, *, commit: bool = True) -> dict[str, Tensor]:
+        """The learned update with what it was built from: ``update`` (P,), ``baseline`` (the
+        MGDA direction d*), ``baseline_weights`` (m,), ``gram`` (m, m, float64) and ``state``,
+        the recurrent state after this step.
+
+        ``commit=True`` advances the state in place (``state`` is ``self.hidden``);
+        ``commit=False`` writes the candidate state into a new tensor and leaves ``self.hidden``
+        as it was, for :meth:`commit` to install (GML2O commits it only when
+        the learned step is taken). The candidate costs a second copy of the state while it
+        lives.
+        """
         m, size = jacobian.shape
         self.net.check_objectives(m)
         device = jacobian.device
@@ -183,22 +191,30 @@ class ML2O(UpdateAggregator):
         self._ensure_state(m, size, device)
         update = torch.zeros(size, dtype=torch.float32, device=device)
         scale = float(inputs["scale"])
+        target = self.hidden
         if scale > 0:  # all-zero gradients: a zero update, the state left as it was
+            if not commit:
+                target = torch.empty_like(self.hidden)
             u, reference, mean = inputs["u"], inputs["mgda"], inputs["mean"]
             for start in range(0, size, self.chunk_size):
                 part = slice(start, start + self.chunk_size)
                 out, state = self.net.step(
                     u[:, part], reference[part], mean[part], self.hidden[part]
                 )
-                self.hidden[part] = state.to(self.hidden.dtype)
+                target[part] = state.to(target.dtype)
                 update[part] = out.float() * scale
-        self.steps += 1
+        self.steps += 1  # calls, whether or not the state advanced
         return {
             "update": update,
             "baseline": inputs["baseline"],
             "baseline_weights": inputs["baseline_weights"],
             "gram": inputs["gram"],
+            "state": target,
         }
+
+    def commit(self, proposal: dict[str, Tensor]) -> None:
+        """Install the candidate state of ``propose(..., commit=False)``."""
+        self.hidden = proposal["state"]
 
     def compute_update(
         self, jacobian: Tensor, losses: Tensor | None, preference: Tensor | None

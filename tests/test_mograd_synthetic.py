@@ -2,6 +2,7 @@
 and the hypervolume-gap evaluation script."""
 
 import importlib.util
+import inspect
 import json
 import math
 from pathlib import Path
@@ -9,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from align.mograd import available_aggregators
 from align.mograd.synthetic import (
     PROBLEMS,
+    PSL_PROTOCOL,
+    ParetoSetModel,
     get_problem,
     hypervolume_gap,
     make_method,
@@ -246,28 +250,54 @@ def test_method_helpers():
 # --- Pareto set learning -------------------------------------------------------------------
 
 
+# Small settings, explicitly: the defaults are the paper's protocol (512-unit layers, 2,000 steps).
+SMALL_PSL = {"hidden": 64, "lr": 1e-2}
+
+
+def test_pareto_set_learning_defaults_are_the_smooth_tchebycheff_papers_protocol(script):
+    defaults = inspect.signature(pareto_set_learning).parameters
+    paper = {"hidden": 512, "steps": 2000, "lr": 1e-3, "batch_size": 10, "concentration": 1.0}
+    assert {key: defaults[key].default for key in paper} == paper == PSL_PROTOCOL
+    model = ParetoSetModel(
+        torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64), 2
+    )
+    assert [layer.out_features for layer in model.net if isinstance(layer, nn.Linear)] == [
+        512,
+        512,
+        5,
+    ]
+    assert script.solver_options("psl") == {"steps": 2000, "lr": 1e-3}
+    settings = {"optimizer": "adam", **script.solver_options("psl"), **PSL_PROTOCOL}
+    assert script.psl_protocol(settings).startswith("the smooth Tchebycheff paper's")
+    changed = script.psl_protocol({**settings, "steps": 5})
+    assert changed.startswith("NOT") and "steps 5 (paper 2000)" in changed
+
+
 def test_pareto_set_learning_follows_preferences():
     problem = get_problem("vlmop2")
-    result = pareto_set_learning(problem, "stch", steps=150, lr=1e-2)
+    result = pareto_set_learning(problem, "stch", steps=150, **SMALL_PSL)
     assert result.objectives.shape == (100, 2) and result.preference_based
     # More weight on f1 gives a smaller f1: the learned map is ordered along the front.
     f1 = result.objectives[:, 0]
     assert np.corrcoef(result.preferences[:, 0].numpy(), f1)[0, 1] < -0.9
-    again = pareto_set_learning(problem, "stch", steps=150, lr=1e-2)
+    again = pareto_set_learning(problem, "stch", steps=150, **SMALL_PSL)
     assert np.array_equal(result.objectives, again.objectives)
-    untrained = pareto_set_learning(problem, "stch", steps=0)
+    untrained = pareto_set_learning(problem, "stch", steps=0, **SMALL_PSL)
     assert hypervolume_gap(problem, result.objectives) < hypervolume_gap(
         problem, untrained.objectives
     )
 
 
 def test_pareto_set_learning_with_a_method_that_ignores_preferences():
-    result = pareto_set_learning(get_problem("vlmop2"), "dwa", steps=20, eval_preferences=[[1, 0]])
+    result = pareto_set_learning(
+        get_problem("vlmop2"), "dwa", steps=20, hidden=64, eval_preferences=[[1, 0]]
+    )
     assert not result.preference_based and result.objectives.shape == (1, 2)
 
 
 @pytest.mark.slow
 def test_pareto_set_learning_zdt2_smooth_tchebycheff_beats_linear(script):
+    """At the script's defaults: the paper's protocol (about a minute per method here)."""
     problem = get_problem("zdt2")
     options = script.solver_options("psl")
     gaps = {

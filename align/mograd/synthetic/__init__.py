@@ -4,7 +4,8 @@ registered multi-gradient method on them — the test bench of :mod:`align.mogra
 * :mod:`~align.mograd.synthetic.problems`: ZDT1, ZDT2, VLMOP2, DTLZ2 as differentiable torch
   functions with bounds, dense true fronts and reference points;
 * :mod:`~align.mograd.synthetic.solvers`: a finite-set solver (one solution per α) and Pareto
-  set learning (an α-conditioned network), both scored by hypervolume gap.
+  set learning (an α-conditioned network; by default the smooth Tchebycheff paper's protocol,
+  ``PSL_PROTOCOL``), both scored by hypervolume gap.
 """
 
 from align.mograd.synthetic.problems import (
@@ -17,6 +18,7 @@ from align.mograd.synthetic.problems import (
     get_problem,
 )
 from align.mograd.synthetic.solvers import (
+    PSL_PROTOCOL,
     ParetoSetModel,
     SolveResult,
     evaluation_grid,
@@ -30,6 +32,7 @@ from align.mograd.synthetic.solvers import (
 __all__ = [
     "DTLZ2",
     "PROBLEMS",
+    "PSL_PROTOCOL",
     "ParetoSetModel",
     "VLMOP2",
     "ZDT1",

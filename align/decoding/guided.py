@@ -126,11 +126,11 @@ class _CachedScorer:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             logits_to_keep=1,  # prefill: no logits for every prompt position
         )
-        self.cache = output.past_key_values
+        self.cache = output.cache
         # Embedding tables may be padded past the tokenizer: those ids are never real tokens.
         log_probs = torch.log_softmax(output.logits[:, -1, : self.vocab_size].float(), dim=-1)
         # Finite floor: a coefficient of 0 times -inf would be NaN.

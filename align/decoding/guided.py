@@ -422,8 +422,12 @@ def guided_generate(
     seed: int | None = None,
     streamer: Any = None,
     chat_template: bool = True,
+    repeats: int = 1,
 ) -> list[str]:
-    """Answer prompts with guided decoding; α may be one vector or one row per prompt."""
+    """Answer prompts with guided decoding; α may be one vector or one row per answer.
+
+    ``repeats`` answers every prompt that many times, answer ``k·N + i`` being prompt ``i`` at
+    preference row ``k·N + i`` (see :func:`guided_decode`; :func:`guided_sweep` uses it)."""
     from align.chat import encode_prompts
 
     _check_tokenizers(tokenizer, guidance)
@@ -444,6 +448,7 @@ def guided_generate(
         logits_processor=sampling_processors(do_sample, temperature, top_k, top_p),
         generator=generator,
         streamer=streamer,
+        repeats=repeats,
     )
     new_tokens = sequences[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -455,47 +460,19 @@ def guided_sweep(
     prompts: Sequence[str],
     guidance: Guidance,
     preferences: PreferenceLike,
-    *,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    chat_template: bool = True,
+    **options: Any,
 ) -> list[list[str]]:
-    """Answer every prompt at each of K preferences, in one decoding pass: ``answers[k][i]``
-    is prompt i at α_k. The models whose prompt scores do not depend on α read the prompts
-    once for all K (see :func:`guided_decode`'s ``repeats``)."""
-    from align.chat import encode_prompts
-
-    _check_tokenizers(tokenizer, guidance)
+    """Answer every prompt at each of K preferences in one decoding pass: ``answers[k][i]`` is
+    prompt i at α_k. The models whose prompt scores do not depend on α read the prompts once for
+    all K. ``options`` are :func:`guided_generate`'s."""
     alphas = Preference.coerce(preferences, guidance.objectives)
     if not alphas.is_batched:
         alphas = Preference(alphas.weights[None], alphas.objectives)
-    batch = encode_prompts(tokenizer, list(prompts), chat_template)
-    device = next((base or guidance.models[0]).parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     count = len(prompts)
-    sequences = guided_decode(
-        base,
-        guidance,
-        batch["input_ids"].to(device),
-        batch["attention_mask"].to(device),
-        Preference(alphas.weights.repeat_interleave(count, dim=0), alphas.objectives),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        vocab_size=len(tokenizer),
-        do_sample=do_sample,
-        logits_processor=sampling_processors(do_sample, temperature, top_k, top_p),
-        generator=generator,
-        repeats=len(alphas),
+    rows = Preference(alphas.weights.repeat_interleave(count, dim=0), alphas.objectives)
+    texts = guided_generate(
+        base, tokenizer, prompts, guidance, rows, repeats=len(alphas), **options
     )
-    texts = tokenizer.batch_decode(
-        sequences[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-    )
-    texts = [text.strip() for text in texts]
     return [texts[k * count : (k + 1) * count] for k in range(len(alphas))]
 
 

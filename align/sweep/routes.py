@@ -169,27 +169,7 @@ class Runtime:
         return answers
 
     def guided(self, guidance: Any, prompts: list[str], alpha: np.ndarray, generation) -> list[str]:
-        from align.decoding.guided import guided_generate
-
-        options = dict(generation)
-        size = options.get("batch_size", 16)
-        base = None if guidance.mode == "mod" else self.model
-        out: list[str] = []
-        for start in range(0, len(prompts), size):
-            seed = options.get("seed")
-            out += guided_generate(
-                base,
-                self.tokenizer,
-                prompts[start : start + size],
-                guidance,
-                alpha.tolist(),
-                max_new_tokens=options.get("max_new_tokens", 48),
-                do_sample=options.get("do_sample", False),
-                temperature=options.get("temperature", 1.0),
-                top_p=options.get("top_p"),
-                seed=None if seed is None else seed + start,
-            )
-        return out
+        return self.guided_sweep(guidance, prompts, np.asarray(alpha)[None], generation)[0]
 
 
 @register_route("base")
@@ -205,67 +185,13 @@ class BaseRoute(Route):
         return runtime.plain(runtime.model, prompts, self.generation)
 
 
-@register_route("parm")
-class PARMRoute(Route):
-    """The base guided by one PARM adapter folder."""
+class GuidedRoute(Route):
+    """A frozen base guided at decoding time; subclasses build the :class:`Guidance` once."""
 
-    def __init__(self, name, objectives, generation, adapter: str, beta: float = 1.0):
-        super().__init__(name, objectives, generation)
-        self.adapter, self.beta = str(adapter), float(beta)
-        self._guidance = None
+    _guidance: Any = None
 
-    def _build(self, runtime: Runtime) -> Any:
-        from align.decoding.guided import parm_guidance
-        from align.preference import require_same_objectives
-
-        if self._guidance is None:
-            model, tokenizer = runtime.guide(self.adapter)
-            self._guidance = parm_guidance(model, self.beta, tokenizer=tokenizer)
-            require_same_objectives(
-                self._guidance.objectives, self.objectives, f"PARM {self.adapter}", "the sweep"
-            )
-        return self._guidance
-
-    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
-        return runtime.guided(self._build(runtime), prompts, alpha, self.generation)
-
-    def answer_all(self, runtime, prompts, alphas, progress=None) -> list[list[str]]:
-        return runtime.guided_sweep(
-            self._build(runtime), prompts, alphas, self.generation, progress
-        )
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "adapter": self.adapter, "beta": self.beta}
-
-    def sources(self) -> list[str]:
-        return [self.adapter]
-
-    def close(self) -> None:
-        if self._guidance is not None:
-            _detach(self._guidance.models[0])
-            self._guidance = None
-
-
-@register_route("genarm")
-class GenARMRoute(Route):
-    """The base guided by one ARM per objective (``arms: {objective: folder}``)."""
-
-    def __init__(self, name, objectives, generation, arms: Mapping[str, str], beta: float = 1.0):
-        super().__init__(name, objectives, generation)
-        self.arms = _per_objective(arms, self.objectives, name, "arms")
-        self.beta = float(beta)
-        self._guidance = None
-
-    def _build(self, runtime: Runtime) -> Any:
-        from align.decoding.guided import genarm_guidance
-
-        # One model per ARM: two adapters cannot both be injected into the shared base.
-        loaded = {k: runtime.guide(path, shared=False) for k, path in self.arms.items()}
-        return genarm_guidance(
-            {k: model for k, (model, _) in loaded.items()},
-            self.beta,
-            [tok for _, tok in loaded.values()],
-        )
+    @abstractmethod
+    def _build(self, runtime: Runtime) -> Any: ...
 
     def _guide(self, runtime: Runtime) -> Any:
         if self._guidance is None:
@@ -280,14 +206,66 @@ class GenARMRoute(Route):
             self._guide(runtime), prompts, alphas, self.generation, progress
         )
 
+    def close(self) -> None:
+        self._guidance = None
+
+
+@register_route("parm")
+class PARMRoute(GuidedRoute):
+    """The base guided by one PARM adapter folder."""
+
+    def __init__(self, name, objectives, generation, adapter: str, beta: float = 1.0):
+        super().__init__(name, objectives, generation)
+        self.adapter, self.beta = str(adapter), float(beta)
+
+    def _build(self, runtime: Runtime) -> Any:
+        from align.decoding.guided import parm_guidance
+        from align.preference import require_same_objectives
+
+        model, tokenizer = runtime.guide(self.adapter)
+        guidance = parm_guidance(model, self.beta, tokenizer=tokenizer)
+        require_same_objectives(
+            guidance.objectives, self.objectives, f"PARM {self.adapter}", "the sweep"
+        )
+        return guidance
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "adapter": self.adapter, "beta": self.beta}
+
+    def sources(self) -> list[str]:
+        return [self.adapter]
+
+    def close(self) -> None:
+        if self._guidance is not None:
+            _detach(self._guidance.models[0])  # the PARM sits on the shared base: take it off
+        super().close()
+
+
+@register_route("genarm")
+class GenARMRoute(GuidedRoute):
+    """The base guided by one ARM per objective (``arms: {objective: folder}``)."""
+
+    def __init__(self, name, objectives, generation, arms: Mapping[str, str], beta: float = 1.0):
+        super().__init__(name, objectives, generation)
+        self.arms = _per_objective(arms, self.objectives, name, "arms")
+        self.beta = float(beta)
+
+    def _build(self, runtime: Runtime) -> Any:
+        from align.decoding.guided import genarm_guidance
+
+        # One model per ARM: two adapters cannot both be injected into the shared base.
+        loaded = {k: runtime.guide(path, shared=False) for k, path in self.arms.items()}
+        return genarm_guidance(
+            {k: model for k, (model, _) in loaded.items()},
+            self.beta,
+            [tok for _, tok in loaded.values()],
+        )
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "arms": self.arms, "beta": self.beta}
 
     def sources(self) -> list[str]:
         return list(self.arms.values())
-
-    def close(self) -> None:
-        self._guidance = None
 
 
 @register_route("mod")

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from align import __version__
+from align.demo.pipeline import DemoConfig
 
 app = typer.Typer(
     help="align: multi-objective alignment of language models along a preference vector α.",
@@ -59,8 +60,12 @@ def demo(
     model: Annotated[
         str, typer.Option(help="Embedded model name, local checkpoint folder or hub id.")
     ] = "smollm2-135m-instruct",
-    parm_steps: Annotated[int, typer.Option(min=1, help="PARM training steps.")] = 60,
-    arm_steps: Annotated[int, typer.Option(min=1, help="Training steps per GenARM ARM.")] = 30,
+    parm_steps: Annotated[
+        int, typer.Option(min=1, help="PARM training steps.")
+    ] = DemoConfig.parm_steps,
+    arm_steps: Annotated[
+        int, typer.Option(min=1, help="Training steps per GenARM ARM.")
+    ] = DemoConfig.arm_steps,
     with_dpo: Annotated[
         bool, typer.Option("--with-dpo", help="Also train and sweep an SVD-LoRA DPO policy.")
     ] = False,
@@ -68,7 +73,9 @@ def demo(
     soup: Annotated[
         bool, typer.Option("--soup/--no-soup", help="Sweep rewarded soups of the two ARMs.")
     ] = True,
-    eval_prompts: Annotated[int, typer.Option(min=1, help="Held-out prompts answered.")] = 24,
+    eval_prompts: Annotated[
+        int, typer.Option(min=1, help="Held-out prompts answered.")
+    ] = DemoConfig.eval_prompts,
     grid: Annotated[int, typer.Option(min=1, help="Simplex divisions (10: 11 α points).")] = 10,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 48,
     beta: Annotated[float, typer.Option(help="Guidance β (reward weighted 1/β).")] = 1.0,

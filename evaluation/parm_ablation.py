@@ -64,6 +64,19 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         ["args.preference_sampling=pair", "args.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
     ),
     "theta10": ("one α per step, Θ's lr ×10", ["args.alpha_path_lr_ratio=10"]),
+    "pair-theta30": (
+        "one α per pair, Θ's lr ×30",
+        ["args.preference_sampling=pair", "args.alpha_path_lr_ratio=30"],
+    ),
+    "pair-theta10-r2-8": (
+        "one α per pair, Θ's lr ×10, r1 4 / r2 8",
+        [
+            "args.preference_sampling=pair",
+            "args.alpha_path_lr_ratio=10",
+            "args.pblora_r2=8",
+            "args.lora_alpha=16",
+        ],
+    ),
     "genarm": ("GenARM: two LoRA ARMs, half the steps each", []),
     "pair-top10": (
         "one α per pair, adapters on the top 10 of 30 layers only (a shorter backward)",
@@ -154,41 +167,60 @@ def _remember(path: Path, seconds: float) -> float:
     return seconds
 
 
-def render(out: Path) -> None:
-    table = Table(title=f"PARM ablation ({out})")
-    for column in (
-        "variant",
-        "what",
-        "steps",
-        "β",
-        "HV",
-        "MIP",
-        "ρ positive",
-        "ρ brief",
-        "α=(0,1) brief",
-        "α=(1,0) positive",
-        "train s",
-        "sweep s",
-    ):
-        table.add_column(column)
+COLUMNS = (
+    "variant",
+    "what",
+    "steps",
+    "β",
+    "HV",
+    "MIP",
+    "ρ positive",
+    "ρ brief",
+    "α=(0,1) brief",
+    "α=(1,0) positive",
+    "train s",
+    "sweep s",
+)
+
+
+def _rows(out: Path) -> list[list[str]]:
+    rows = []
     for path in sorted(out.glob("*/ablation-beta-*.json")):
         s = json.loads(path.read_text())
         m = s["metrics"]
         rho = m.get("spearman", {})
-        table.add_row(
-            s["variant"],
-            s["what"],
-            str(s["steps"]),
-            f"{s['beta']:g}",
-            f"{m['hypervolume']:.3f}",
-            f"{m.get('mip', float('nan')):.3f}",
-            f"{rho.get('positive', float('nan')):.3f}",
-            f"{rho.get('brief', float('nan')):.3f}",
-            f"{s['means'][0][1]:.3f}",
-            f"{s['means'][-1][0]:.3f}",
-            f"{s['train_s']:.0f}",
-            f"{s['sweep_s']:.0f}",
+        rows.append(
+            [
+                s["variant"],
+                s["what"],
+                str(s["steps"]),
+                f"{s['beta']:g}",
+                f"{m['hypervolume']:.3f}",
+                f"{m.get('mip', float('nan')):.3f}",
+                f"{rho.get('positive', float('nan')):.3f}",
+                f"{rho.get('brief', float('nan')):.3f}",
+                f"{s['means'][0][1]:.3f}",
+                f"{s['means'][-1][0]:.3f}",
+                f"{s['train_s']:.0f}",
+                f"{s['sweep_s']:.0f}",
+            ]
         )
+    return rows
+
+
+def render(out: Path, markdown: bool = False) -> None:
+    rows = _rows(out)
+    if markdown:
+        print("| " + " | ".join(COLUMNS) + " |")
+        print("|" + "---|" * len(COLUMNS))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        return
+    table = Table(title=f"PARM ablation ({out})")
+    for column in COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 
@@ -204,6 +236,7 @@ def main(
     grid: Annotated[int, typer.Option(help="Simplex divisions (10: 11 α).")] = 10,
     beta: Annotated[float, typer.Option(help="Decoding β.")] = 1.0,
     render_only: Annotated[bool, typer.Option("--render", help="Only print the table.")] = False,
+    markdown: Annotated[bool, typer.Option(help="Print the table as Markdown.")] = False,
 ) -> None:
     if not render_only:
         names = variant or list(VARIANTS)
@@ -217,7 +250,7 @@ def main(
                 summary["metrics"],
                 f"train {summary['train_s']:.0f} s, sweep {summary['sweep_s']:.0f} s",
             )
-    render(out)
+    render(out, markdown)
 
 
 if __name__ == "__main__":

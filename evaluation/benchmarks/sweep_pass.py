@@ -72,17 +72,19 @@ def main() -> None:
     batch = encode_prompts(tokenizer, prompts)
     alphas = simplex_grid(2, args.grid).float()
     routes = {}
-    if args.parm:
-        parm, _ = load_guide(args.parm, "smollm2-135m-instruct", base_model=base)
-        routes["PARM (shared base)"] = (base, parm_guidance(parm, beta=1.0))
-    if args.arms:
+    if args.arms:  # GenARM first: the PARM is then attached to the shared base, and taken off
         arms = [load_guide(a, "smollm2-135m-instruct")[0] for a in args.arms]
-        routes["GenARM (m = 2)"] = (base, genarm_guidance(dict(zip(("a", "b"), arms)), beta=1.0))
+        routes["GenARM (m = 2)"] = lambda: genarm_guidance(dict(zip(("a", "b"), arms)), beta=1.0)
+    if args.parm:
+        routes["PARM (shared base)"] = lambda: parm_guidance(
+            load_guide(args.parm, "smollm2-135m-instruct", base_model=base)[0], beta=1.0
+        )
     if not routes:
         parser.error("give --parm and/or --arms")
     print(f"{len(prompts)} prompts × {len(alphas)} α, greedy, {args.new_tokens} new tokens")
     print(f"{'route':<22}{'mode':<24}{'seconds':>10}{'ratio':>8}")
-    for name, (model, guidance) in routes.items():
+    for name, build in routes.items():
+        guidance = build()
         baseline, reference = None, None
         for label, one_pass, drop in (
             ("per α, keep rows", False, False),
@@ -90,12 +92,14 @@ def main() -> None:
             ("one pass", True, True),
         ):
             seconds, answers = run(
-                model, tokenizer, guidance, batch, alphas, one_pass, drop, args.new_tokens
+                base, tokenizer, guidance, batch, alphas, one_pass, drop, args.new_tokens
             )
             baseline = baseline or seconds
             reference = reference or answers
             same = "" if answers == reference else "  (tokens differ!)"
             print(f"{name:<22}{label:<24}{seconds:>10.1f}{baseline / seconds:>7.2f}×{same}")
+        if guidance.mode == "parm":
+            guidance.models[0].unload()  # the base is bare again
 
 
 if __name__ == "__main__":

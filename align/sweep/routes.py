@@ -117,7 +117,9 @@ class Runtime:
         base_model = self.model if shared else None
         return load_guide(reference, self.base_name, base_model=base_model, **self.load_options)
 
-    def plain(self, model: Any, prompts: list[str], generation: Mapping[str, Any]) -> list[str]:
+    def plain(
+        self, model: Any, prompts: list[str], generation: Mapping[str, Any], **model_kwargs: Any
+    ) -> list[str]:
         from align.decoding.plain import generate_responses
 
         options = dict(generation)
@@ -132,6 +134,7 @@ class Runtime:
             top_p=options.get("top_p", 1.0),
             seed=options.get("seed"),
             show_progress=False,
+            **model_kwargs,
         )
 
     def guided_sweep(
@@ -345,12 +348,53 @@ class MergedRoute(Route):
         return np.array(sorted(self.by_alpha), dtype=np.float64)
 
     def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
-        folder = self.by_alpha[tuple(round(float(w), 6) for w in alpha.tolist())]
-        model, _ = runtime.guide(folder)
+        model, _ = runtime.guide(self._folder(alpha))
         try:
             return runtime.plain(model, prompts, self.generation)
         finally:
             _detach(model)
+
+    def answer_all(self, runtime, prompts, alphas, progress=None) -> list[list[str]]:
+        """When every α's folder is a LoRA adapter of the sweep's base, all of them sit on the
+        shared base at once and each row of one batch takes its own (PEFT's mixed-adapter
+        batches): ``batch_size`` prompts × every α decode together, the weights read once per
+        step instead of once per α. Otherwise one α at a time."""
+        folders = [self._folder(alpha) for alpha in alphas]
+        if not all(_is_lora_of(folder, runtime.base_name) for folder in folders):
+            return super().answer_all(runtime, prompts, alphas, progress)
+        from peft import PeftModel
+
+        names = [f"alpha-{k}" for k in range(len(folders))]
+        model = PeftModel.from_pretrained(runtime.model, folders[0], adapter_name=names[0])
+        try:
+            for name, folder in zip(names[1:], folders[1:]):
+                model.load_adapter(folder, adapter_name=name)
+            model.eval()
+            options = dict(self.generation)
+            size = options.get("batch_size", 16)
+            per_pass = options.get("alphas_per_pass") or len(names)
+            answers: list[list[str]] = [[] for _ in names]
+            for first in range(0, len(names), per_pass):
+                block = names[first : first + per_pass]
+                for start in range(0, len(prompts), size):
+                    chunk = prompts[start : start + size]
+                    rows = {**options, "batch_size": len(chunk) * len(block)}
+                    texts = runtime.plain(
+                        model,
+                        chunk * len(block),
+                        rows,
+                        adapter_names=[name for name in block for _ in chunk],
+                    )
+                    for k in range(len(block)):
+                        answers[first + k] += texts[k * len(chunk) : (k + 1) * len(chunk)]
+                if progress is not None:
+                    progress.update(len(block))
+            return answers
+        finally:
+            _detach(model)
+
+    def _folder(self, alpha: np.ndarray) -> str:
+        return self.by_alpha[tuple(round(float(w), 6) for w in np.asarray(alpha).tolist())]
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "checkpoints": self.by_alpha_json()}
@@ -360,6 +404,20 @@ class MergedRoute(Route):
 
     def by_alpha_json(self) -> dict[str, str]:
         return {",".join(f"{w:g}" for w in k): v for k, v in self.by_alpha.items()}
+
+
+def _is_lora_of(folder: str, base: str) -> bool:
+    """Whether ``folder`` holds a PEFT LoRA adapter trained on ``base``."""
+    from align.models import resolve_model_path
+
+    config_file = Path(folder) / "adapter_config.json"
+    if not config_file.is_file():
+        return False
+    config = json.loads(config_file.read_text())
+    named = config.get("base_model_name_or_path")
+    return config.get("peft_type") == "LORA" and (
+        named is None or resolve_model_path(named) == resolve_model_path(base)
+    )
 
 
 def _per_objective(mapping: Any, objectives: tuple[str, ...], route: str, field: str) -> dict:

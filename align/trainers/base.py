@@ -13,6 +13,7 @@ checkpoint draws what the uninterrupted run drew, and there is no sampler state 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from trl import DPOConfig, DPOTrainer
 from align.data.schema import TIE
 from align.io import atomic_file
 from align.mograd.engine import MultiObjectiveEngine
-from align.preference import check_objectives, sample_preferences
+from align.preference import Preference, check_objectives, sample_preferences
 from align.trainers.data import (
     TOKENIZED_COLUMNS,
     MultiObjectivePreferenceCollator,
@@ -104,6 +105,14 @@ class MultiObjectivePreferenceConfig(DPOConfig):
     )
     max_length: int | None = field(
         default=1024, metadata={"help": "Prompt + response tokens per row."}
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Read each pair's prompt once: its KV cache serves both responses (the same "
+            "scores and gradients as two full rows, with about a quarter fewer tokens on short "
+            "answers). Off under gradient checkpointing, which recomputes the cache's writes."
+        },
     )
     length_normalize: bool = field(
         default=False,
@@ -278,21 +287,87 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
     # --------------------------------------------------------------------------- scoring
     def sequence_log_probs(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Summed (``length_normalize``: mean) response-token log-probs per row (2B,), through
-        TRL's fused LM head."""
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        TRL's fused LM head; with ``share_prompt``, each pair's prompt is read once."""
+        if self._shares_prompt(model, inputs):
+            total, tokens = self._prompt_shared_log_probs(model, inputs)
+        else:
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                labels=labels,
+                fused_lm_head=True,
+                use_cache=False,
+            )
+            width = inputs["completion_mask"].shape[1] - 1
+            total = outputs.log_probs[:, -width:].sum(dim=1)
+            tokens = inputs["completion_mask"][:, 1:].sum(dim=1)
+        if self.args.length_normalize:
+            return total / tokens.clamp(min=1).to(total)
+        return total
+
+    def _shares_prompt(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> bool:
+        unwrapped = self.accelerator.unwrap_model(model)
+        checkpointing = getattr(unwrapped, "is_gradient_checkpointing", False) or getattr(
+            unwrapped, "is_activation_checkpointing", False
+        )
+        return (
+            self.args.share_prompt
+            and "prefix_ids" in inputs
+            and inputs["prefix_ids"].shape[1] > 0
+            and not (checkpointing and model.training)
+        )
+
+    def _prompt_shared_log_probs(
+        self, model: Any, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts (less their last token) in one forward of B rows, then both responses of
+        every pair on a copy of that KV cache: exactly the two-full-rows scores, gradients
+        through the cache included."""
+        from transformers import DynamicCache
+
+        prefix, prefix_mask = inputs["prefix_ids"], inputs["prefix_mask"]
+        with self._pair_rows(model, prefix.shape[0]):
+            cache = model(
+                input_ids=prefix,
+                attention_mask=prefix_mask,
+                position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True,
+                logits_to_keep=1,
+            ).cache
+        shared = DynamicCache()
+        for index, layer in enumerate(cache.layers):
+            shared.update(layer.keys.repeat(2, 1, 1, 1), layer.values.repeat(2, 1, 1, 1), index)
+        continuation = inputs["continuation_ids"]
+        completion = inputs["continuation_completion_mask"]
+        start = prefix_mask.sum(dim=1).repeat(2)[:, None]
         outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            labels=labels,
+            input_ids=continuation,
+            attention_mask=torch.cat([prefix_mask.repeat(2, 1), inputs["continuation_mask"]], 1),
+            position_ids=start + torch.arange(continuation.shape[1], device=start.device),
+            cache=shared,
+            labels=continuation.masked_fill(completion == 0, -100),
             fused_lm_head=True,
             use_cache=False,
         )
-        width = inputs["completion_mask"].shape[1] - 1
-        total = outputs.log_probs[:, -width:].sum(dim=1)
-        if self.args.length_normalize:
-            tokens = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
-            return total / tokens.to(total)
-        return total
+        return outputs.log_probs.sum(dim=1), completion.sum(dim=1)
+
+    @contextlib.contextmanager
+    def _pair_rows(self, model: Any, pairs: int):
+        """A per-row α set for the 2B response rows (``[α; α]``, :meth:`_per_pair_loss`), cut
+        to its first B rows for a forward over one row per pair, then put back."""
+        from align.adapters.base import PreferenceTuner
+
+        tuner = getattr(self.accelerator.unwrap_model(model), "base_model", None)
+        preference = tuner.get_preference() if isinstance(tuner, PreferenceTuner) else None
+        if preference is None or not preference.is_batched or len(preference) == pairs:
+            yield
+            return
+        tuner.set_preference(Preference(preference.weights[:pairs], preference.objectives))
+        try:
+            yield
+        finally:
+            tuner.set_preference(preference)
 
     def pair_scores(
         self, model: Any, inputs: Mapping[str, torch.Tensor]

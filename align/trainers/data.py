@@ -5,6 +5,11 @@ objective prefers (0, 1, or -1 for a tie). Both responses are scored in one forw
 is laid out as TRL's preference collator lays it out, ``[response_0 rows; response_1 rows]``,
 each row ``prompt + response`` right-padded, with a ``completion_mask`` over the response tokens.
 So a one-objective batch whose labels all say 0 is exactly TRL's ``[chosen; rejected]`` batch.
+
+The same pairs also come split at the prompt, for scoring with the prompt read once per pair
+(``share_prompt``): ``prefix_ids`` (B rows: every prompt token but the last, left-padded, so all
+prompts end on the same column) and ``continuation_ids`` (2B rows: the prompt's last token, then
+the response, right-padded). The prompt's KV cache serves both responses of its pair.
 """
 
 from __future__ import annotations
@@ -96,17 +101,44 @@ class MultiObjectivePreferenceCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows, masks = [], []
+        rows, masks, continuations = [], [], []
         for key in ("response_0_ids", "response_1_ids"):
             for example in examples:
-                rows.append(list(example["prompt_ids"]) + list(example[key]))
-                masks.append([0] * len(example["prompt_ids"]) + [1] * len(example[key]))
+                prompt, response = list(example["prompt_ids"]), list(example[key])
+                rows.append(prompt + response)
+                masks.append([0] * len(prompt) + [1] * len(response))
+                continuations.append(prompt[-1:] + response)
+        prefixes = [list(example["prompt_ids"])[:-1] for example in examples]
+        batch = {
+            **self._right_padded(rows, masks, ("input_ids", "attention_mask", "completion_mask")),
+            "preferred": torch.tensor([list(example["preferred"]) for example in examples]),
+        }
+        width = self._width(prefixes)
+        pad = self.pad_token_id
+        batch["prefix_ids"] = torch.tensor(
+            [[pad] * (width - len(p)) + p for p in prefixes], dtype=torch.long
+        )
+        batch["prefix_mask"] = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prefixes], dtype=torch.long
+        )
+        # The continuation's first token is the prompt's last: its output scores the response's
+        # first token, so the labels are the response tokens alone.
+        labels = [[0] + [1] * (len(c) - 1) for c in continuations]
+        names = ("continuation_ids", "continuation_mask", "continuation_completion_mask")
+        batch.update(self._right_padded(continuations, labels, names))
+        return batch
+
+    def _width(self, rows: list[list[int]]) -> int:
         width = max(len(row) for row in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return width
+
+    def _right_padded(self, rows, masks, names) -> dict[str, torch.Tensor]:
+        width = self._width(rows)
+        ids, attention, completion = names
         return {
-            "input_ids": torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-            "completion_mask": torch.tensor([m + [0] * (width - len(m)) for m in masks]),
-            "preferred": torch.tensor([list(example["preferred"]) for example in examples]),
+            ids: torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows]),
+            attention: torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            completion: torch.tensor([m + [0] * (width - len(m)) for m in masks]),
         }

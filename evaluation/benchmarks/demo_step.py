@@ -3,9 +3,11 @@
     python evaluation/benchmarks/demo_step.py [--repeats 5] [--threads 2]
 
 The demo's PARM (PBLoRA on q/k/v/o + MLP, 4 pairs of the shipped ``positive_brief`` data per
-step) with one α per step (the baseline), one α per pair (per-row α through the adapter), and
-one α per pair with the adapter on the top 10 of the 30 layers only (the backward then stops at
-layer 20, and the frozen layers below need no gradient). Steps are timed in alternation so
+step) with one α per step and two full rows per pair (the baseline), one α per pair (per-row α
+through the adapter), one α per pair with each prompt read once (``share_prompt``: its KV cache
+serves both responses; the demo's setting), and one α per pair with the adapter on the top 10
+of the 30 layers only (the backward then stops at layer 20, and the frozen layers below need no
+gradient). Steps are timed in alternation so
 machine noise hits every row alike; medians and the ratio to the baseline are printed.
 """
 
@@ -59,12 +61,14 @@ def main() -> None:
         max_prompt_length=64,
         beta=0.01,
     )
+    pair = dict(preference_sampling="pair", share_prompt=False)
     variants = {
-        "one α per step, all 30 layers": dict(target_modules=DEMO_TARGETS),
-        "one α per pair, all 30 layers": dict(
-            target_modules=DEMO_TARGETS, preference_sampling="pair"
+        "one α per step, all 30 layers": dict(target_modules=DEMO_TARGETS, share_prompt=False),
+        "one α per pair, all 30 layers": dict(target_modules=DEMO_TARGETS, **pair),
+        "  + each prompt read once": dict(
+            target_modules=DEMO_TARGETS, **{**pair, "share_prompt": True}
         ),
-        "one α per pair, top 10 layers": dict(target_modules=TOP_10, preference_sampling="pair"),
+        "one α per pair, top 10 layers": dict(target_modules=TOP_10, **pair),
     }
     trainers = {}
     for name, options in variants.items():
@@ -83,9 +87,13 @@ def main() -> None:
             timings[name].append(step_time(trainer, batch))
     medians = {name: statistics.median(t) for name, t in timings.items()}
     baseline = next(iter(medians.values()))
-    tokens = int(next(iter(trainers.values()))[1]["attention_mask"].sum())
+    batch = next(iter(trainers.values()))[1]
+    tokens = int(batch["attention_mask"].sum())
+    full_rows = batch["input_ids"].numel()  # what the model computes, padding included
+    shared = batch["prefix_ids"].numel() + batch["continuation_ids"].numel()
     print(
-        f"demo PARM step, 4 pairs ({tokens} tokens), {torch.get_num_threads()} threads, "
+        f"demo PARM step, 4 pairs ({tokens} tokens; positions computed: two full rows per pair "
+        f"{full_rows}, prompt read once {shared}), {torch.get_num_threads()} threads, "
         f"{args.repeats} alternating repeats, medians"
     )
     for name, seconds in medians.items():

@@ -1,7 +1,8 @@
 """Benchmark: a route's whole α sweep in one pass against one decoding pass per α, side by side.
 
     python evaluation/benchmarks/sweep_pass.py --parm demo/parm/final \
-        --arms demo/arm-positive/final demo/arm-brief/final [--prompts 24] [--grid 10]
+        --arms demo/arm-positive/final demo/arm-brief/final --soup demo/soup \
+        [--prompts 24] [--grid 10]
 
 For the demo's trained PARM and GenARM ARMs (trained adapters matter: how early answers end
 decides what dropping finished rows saves), on the demo's held-out prompts, greedy, 48 tokens:
@@ -12,7 +13,12 @@ decides what dropping finished rows saves), on the demo's held-out prompts, gree
 * ``one pass``: all α together (``repeats=K``), the prompts read once by every model whose
   prompt scores do not depend on α, finished rows dropped.
 
-Prints wall time and the ratio to the first row, and checks that all three give the same tokens.
+The rewarded soup (``--soup``: an ``align merge`` sweep of LoRA adapters, as the demo writes)
+runs through its sweep route: ``per α`` loads each α's adapter and decodes with ``generate``
+(how the sweep ran before); ``one pass`` puts every α's adapter on the base at once and gives
+each row of one batch its own (PEFT's mixed-adapter batches).
+
+Prints wall time and the ratio to the first row, and checks that all modes give the same answers.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parm", help="a trained PARM adapter folder")
     parser.add_argument("--arms", nargs=2, help="two trained ARM adapter folders (GenARM)")
+    parser.add_argument("--soup", help="a merge sweep of LoRA adapters (the demo's soup/)")
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--grid", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -79,8 +86,8 @@ def main() -> None:
         routes["PARM (shared base)"] = lambda: parm_guidance(
             load_guide(args.parm, "smollm2-135m-instruct", base_model=base)[0], beta=1.0
         )
-    if not routes:
-        parser.error("give --parm and/or --arms")
+    if not routes and not args.soup:
+        parser.error("give --parm, --arms and/or --soup")
     print(f"{len(prompts)} prompts × {len(alphas)} α, greedy, {args.new_tokens} new tokens")
     print(f"{'route':<22}{'mode':<24}{'seconds':>10}{'ratio':>8}")
     for name, build in routes.items():
@@ -100,6 +107,29 @@ def main() -> None:
             print(f"{name:<22}{label:<24}{seconds:>10.1f}{baseline / seconds:>7.2f}×{same}")
         if guidance.mode == "parm":
             guidance.models[0].unload()  # the base is bare again
+    if args.soup:
+        soup(args, prompts)
+
+
+def soup(args, prompts: list[str]) -> None:
+    from align.sweep.routes import MergedRoute, Route, Runtime
+
+    generation = {"max_new_tokens": args.new_tokens, "batch_size": len(prompts)}
+    route = MergedRoute("soup", ["positive", "brief"], generation, path=args.soup)
+    runtime = Runtime("smollm2-135m-instruct")
+    alphas = route.alphas(simplex_grid(2, args.grid).numpy())
+    baseline, reference = None, None
+    for label, answer_all in (
+        ("per α (generate)", lambda: Route.answer_all(route, runtime, prompts, alphas)),
+        ("one pass (mixed LoRA)", lambda: route.answer_all(runtime, prompts, alphas)),
+    ):
+        started = time.perf_counter()
+        answers = answer_all()
+        seconds = time.perf_counter() - started
+        baseline = baseline or seconds
+        reference = reference or answers
+        same = "" if answers == reference else "  (answers differ!)"
+        print(f"{'rewarded soup':<22}{label:<24}{seconds:>10.1f}{baseline / seconds:>7.2f}×{same}")
 
 
 if __name__ == "__main__":

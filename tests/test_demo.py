@@ -239,36 +239,42 @@ def test_the_shipped_evaluation_configs_are_valid(name):
     assert "parm" in kinds and "genarm" in kinds
 
 
-def test_a_soup_sweep_in_one_mixed_adapter_pass_equals_each_alpha_alone(tmp_path, tiny_folder):
-    """Every α's merged LoRA on the shared base at once, one adapter per row: the same answers
-    as loading each α's adapter alone, and the base left bare afterwards."""
+def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(tmp_path, tiny_folder):
+    """The ARMs on the shared base at once, each row weighting their updates by its α: the
+    answers of each α's merged adapter loaded alone; a retrained ARM (the merge now stale)
+    falls back to the merged folders; the base is left bare."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from align.merging.adapters import merge_lora_adapters
     from align.models import load_model
-    from align.sweep.routes import MergedRoute, Runtime, _is_lora_of
+    from align.sweep.routes import MergedRoute, Runtime
 
-    arms = {}
-    for seed, objective in enumerate(("positive", "brief")):
-        model, tokenizer = load_model(str(tiny_folder))
-        lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    def lora(seed: int, folder: Path) -> None:
+        model, _ = load_model(str(tiny_folder))
+        adapter = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
         torch.manual_seed(seed)
         with torch.no_grad():
-            for name, param in lora.named_parameters():
+            for name, param in adapter.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.5)  # LoRA starts at B = 0: make each adapter matter
-        arms[objective] = tmp_path / objective
-        lora.save_pretrained(arms[objective])
+        adapter.save_pretrained(folder)
+
+    arms = {o: tmp_path / o for o in ("positive", "brief")}
+    for seed, folder in enumerate(arms.values()):
+        lora(seed, folder)
     merge_lora_adapters(arms, tmp_path / "soup", sweep=2)
     generation = {"max_new_tokens": 6, "batch_size": 2, "do_sample": False}
     route = MergedRoute("soup", ["positive", "brief"], generation, path=str(tmp_path / "soup"))
     runtime = Runtime(str(tiny_folder))
+    assert route._interpolated_sources(str(tiny_folder)) == {k: str(v) for k, v in arms.items()}
     prompts = ["Say hi.", "Describe a calm lake at dawn in detail.", "Name a colour."]
     alphas = route.alphas(np.zeros((1, 2)))
-    assert all(_is_lora_of(f, str(tiny_folder)) for f in route.sources())  # the one-pass path
     together = route.answer_all(runtime, prompts, alphas)  # 2 prompts × 3 α, then 1 × 3
     alone = [route.answer(runtime, prompts, alpha) for alpha in alphas]
     assert together == alone
     assert len({tuple(a) for a in alone}) > 1  # the α values answer differently
     assert not any("lora" in name for name, _ in runtime.model.named_modules())
+    lora(7, arms["brief"])  # retrained in place: the merged folders no longer match it
+    assert route._interpolated_sources(str(tiny_folder)) is None
+    assert route.answer_all(runtime, prompts, alphas) == alone

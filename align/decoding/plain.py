@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,3 +55,47 @@ def generate_responses(
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return [response.strip() for response in responses]
+
+
+@contextlib.contextmanager
+def weighted_lora_rows(base: Any, adapters: Mapping[str, str]):
+    """LoRA adapters ``{name: folder}`` on ``base`` at once, adapter k's update weighted per
+    row: yields ``(model, set_row_weights)``; ``set_row_weights(w)`` with ``w`` of shape
+    ``(rows, k)`` makes row r compute ``W x + Σ_k w[r, k] ΔW_k x``. With w a row's α this is the
+    exact LoRA interpolation (rewarded soup) at that α, for every row of one batch. The base is
+    bare again afterwards."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    hooks = []
+    try:
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+        model.base_model.set_adapter(names)  # every adapter's update is added
+        model.eval()
+        weights: dict[str, torch.Tensor] = {}
+
+        def weighting(name: str):
+            # lora_A's output (r numbers per token, not the layer's width): the update
+            # s_k B_k A_k x is linear in it.
+            return lambda module, inputs, output: output * weights[name].to(output)
+
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                if any(module.lora_embedding_A.get(n) is not None for n in names):
+                    raise ValueError("per-row weights apply to LoRA on linear layers only")
+                for name in names:
+                    if name in module.lora_A:
+                        hooks.append(module.lora_A[name].register_forward_hook(weighting(name)))
+
+        def set_row_weights(w: torch.Tensor) -> None:
+            for k, name in enumerate(names):
+                weights[name] = w[:, k].reshape(-1, 1, 1)
+
+        yield model, set_row_weights
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.unload()

@@ -380,13 +380,18 @@ def merge_lora_adapters(
                 _write_adapter(adapters, alpha, folder, out_dtype)
         else:
             _fold_into_base(adapters, alphas, base, folders, out_dtype, max_shard_size)
+        from align.io import content_digest
+
+        # What the inputs contained: a reader can tell whether they still hold what was merged.
+        digests = {n: content_digest(p) for n, p in models.items()}
         for alpha, folder in zip(alphas, folders):
             record = {
                 "merge_method": "lora",
-                "parameters": dict(method.params),
+                "parameters": {**method.params, "dtype": None if dtype is None else str(dtype)},
                 "objectives": list(objectives),
                 "preference": alpha.to_dict(),
                 "models": {n: str(p) for n, p in models.items()},
+                "model_digests": digests,
                 "base_model": None if base_model is None else str(base_model),
             }
             (folder / MERGE_INFO).write_text(json.dumps(record, indent=2) + "\n")

@@ -117,9 +117,7 @@ class Runtime:
         base_model = self.model if shared else None
         return load_guide(reference, self.base_name, base_model=base_model, **self.load_options)
 
-    def plain(
-        self, model: Any, prompts: list[str], generation: Mapping[str, Any], **model_kwargs: Any
-    ) -> list[str]:
+    def plain(self, model: Any, prompts: list[str], generation: Mapping[str, Any]) -> list[str]:
         from align.decoding.plain import generate_responses
 
         options = dict(generation)
@@ -134,7 +132,6 @@ class Runtime:
             top_p=options.get("top_p", 1.0),
             seed=options.get("seed"),
             show_progress=False,
-            **model_kwargs,
         )
 
     def guided_sweep(
@@ -355,43 +352,54 @@ class MergedRoute(Route):
             _detach(model)
 
     def answer_all(self, runtime, prompts, alphas, progress=None) -> list[list[str]]:
-        """When every α's folder is a LoRA adapter of the sweep's base, all of them sit on the
-        shared base at once and each row of one batch takes its own (PEFT's mixed-adapter
-        batches): ``batch_size`` prompts × every α decode together, the weights read once per
-        step instead of once per α. Otherwise one α at a time."""
-        folders = [self._folder(alpha) for alpha in alphas]
-        if not all(_is_lora_of(folder, runtime.base_name) for folder in folders):
+        """A sweep of exact LoRA interpolations (``align merge`` of LoRA adapters, output
+        ``adapter``) whose inputs still hold what was merged decodes every α in one batch: the
+        input adapters sit on the shared base together and each row weights adapter k's update
+        by its own α_k — Σ_k α_k ΔW_k, the merged adapter's update, with the weights read once
+        per step instead of once per α. Any other merge: one α at a time."""
+        sources = self._interpolated_sources(runtime.base_name)
+        if sources is None:
             return super().answer_all(runtime, prompts, alphas, progress)
-        from peft import PeftModel
+        from align.decoding.plain import weighted_lora_rows
 
-        names = [f"alpha-{k}" for k in range(len(folders))]
-        model = PeftModel.from_pretrained(runtime.model, folders[0], adapter_name=names[0])
-        try:
-            for name, folder in zip(names[1:], folders[1:]):
-                model.load_adapter(folder, adapter_name=name)
-            model.eval()
-            options = dict(self.generation)
-            size = options.get("batch_size", 16)
-            per_pass = options.get("alphas_per_pass") or len(names)
-            answers: list[list[str]] = [[] for _ in names]
-            for first in range(0, len(names), per_pass):
-                block = names[first : first + per_pass]
+        options = dict(self.generation)
+        size = options.get("batch_size", 16)
+        per_pass = options.get("alphas_per_pass") or len(alphas)
+        answers: list[list[str]] = [[] for _ in alphas]
+        with weighted_lora_rows(runtime.model, sources) as (model, set_row_weights):
+            for first in range(0, len(alphas), per_pass):
+                block = np.asarray(alphas[first : first + per_pass])
                 for start in range(0, len(prompts), size):
                     chunk = prompts[start : start + size]
+                    set_row_weights(torch.as_tensor(block).repeat_interleave(len(chunk), dim=0))
                     rows = {**options, "batch_size": len(chunk) * len(block)}
-                    texts = runtime.plain(
-                        model,
-                        chunk * len(block),
-                        rows,
-                        adapter_names=[name for name in block for _ in chunk],
-                    )
+                    texts = runtime.plain(model, chunk * len(block), rows)
                     for k in range(len(block)):
                         answers[first + k] += texts[k * len(chunk) : (k + 1) * len(chunk)]
                 if progress is not None:
                     progress.update(len(block))
-            return answers
-        finally:
-            _detach(model)
+        return answers
+
+    def _interpolated_sources(self, base: str) -> dict[str, str] | None:
+        """The input adapters, in objective order, when every α's folder is their exact LoRA
+        interpolation and they are unchanged since (content digests); else None."""
+        records = [json.loads((Path(f) / "align_merge.json").read_text()) for f in self.sources()]
+        first = records[0]
+        models = first.get("models") or {}
+        if set(models) != set(self.objectives) or any(
+            r.get("merge_method") != "lora"
+            or r.get("parameters", {}).get("output") != "adapter"
+            or r.get("parameters", {}).get("dtype") is not None
+            or r.get("models") != models
+            or r.get("model_digests") != first.get("model_digests")
+            for r in records
+        ):
+            return None
+        digests = first.get("model_digests") or {}
+        for objective, folder in models.items():
+            if not _is_lora_of(folder, base) or digests.get(objective) != source_digest(folder):
+                return None
+        return {objective: models[objective] for objective in self.objectives}
 
     def _folder(self, alpha: np.ndarray) -> str:
         return self.by_alpha[tuple(round(float(w), 6) for w in np.asarray(alpha).tolist())]
@@ -415,8 +423,11 @@ def _is_lora_of(folder: str, base: str) -> bool:
         return False
     config = json.loads(config_file.read_text())
     named = config.get("base_model_name_or_path")
-    return config.get("peft_type") == "LORA" and (
-        named is None or resolve_model_path(named) == resolve_model_path(base)
+    return (
+        config.get("peft_type") == "LORA"
+        and not config.get("modules_to_save")  # full-weight copies: not a weighted update
+        and not config.get("use_dora")
+        and (named is None or resolve_model_path(named) == resolve_model_path(base))
     )
 
 

@@ -15,8 +15,9 @@ decides what dropping finished rows saves), on the demo's held-out prompts, gree
 
 The rewarded soup (``--soup``: an ``align merge`` sweep of LoRA adapters, as the demo writes)
 runs through its sweep route: ``per α`` loads each α's adapter and decodes with ``generate``
-(how the sweep ran before); ``one pass`` puts every α's adapter on the base at once and gives
-each row of one batch its own (PEFT's mixed-adapter batches).
+(how the sweep ran before); ``one pass`` puts the merge's input adapters on the base at once
+and weights each row's updates by its α (the exact interpolation; needs a merge whose inputs
+are unchanged since).
 
 Prints wall time and the ratio to the first row, and checks that all modes give the same answers.
 """
@@ -118,10 +119,12 @@ def soup(args, prompts: list[str]) -> None:
     route = MergedRoute("soup", ["positive", "brief"], generation, path=args.soup)
     runtime = Runtime("smollm2-135m-instruct")
     alphas = route.alphas(simplex_grid(2, args.grid).numpy())
+    if route._interpolated_sources(runtime.base_name) is None:
+        raise SystemExit(f"{args.soup}: not a LoRA interpolation whose inputs are unchanged")
     baseline, reference = None, None
     for label, answer_all in (
         ("per α (generate)", lambda: Route.answer_all(route, runtime, prompts, alphas)),
-        ("one pass (mixed LoRA)", lambda: route.answer_all(runtime, prompts, alphas)),
+        ("one pass (α-weighted)", lambda: route.answer_all(runtime, prompts, alphas)),
     ):
         started = time.perf_counter()
         answers = answer_all()

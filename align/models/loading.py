@@ -10,6 +10,7 @@ cache in about a second.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -113,11 +114,29 @@ def embedded_model_path(name: str = EMBEDDED_MODEL) -> Path:
     return target
 
 
-def _convert_gguf(gguf: Path, spec: EmbeddedModel, out: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF file anew for the tokenizer, the config and the weights (a
+    49k-entry vocabulary each time) and rebuilds gguf's tensor-name map once per tensor; both are
+    pure functions of their arguments, so during the conversion each is computed once (measured
+    by ``evaluation/benchmarks/embedded_conversion.py``)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
+def _convert_gguf(gguf: Path, spec: EmbeddedModel, out: Path, parse_once: bool = True) -> None:
+    with _gguf_parsed_once() if parse_once else contextlib.nullcontext():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
     # save_pretrained refuses a model that still carries its GGUF quantizer marker, and the
     # weights are already de-quantised to float32: drop the marker and its config entry.
     model.hf_quantizer = None

@@ -14,7 +14,7 @@ measures against.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -315,6 +315,7 @@ def guided_decode(
     streamer: Any = None,
     repeats: int = 1,
     drop_finished: bool = True,
+    on_rows_kept: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Decode from left-padded ``input_ids``; returns ``(repeats · B, prompt + new)`` token ids.
 
@@ -324,7 +325,9 @@ def guided_decode(
     once, and its cache is shared by the repeats. Rows that finish leave the batch (and every
     cache), so the remaining rows decode at the cost of their own number (``drop_finished=False``
     keeps them to the end, as plain ``generate`` does: the baseline of
-    ``evaluation/benchmarks/sweep_pass.py``).
+    ``evaluation/benchmarks/sweep_pass.py``). ``on_rows_kept(index)`` is told which of the rows
+    still decoding stay (indices into them) each time finished rows leave: per-row state held
+    outside the models' caches follows it (:func:`align.decoding.plain.weighted_lora_rows`).
     """
     if guidance.mode != "mod" and base is None:
         raise ValueError(f"{guidance.mode} guidance needs a base model")
@@ -392,6 +395,8 @@ def guided_decode(
                 keep = (~done).nonzero().squeeze(1)
                 for group in groups:
                     group.keep(keep, len(active))
+                if on_rows_kept is not None:
+                    on_rows_kept(keep)
                 active, next_tokens = active[keep], next_tokens[keep]
                 mask, positions = mask[keep], positions[keep]
     finally:
@@ -423,6 +428,7 @@ def guided_generate(
     streamer: Any = None,
     chat_template: bool = True,
     repeats: int = 1,
+    on_rows_kept: Callable[[torch.Tensor], None] | None = None,
 ) -> list[str]:
     """Answer prompts with guided decoding; α may be one vector or one row per answer.
 
@@ -449,6 +455,7 @@ def guided_generate(
         generator=generator,
         streamer=streamer,
         repeats=repeats,
+        on_rows_kept=on_rows_kept,
     )
     new_tokens = sequences[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

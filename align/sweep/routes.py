@@ -360,20 +360,37 @@ class MergedRoute(Route):
         sources = self._interpolated_sources(runtime.base_name)
         if sources is None:
             return super().answer_all(runtime, prompts, alphas, progress)
+        from align.decoding.guided import guided_generate, mod_guidance
         from align.decoding.plain import weighted_lora_rows
 
         options = dict(self.generation)
         size = options.get("batch_size", 16)
         per_pass = options.get("alphas_per_pass") or len(alphas)
         answers: list[list[str]] = [[] for _ in alphas]
-        with weighted_lora_rows(runtime.model, sources) as (model, set_row_weights):
+        # The base, its rows weighting the input adapters, decoded greedily (or sampled) by
+        # align's decoding loop: its KV cache, and finished rows leaving the batch (their
+        # weights with them); `generate` would decode every row to the longest answer.
+        guidance = mod_guidance({"soup": runtime.model})
+        with weighted_lora_rows(runtime.model, sources) as row_weights:
             for first in range(0, len(alphas), per_pass):
                 block = np.asarray(alphas[first : first + per_pass])
                 for start in range(0, len(prompts), size):
                     chunk = prompts[start : start + size]
-                    set_row_weights(torch.as_tensor(block).repeat_interleave(len(chunk), dim=0))
-                    rows = {**options, "batch_size": len(chunk) * len(block)}
-                    texts = runtime.plain(model, chunk * len(block), rows)
+                    row_weights.set(torch.as_tensor(block).repeat_interleave(len(chunk), dim=0))
+                    seed = options.get("seed")
+                    texts = guided_generate(
+                        None,
+                        runtime.tokenizer,
+                        [prompt for _ in block for prompt in chunk],
+                        guidance,
+                        [1.0],
+                        max_new_tokens=options.get("max_new_tokens", 48),
+                        do_sample=options.get("do_sample", False),
+                        temperature=options.get("temperature", 1.0),
+                        top_p=options.get("top_p"),
+                        seed=None if seed is None else seed + first * len(prompts) + start,
+                        on_rows_kept=row_weights.keep,
+                    )
                     for k in range(len(block)):
                         answers[first + k] += texts[k * len(chunk) : (k + 1) * len(chunk)]
                 if progress is not None:

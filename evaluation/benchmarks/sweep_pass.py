@@ -17,7 +17,7 @@ The rewarded soup (``--soup``: an ``align merge`` sweep of LoRA adapters, as the
 runs through its sweep route: ``per α`` loads each α's adapter and decodes with ``generate``
 (how the sweep ran before); ``one pass`` puts the merge's input adapters on the base at once
 and weights each row's updates by its α (the exact interpolation; needs a merge whose inputs
-are unchanged since).
+are unchanged since), decoded by align's loop (finished rows leave the batch).
 
 Prints wall time and the ratio to the first row, and checks that all modes give the same answers.
 """

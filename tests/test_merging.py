@@ -838,6 +838,9 @@ ORACLE_CASES = [
         [0.3, 0.7],
     ),
     ("dare_ties", {"density": 1.0}, "dare_ties", {}, {"density": 1.0}, True, [0.3, 0.7]),
+    # mergekit's multislerp is the normalised chord; the two agree at the midpoint (slerp.py).
+    ("multislerp", {}, "multislerp", {}, {}, False, [0.5, 0.5]),
+    ("multislerp_task", {}, "multislerp", {}, {}, True, [0.5, 0.5]),
 ]
 
 

@@ -14,8 +14,12 @@ its own p_i, so E[τ̃_k] = τ_k entry by entry (DARE is the case ε = 0). Then
 ``della_linear``:  θ(α) = θ_base + λ Σ_k α_k τ̃_k
 
 Masks are seeded per (``seed``, tensor name, model index), as for DARE, so a sweep uses one mask
-per model for every α. The draws cannot match mergekit's (another generator); the probabilities
-and the rescaling are the same formula.
+per model for every α. The keep probabilities are mergekit's (0.1.5: ranks within each row,
+d ± ε); the draws cannot match (another generator), and the rescale differs by design: mergekit
+scales the masked tensor by one factor restoring its L1 norm, align divides each survivor by its
+own p_i, as the paper does, which keeps every entry's expectation. ``della`` normalises the sign
+consensus by the agreeing models' weight by default and ``della_linear`` does not, as in
+mergekit.
 """
 
 from __future__ import annotations

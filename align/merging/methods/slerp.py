@@ -19,6 +19,13 @@ vectors it is the same path. This is mergekit's ``slerp`` with its ``t`` the sec
 
 For two models this lies on the same great circle and equals ``slerp``'s direction (with the
 α-weighted mean norm); at a vertex of the simplex it returns that model.
+
+mergekit's ``multislerp`` (0.1.5) takes the tangent vectors u_k − cos θ_k · m without the log
+map's factor θ_k / sin θ_k; their α-weighted sum is then always 0, so its result is the
+normalised weighted mean m scaled to the mean norm — a point that moves along the sphere
+non-uniformly in α (for two models it is not SLERP). The two agree wherever the models sit
+symmetrically about m (e.g. two models at α = (½, ½), checked against mergekit in the tests)
+and at the vertices; elsewhere this one is the geodesic (Karcher-type) mean to first order.
 """
 
 from __future__ import annotations

@@ -57,10 +57,6 @@ _LORA_KEY = re.compile(
 )
 
 
-def is_adapter_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     # PEFT matches pattern keys against the end of the module name (peft.utils.other.get_pattern_key).
     for key, value in (patterns or {}).items():

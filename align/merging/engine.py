@@ -10,8 +10,10 @@ For each tensor name (in the storage order of the first model, so reads are sequ
 So a sweep of S preferences reads every input tensor exactly once and writes S checkpoints, and
 peak memory is the K (+1) input tensors of one name, their prepared form and one output tensor,
 independent of the model size and of S. Every output folder is built under a temporary name and
-renamed into place only when complete (:func:`align.io.atomic_directory`); a sweep renames its
-whole folder at once.
+renamed into place only when complete (:func:`align.io.atomic_directory`); a sweep is written by
+:func:`align.merging.io.write_sweep`: each α's folder is atomic inside the sweep's staging
+folder, the sweep folder is renamed into place when all are done, and a sweep interrupted
+part-way resumes from the α it had finished (``pass_size`` α per pass over the inputs).
 
 Non-floating tensors (integer buffers) are not merged: they are copied from the base model, or
 the first model when there is no base.
@@ -98,11 +100,6 @@ def open_inputs(
     )
     check_compatible(inputs.all_checkpoints())
     return inputs
-
-
-def as_preferences(value: Any, objectives: Sequence[str]) -> Preference:
-    """One α or a batch: a Preference, dict, vector, ``(S, K)`` array or ``"a=0.3,b=0.7"``."""
-    return Preference.coerce(value, objectives)
 
 
 def _compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
@@ -243,7 +240,7 @@ def merge_checkpoints(
     _check_target(out, overwrite)
     started = time.perf_counter()
     if preference is not None:
-        alpha = as_preferences(preference, inputs.objectives)
+        alpha = Preference.coerce(preference, inputs.objectives)
         if alpha.is_batched:
             raise ValueError("preference must be one α; use sweep= for several")
         with atomic_directory(out, overwrite=overwrite) as tmp:

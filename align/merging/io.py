@@ -198,10 +198,6 @@ class Checkpoint:
         with safe_open(info.shard, framework="pt") as handle:
             return handle.get_tensor(name)
 
-    @property
-    def total_reads(self) -> int:
-        return sum(self.reads.values())
-
     def has_tokenizer(self) -> bool:
         return any(
             (self.folder / name).is_file()

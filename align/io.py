@@ -53,8 +53,14 @@ def _owner_record() -> dict:
     return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
 
 
-def _owner_is_gone(record: dict) -> bool:
-    """Whether the process that recorded ``record`` has ended (only judged on this host)."""
+#: Staging folders this process is writing now (a folder it left after Ctrl-C is not among them).
+_ACTIVE: set[str] = set()
+
+
+def _owner_is_gone(record: dict, folder: Path) -> bool:
+    """Whether the writer that recorded ``record`` has stopped: its process has ended, or it is
+    this process and the folder is no longer being written (left after a Ctrl-C). Only judged
+    for this host."""
     import socket
 
     if record.get("host") != socket.gethostname():
@@ -62,6 +68,8 @@ def _owner_is_gone(record: dict) -> bool:
     pid = record.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
+    if pid == os.getpid() and record.get("start") == _process_start(pid):
+        return str(folder.resolve()) not in _ACTIVE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,7 +96,7 @@ def staging_folders(target: str | os.PathLike) -> list[Path]:
 
 
 def stale_staging(target: str | os.PathLike) -> list[Path]:
-    """Staging folders beside ``target`` whose writing process is gone (killed, crashed).
+    """Staging folders beside ``target`` whose writer is gone (killed, crashed, interrupted).
 
     A folder counts as stale only when its :data:`STAGING_MARKER` names a process on this host
     that no longer runs; unmarked folders (older versions, other tools) are left alone.
@@ -101,7 +109,7 @@ def stale_staging(target: str | os.PathLike) -> list[Path]:
             record = json.loads((folder / STAGING_MARKER).read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and _owner_is_gone(record):
+        if isinstance(record, dict) and _owner_is_gone(record, folder):
             stale.append(folder)
     return stale
 
@@ -123,8 +131,8 @@ def atomic_directory(
     removed first — or, when ``adopt(folder)`` says so for one of them, that one is taken over
     and yielded with what it already holds (a sweep resumes from the outputs it had finished).
     With ``keep_on_interrupt``, a ``KeyboardInterrupt`` / ``SystemExit`` leaves the staging folder
-    in place (marked as this process's, so it is stale once this process ends) for a re-run to
-    adopt; any other error removes it.
+    in place for a re-run to adopt (in this process or another: it is stale as soon as nothing
+    writes it); any other error removes it.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +153,8 @@ def atomic_directory(
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         _usual_mode(tmp, 0o777)
         _mark_staging(tmp)
+    active = str(tmp.resolve())
+    _ACTIVE.add(active)
     try:
         yield tmp
         (tmp / STAGING_MARKER).unlink(missing_ok=True)
@@ -173,6 +183,8 @@ def atomic_directory(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _ACTIVE.discard(active)
 
 
 @contextlib.contextmanager

@@ -511,6 +511,48 @@ def test_sweep_killed_half_way_resumes_from_the_finished_alphas(checkpoints, tmp
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_a_sweep_interrupted_by_ctrl_c_resumes_in_the_same_process(tmp_path):
+    from align.merging import write_sweep
+    from align.preference import Preference
+
+    made = []
+
+    def produce(alphas, folders, stop_at=None):
+        for alpha, folder in zip(alphas, folders):
+            if len(made) == stop_at:
+                raise KeyboardInterrupt
+            made.append(alpha.to_dict()["a"])
+            (folder / "align_merge.json").write_text(json.dumps(alpha.to_dict()))
+
+    grid = Preference(simplex_grid(2, 3), ("a", "b"))
+    job = {"inputs": "x"}
+    with pytest.raises(KeyboardInterrupt):
+        write_sweep(
+            tmp_path / "s",
+            grid,
+            lambda a, f: produce(a, f, stop_at=2),
+            merge_method="m",
+            job=job,
+            pass_size=1,
+        )
+    assert not (tmp_path / "s").exists() and len(made) == 2
+    made.clear()
+    folders = write_sweep(tmp_path / "s", grid, produce, merge_method="m", job=job, pass_size=1)
+    assert made == pytest.approx([2 / 3, 1.0])  # the first two α were kept, not redone
+    assert len(folders) == 4 and [p.name for p in tmp_path.iterdir()] == ["s"]
+    # A different job on the same target does not adopt a left staging folder: it removes it.
+    with pytest.raises(KeyboardInterrupt):
+        write_sweep(
+            tmp_path / "t",
+            grid,
+            lambda a, f: produce(a, f, stop_at=3),
+            **{"merge_method": "m", "job": job, "pass_size": 1},
+        )
+    made.clear()
+    write_sweep(tmp_path / "t", grid, produce, merge_method="m", job={"inputs": "y"})
+    assert len(made) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["s", "t"]
+
+
 def test_stale_staging_is_removed_live_and_unknown_staging_is_kept(tmp_path):
     from align.io import STAGING_MARKER, atomic_directory
 

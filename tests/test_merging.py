@@ -34,7 +34,7 @@ from align.merging import (
     parse_merge_config,
 )
 from align.merging.base import tensor_seed
-from align.merging.io import INDEX_NAME, StreamingWriter
+from align.merging.io import INDEX_NAME, MERGE_INFO, SWEEP_INFO, StreamingWriter
 from align.pareto import pareto_mask
 from align.preference import simplex_grid
 
@@ -217,7 +217,7 @@ def test_streamed_merge_equals_in_memory_formula(checkpoints, tmp_path, method, 
     assert merged.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    info = json.loads((out / "align_merge.json").read_text())
+    info = json.loads((out / MERGE_INFO).read_text())
     assert info["objectives"] == list(OBJECTIVES) and info["preference"]["helpful"] == 0.3
     for side in ("config.json", "tokenizer.json", "generation_config.json"):
         assert (out / side).is_file()
@@ -251,7 +251,7 @@ def test_sweep_reads_each_input_tensor_once_and_matches_single_merges(checkpoint
     assert len(folders) == 11
     for checkpoint in inputs.all_checkpoints():
         assert checkpoint.reads == dict.fromkeys(checkpoint.tensors, 1), checkpoint.label
-    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    sweep = json.loads((tmp_path / "sweep" / SWEEP_INFO).read_text())
     assert [c["preference"]["helpful"] for c in sweep["checkpoints"]] == pytest.approx(
         simplex_grid(2, 10)[:, 0].tolist()
     )
@@ -465,7 +465,7 @@ def test_sweep_killed_half_way_resumes_from_the_finished_alphas(checkpoints, tmp
         child.wait(timeout=30)
     assert child.returncode == -signal.SIGKILL and not out.exists()
     (staging,) = [p for p in tmp_path.iterdir() if p.name.startswith(".sweep.tmp-")]
-    finished = sorted(p for p in staging.iterdir() if (p / "align_merge.json").is_file())
+    finished = sorted(p for p in staging.iterdir() if (p / MERGE_INFO).is_file())
     assert len(finished) == 2  # two α done, the third half-written in its own staging folder
     assert any(p.name.startswith(".") and ".tmp-" in p.name for p in staging.iterdir())
     stamps = {p.name: (p / "model.safetensors").stat() for p in finished}
@@ -498,7 +498,7 @@ def test_sweep_killed_half_way_resumes_from_the_finished_alphas(checkpoints, tmp
         after = (out / name / "model.safetensors").stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert not list(out.glob(".*"))  # no staging marker, job record or partial α inside
-    sweep = json.loads((out / "sweep.json").read_text())
+    sweep = json.loads((out / SWEEP_INFO).read_text())
     assert [c["folder"] for c in sweep["checkpoints"]] == [f.name for f in folders]
     (single,) = merge_checkpoints(
         models,
@@ -522,7 +522,7 @@ def test_a_sweep_interrupted_by_ctrl_c_resumes_in_the_same_process(tmp_path):
             if len(made) == stop_at:
                 raise KeyboardInterrupt
             made.append(alpha.to_dict()["a"])
-            (folder / "align_merge.json").write_text(json.dumps(alpha.to_dict()))
+            (folder / MERGE_INFO).write_text(json.dumps(alpha.to_dict()))
 
     grid = Preference(simplex_grid(2, 3), ("a", "b"))
     job = {"inputs": "x"}

@@ -382,7 +382,8 @@ def merge(
     ] = False,
 ) -> None:
     """Merge checkpoints along α: one preference or a sweep (linear, task arithmetic, TIES,
-    DARE), LoRA adapters exactly, or train / materialise a Pareto-merging artifact."""
+    DARE, DELLA, breadcrumbs, SLERP, model stock, ...), LoRA adapters exactly, or train /
+    materialise a Pareto-merging artifact. An interrupted sweep resumes when run again."""
     from rich.markup import escape
 
     from align.merging import run_merge_config

@@ -30,8 +30,7 @@ import torch
 
 from align.io import atomic_directory
 from align.merging import ParetoArtifact, get_merge_method, open_inputs, pareto_merge
-from align.merging.engine import _read_stack
-from align.merging.io import copy_side_files
+from align.merging.io import copy_side_files, read_stack
 from align.models import cache_root, embedded_model_path
 from align.pareto import hypervolume, pareto_mask
 from align.preference import simplex_grid
@@ -117,7 +116,7 @@ def method_front(inputs, method, alphas: torch.Tensor) -> np.ndarray:
     """Squared distances D_k(α) of a registered merge to each model, one tensor at a time."""
     distances = np.zeros((len(alphas), len(inputs.models)))
     for name in inputs.models[0].names:
-        stacked = _read_stack(inputs.models, name, torch.float32)
+        stacked = read_stack(inputs.models, name, torch.float32)
         base = inputs.base.get_tensor(name).float() if method.needs_base else None
         prepared = method.prepare(name, stacked, base)
         for row, alpha in enumerate(alphas):
@@ -133,7 +132,7 @@ def artifact_front(artifact: ParetoArtifact, inputs, alphas: torch.Tensor) -> np
     for name in artifact.base.names:
         if not artifact.base.tensors[name].dtype.is_floating_point:
             continue
-        stacked = _read_stack(inputs.models, name, torch.float32)
+        stacked = read_stack(inputs.models, name, torch.float32)
         base = None if name in artifact.small else artifact.base.get_tensor(name)
         for row, alpha in enumerate(prefs):
             value = artifact.tensor(name, alpha, base).float()

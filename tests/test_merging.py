@@ -8,6 +8,7 @@ All inputs are tiny random Llamas (2 layers, hidden 64) saved to a temporary fol
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -33,7 +34,7 @@ from align.merging import (
     parse_merge_config,
 )
 from align.merging.base import tensor_seed
-from align.merging.io import INDEX_NAME, StreamingWriter
+from align.merging.io import INDEX_NAME, MERGE_INFO, SWEEP_INFO, StreamingWriter
 from align.pareto import pareto_mask
 from align.preference import simplex_grid
 
@@ -111,12 +112,35 @@ def _dare(tau: torch.Tensor, density: float, seed: int, name: str, k: int) -> to
     return torch.where(keep, tau, 0.0) / density
 
 
-def _ties_merge(taus: list[torch.Tensor], alpha: list[float]) -> torch.Tensor:
+def _ties_merge(taus: list[torch.Tensor], alpha: list[float], normalize=True) -> torch.Tensor:
     total = sum(a * t for a, t in zip(alpha, taus))
     sign = torch.where(total >= 0, 1.0, -1.0)
     numerator = sum(torch.where(torch.sign(t) == sign, a * t, 0.0) for a, t in zip(alpha, taus))
+    if not normalize:
+        return numerator
     denominator = sum(torch.where(torch.sign(t) == sign, a, 0.0) for a, t in zip(alpha, taus))
     return numerator / torch.where(denominator == 0, 1.0, denominator)
+
+
+def _breadcrumbs(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    import numpy as np
+
+    n = tau.numel()
+    flat = tau.reshape(-1).numpy()
+    order = np.lexsort((np.arange(n), np.abs(flat)))  # by magnitude, then by position
+    keep, top = int(density * n), int(gamma * n)
+    mask = np.zeros(n, dtype=bool)
+    mask[order[n - keep - top : n - top]] = True
+    return torch.where(torch.from_numpy(mask).reshape(tau.shape), tau, 0.0)
+
+
+def _slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+    cos = float(a64 @ b64 / (a64.norm() * b64.norm()))
+    if abs(cos) > 0.9995:
+        return (1 - t) * a + t * b
+    omega = math.acos(cos)
+    return (math.sin((1 - t) * omega) * a + math.sin(t * omega) * b) / math.sin(omega)
 
 
 def _reference(method: str, params: dict, models: list[dict], base: dict, alpha: list[float]):
@@ -140,7 +164,21 @@ def _reference(method: str, params: dict, models: list[dict], base: dict, alpha:
             dropped = [
                 _dare(t, params["density"], params["seed"], name, k) for k, t in enumerate(taus)
             ]
-            value = b + lam * _ties_merge(dropped, alpha)
+            value = b + lam * _ties_merge(dropped, alpha, normalize=False)  # mergekit's default
+        elif method == "slerp":
+            value = _slerp(alpha[1], thetas[0], thetas[1])
+        elif method == "model_stock":
+            flat = [t.reshape(-1).double() for t in taus]
+            cos = float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()))
+            ratio = 2 * cos / (1 + cos)
+            value = ratio * sum(a * t for a, t in zip(alpha, thetas)) + (1 - ratio) * b
+        elif method in ("breadcrumbs", "breadcrumbs_ties"):
+            crumbs = [_breadcrumbs(t, params["density"], params["gamma"]) for t in taus]
+            value = b + lam * (
+                sum(a * t for a, t in zip(alpha, crumbs))
+                if method == "breadcrumbs"
+                else _ties_merge(crumbs, alpha, normalize=False)
+            )
         out[name] = value
     return out
 
@@ -151,13 +189,17 @@ METHODS = [
     ("ties", {"density": 0.3, "lambda": 1.2}),
     ("dare_linear", {"density": 0.4, "seed": 3}),
     ("dare_ties", {"density": 0.4, "seed": 3}),
+    ("slerp", {}),
+    ("model_stock", {}),
+    ("breadcrumbs", {"density": 0.6, "gamma": 0.1}),
+    ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.1, "lambda": 0.9}),
 ]
 
 
 @pytest.mark.parametrize(("method", "params"), METHODS, ids=[m for m, _ in METHODS])
 def test_streamed_merge_equals_in_memory_formula(checkpoints, tmp_path, method, params):
     alpha = [0.3, 0.7]
-    base = None if method == "linear" else checkpoints["base"]
+    base = None if method in ("linear", "slerp") else checkpoints["base"]
     # A tiny shard limit forces several shards and an index.
     (out,) = merge_checkpoints(
         {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]},
@@ -175,7 +217,7 @@ def test_streamed_merge_equals_in_memory_formula(checkpoints, tmp_path, method, 
     assert merged.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    info = json.loads((out / "align_merge.json").read_text())
+    info = json.loads((out / MERGE_INFO).read_text())
     assert info["objectives"] == list(OBJECTIVES) and info["preference"]["helpful"] == 0.3
     for side in ("config.json", "tokenizer.json", "generation_config.json"):
         assert (out / side).is_file()
@@ -209,7 +251,7 @@ def test_sweep_reads_each_input_tensor_once_and_matches_single_merges(checkpoint
     assert len(folders) == 11
     for checkpoint in inputs.all_checkpoints():
         assert checkpoint.reads == dict.fromkeys(checkpoint.tensors, 1), checkpoint.label
-    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    sweep = json.loads((tmp_path / "sweep" / SWEEP_INFO).read_text())
     assert [c["preference"]["helpful"] for c in sweep["checkpoints"]] == pytest.approx(
         simplex_grid(2, 10)[:, 0].tolist()
     )
@@ -365,6 +407,175 @@ def test_merge_killed_mid_write_leaves_nothing_that_looks_complete(checkpoints, 
     leftovers = [p for p in tmp_path.iterdir() if p.name != "ready"]
     # Only the hidden temporary folder, whose half-written shard is never taken for a result.
     assert leftovers and all(p.name.startswith(".out.tmp-") for p in leftovers)
+    # A re-run removes the staging folder of the process that is gone, and finishes.
+    merge_checkpoints(
+        {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]},
+        out,
+        method="linear",
+        preference=[0.5, 0.5],
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ready"]
+    assert not any(p.name.startswith(".align-staging") for p in out.iterdir())
+
+
+def _run_until(script: str, ready: Path) -> subprocess.Popen:
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()}
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if child.poll() is not None:
+            raise AssertionError(f"the merge process ended (rc {child.returncode}) before ready")
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return child
+
+
+def test_sweep_killed_half_way_resumes_from_the_finished_alphas(checkpoints, tmp_path):
+    ready, out = tmp_path / "ready", tmp_path / "sweep"
+    models = {"helpful": str(checkpoints["helpful"]), "harmless": str(checkpoints["harmless"])}
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from align.merging import engine, merge_checkpoints
+        from align.merging.io import StreamingWriter
+
+        calls, original = [0], engine.stream_merge
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:  # the third α: write one tensor, then wait to be killed
+                write = StreamingWriter.write
+                def hang(self, name, tensor):
+                    write(self, name, tensor)
+                    self._handle.flush()
+                    Path({str(ready)!r}).touch()
+                    time.sleep(60)
+                StreamingWriter.write = hang
+            return original(*args, **kwargs)
+        engine.stream_merge = counted
+        merge_checkpoints({models!r}, {str(out)!r}, method="ties",
+                          base_model={str(checkpoints["base"])!r}, sweep=4, pass_size=1)
+        """
+    )
+    child = _run_until(script, ready)
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL and not out.exists()
+    (staging,) = [p for p in tmp_path.iterdir() if p.name.startswith(".sweep.tmp-")]
+    finished = sorted(p for p in staging.iterdir() if (p / MERGE_INFO).is_file())
+    assert len(finished) == 2  # two α done, the third half-written in its own staging folder
+    assert any(p.name.startswith(".") and ".tmp-" in p.name for p in staging.iterdir())
+    stamps = {p.name: (p / "model.safetensors").stat() for p in finished}
+
+    from align.merging import engine
+
+    produced = []
+    original = engine.stream_merge
+
+    def spy(inputs, method, preferences, folders, **kwargs):
+        produced.extend(p.to_dict()["helpful"] for p in preferences)
+        return original(inputs, method, preferences, folders, **kwargs)
+
+    engine.stream_merge = spy
+    try:
+        folders = merge_checkpoints(
+            models,
+            out,
+            method="ties",
+            base_model=checkpoints["base"],
+            sweep=4,
+            pass_size=1,
+        )
+    finally:
+        engine.stream_merge = original
+    assert len(folders) == 5 and all(f.is_dir() for f in folders)
+    assert sorted(produced) == pytest.approx([0.5, 0.75, 1.0])  # only the α not finished
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ready", "sweep"]  # no staging left
+    for name, before in stamps.items():  # reused as they were, not rewritten
+        after = (out / name / "model.safetensors").stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not list(out.glob(".*"))  # no staging marker, job record or partial α inside
+    sweep = json.loads((out / SWEEP_INFO).read_text())
+    assert [c["folder"] for c in sweep["checkpoints"]] == [f.name for f in folders]
+    (single,) = merge_checkpoints(
+        models,
+        tmp_path / "single",
+        method="ties",
+        base_model=checkpoints["base"],
+        preference=[0.0, 1.0],
+    )
+    a, b = _state(folders[0]), _state(single)  # a reused α is the right model
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_sweep_interrupted_by_ctrl_c_resumes_in_the_same_process(tmp_path):
+    from align.merging import write_sweep
+    from align.preference import Preference
+
+    made = []
+
+    def produce(alphas, folders, stop_at=None):
+        for alpha, folder in zip(alphas, folders):
+            if len(made) == stop_at:
+                raise KeyboardInterrupt
+            made.append(alpha.to_dict()["a"])
+            (folder / MERGE_INFO).write_text(json.dumps(alpha.to_dict()))
+
+    grid = Preference(simplex_grid(2, 3), ("a", "b"))
+    job = {"inputs": "x"}
+    with pytest.raises(KeyboardInterrupt):
+        write_sweep(
+            tmp_path / "s",
+            grid,
+            lambda a, f: produce(a, f, stop_at=2),
+            merge_method="m",
+            job=job,
+            pass_size=1,
+        )
+    assert not (tmp_path / "s").exists() and len(made) == 2
+    made.clear()
+    folders = write_sweep(tmp_path / "s", grid, produce, merge_method="m", job=job, pass_size=1)
+    assert made == pytest.approx([2 / 3, 1.0])  # the first two α were kept, not redone
+    assert len(folders) == 4 and [p.name for p in tmp_path.iterdir()] == ["s"]
+    # A different job on the same target does not adopt a left staging folder: it removes it.
+    with pytest.raises(KeyboardInterrupt):
+        write_sweep(
+            tmp_path / "t",
+            grid,
+            lambda a, f: produce(a, f, stop_at=3),
+            **{"merge_method": "m", "job": job, "pass_size": 1},
+        )
+    made.clear()
+    write_sweep(tmp_path / "t", grid, produce, merge_method="m", job={"inputs": "y"})
+    assert len(made) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["s", "t"]
+
+
+def test_stale_staging_is_removed_live_and_unknown_staging_is_kept(tmp_path):
+    from align.io import STAGING_MARKER, atomic_directory
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(gone.stdout)
+    import socket
+
+    def staging(suffix: str, pid: int | None) -> Path:
+        folder = tmp_path / f".out.tmp-{suffix}"
+        folder.mkdir()
+        (folder / "half.safetensors").write_bytes(b"x" * 100)
+        if pid is not None:
+            record = {"host": socket.gethostname(), "pid": pid, "start": None}
+            (folder / STAGING_MARKER).write_text(json.dumps(record))
+        return folder
+
+    dead, live, unknown = staging("a", dead_pid), staging("b", os.getpid()), staging("c", None)
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert not dead.exists() and live.exists() and unknown.exists()
+    assert sorted(os.listdir(tmp_path / "out")) == ["done.txt"]
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -489,7 +700,9 @@ def test_pareto_artifact_materialises_checkpoints_and_live_models(linear_artifac
     on_disk = _state(out)
     expected = art.state_dict([0.3, 0.7])
     assert all(torch.equal(on_disk[n], expected[n]) for n in expected)
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    for name, value in expected.items():  # what transformers loads is θ(α), tensor by tensor
+        torch.testing.assert_close(loaded[name], value.float(), rtol=0, atol=0, msg=name)
     model = art.load_model([0.9, 0.1])
     art.set_preference(model, [0.3, 0.7])  # switch α in place
     live = model.state_dict()
@@ -523,20 +736,28 @@ def test_pareto_data_based_entropy_objective_trains(checkpoints, tmp_path):
         "helpful": ["How do I bake bread?", "Explain rain."],
         "harmless": ["Is it safe to swim after eating?", "Say something kind."],
     }
-    art = pareto_merge(
-        {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]},
-        tmp_path / "entropy",
-        base_model=checkpoints["base"],
-        options={
-            "rank": 2,
-            "scalarization": "linear",
-            "steps": 6,
-            "entropy_weight": 0.5,
-            "prompts": prompts,
-        },
+    options = {"rank": 2, "scalarization": "linear", "steps": 6, "prompts": prompts}
+    models = {"helpful": checkpoints["helpful"], "harmless": checkpoints["harmless"]}
+    with_entropy, data_free = (
+        pareto_merge(
+            models,
+            tmp_path / f"entropy{weight}",
+            base_model=checkpoints["base"],
+            options={**options, "entropy_weight": weight},
+        )
+        for weight in (0.5, 0.0)
     )
-    assert art.info["options"]["entropy_weight"] == 0.5
-    assert any(art.factors[f"{n}.C"].abs().sum() > 0 for n in art.low_rank)
+    assert with_entropy.info["options"]["entropy_weight"] == 0.5
+    # Same seed, same α draws: the cores differ only through the entropy term's gradient.
+    difference = max(
+        float((with_entropy.factors[f"{n}.C"] - data_free.factors[f"{n}.C"]).abs().max())
+        for n in with_entropy.low_rank
+    )
+    scale = max(float(data_free.factors[f"{n}.C"].abs().max()) for n in data_free.low_rank)
+    assert difference > 1e-3 * scale
+    losses = [h["loss"] for h in with_entropy.info["training"]["history"]]
+    free = [h["loss"] for h in data_free.info["training"]["history"]]
+    assert losses[0] > free[0]  # the entropy (γ H > 0) is part of the loss it minimised
 
 
 # --- CLI ---------------------------------------------------------------------------------------
@@ -610,5 +831,105 @@ def test_shipped_recipes_parse():
     assert len(recipes) >= 6
     for recipe in recipes:
         config = load_merge_config(recipe)
-        if config.merge_method in ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"):
+        if config.merge_method not in ("lora", "lora_cat", "pareto"):
             get_merge_method(config.merge_method, **config.parameters)
+
+
+# --- mergekit as an oracle (runs where mergekit is installed: the `bench` extra) ---------------
+
+
+def _mergekit_yaml() -> str | None:
+    """mergekit's CLI: $MERGEKIT_YAML, next to this Python, or on PATH (a scratch venv works)."""
+    import shutil
+
+    for candidate in (
+        os.environ.get("MERGEKIT_YAML"),
+        str(Path(sys.executable).parent / "mergekit-yaml"),
+        shutil.which("mergekit-yaml"),
+    ):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+# (align method, align parameters, mergekit method, mergekit global parameters, per-model
+# parameters, whether mergekit gets a base model, α). Deterministic methods only: DARE and DELLA
+# draw random masks from another generator, so no two tools agree on them entry by entry.
+ORACLE_CASES = [
+    ("linear", {}, "linear", {}, {}, False, [0.3, 0.7]),
+    ("task_arithmetic", {"lambda": 0.8}, "task_arithmetic", {"lambda": 0.8}, {}, True, [0.3, 0.7]),
+    ("ties", {"density": 0.5}, "ties", {}, {"density": 0.5}, True, [0.4, 0.6]),
+    ("slerp", {}, "slerp", {"t": 0.35}, {}, "first", [0.65, 0.35]),
+    ("model_stock", {}, "model_stock", {}, {}, True, [0.5, 0.5]),
+    (
+        "breadcrumbs",
+        {"density": 0.6, "gamma": 0.1},
+        "breadcrumbs",
+        {},
+        {"density": 0.6, "gamma": 0.1},
+        True,
+        [0.3, 0.7],
+    ),
+    (
+        "breadcrumbs_ties",
+        {"density": 0.6, "gamma": 0.1},
+        "breadcrumbs_ties",
+        {},
+        {"density": 0.6, "gamma": 0.1},
+        True,
+        [0.3, 0.7],
+    ),
+    ("dare_ties", {"density": 1.0}, "dare_ties", {}, {"density": 1.0}, True, [0.3, 0.7]),
+    # mergekit's multislerp is the normalised chord; the two agree at the midpoint (slerp.py).
+    ("multislerp", {}, "multislerp", {}, {}, False, [0.5, 0.5]),
+    ("multislerp_task", {}, "multislerp", {}, {}, True, [0.5, 0.5]),
+]
+
+
+@pytest.mark.skipif(_mergekit_yaml() is None, reason="mergekit is not installed (`bench` extra)")
+@pytest.mark.parametrize("case", ORACLE_CASES, ids=[c[0] for c in ORACLE_CASES])
+def test_methods_match_mergekit(checkpoints, tmp_path, case):
+    import yaml
+
+    method, params, theirs, global_params, model_params, with_base, alpha = case
+    names = ("helpful", "harmless")
+    if with_base == "first":  # mergekit's slerp: t = 0 is its base model, the first here
+        config = {
+            "merge_method": theirs,
+            "base_model": str(checkpoints["helpful"]),
+            "models": [{"model": str(checkpoints[n])} for n in names],
+        }
+    else:
+        config = {
+            "merge_method": theirs,
+            "models": [
+                {"model": str(checkpoints[n]), "parameters": {"weight": a, **model_params}}
+                if theirs != "model_stock"  # model stock averages uniformly: no weights
+                else {"model": str(checkpoints[n])}
+                for n, a in zip(names, alpha)
+            ],
+        }
+        if with_base:
+            config["base_model"] = str(checkpoints["base"])
+    config.update(dtype="float32", parameters=global_params)
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [_mergekit_yaml(), str(tmp_path / "mk.yaml"), str(tmp_path / "mk"), "--no-cuda"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (ours,) = merge_checkpoints(
+        {n: checkpoints[n] for n in names},
+        tmp_path / "align",
+        method=method,
+        parameters=params,
+        base_model=checkpoints["base"] if with_base is True else None,
+        preference=alpha,
+    )
+    mine, reference = _state(ours), _state(tmp_path / "mk")
+    for name in mine:
+        torch.testing.assert_close(
+            mine[name], reference[name].to(mine[name].dtype), rtol=1e-5, atol=1e-6, msg=name
+        )

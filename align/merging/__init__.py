@@ -1,8 +1,10 @@
 """Merging Hugging Face checkpoints along the preference vector α.
 
 * :func:`merge_checkpoints` — one α or a sweep of α, streamed tensor by tensor from safetensors
-  shards with any registered method (:func:`get_merge_method`: ``linear`` (rewarded soups),
-  ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``);
+  shards with any registered method (:func:`available_merge_methods`: ``linear`` (rewarded
+  soups), ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``slerp``,
+  ``multislerp``, ``model_stock``, ``della``, ``della_linear``, ``breadcrumbs``,
+  ``breadcrumbs_ties``); an interrupted sweep resumes from the α it had finished;
 * :func:`merge_lora_adapters` — exact Σ_k α_k ΔW_k of PEFT LoRA adapters (method ``lora``);
 * :func:`pareto_merge` — Pareto merging (Chen & Kwok, ICML 2025): a compact artifact from which
   :class:`ParetoArtifact` materialises any α as a checkpoint or a live model;
@@ -21,19 +23,23 @@ from align.merging.config import (
     parse_merge_config,
     run_merge_config,
 )
-from align.merging.engine import (
-    MergeInputs,
-    merge_checkpoints,
-    merge_state_dicts,
-    open_inputs,
+from align.merging.engine import MergeInputs, merge_checkpoints, open_inputs
+from align.merging.io import (
+    MERGE_INFO,
+    SWEEP_INFO,
+    Checkpoint,
+    CheckpointError,
+    StreamingWriter,
     sweep_preferences,
+    write_sweep,
 )
-from align.merging.io import Checkpoint, CheckpointError, StreamingWriter
 from align.merging.pareto import ParetoArtifact, ParetoMergeOptions, pareto_merge
 from align.merging.registry import available_merge_methods, get_merge_method, register_merge_method
 from align.merging.validation import MergeInputError, check_compatible
 
 __all__ = [
+    "MERGE_INFO",
+    "SWEEP_INFO",
     "Checkpoint",
     "CheckpointError",
     "MergeConfig",
@@ -50,11 +56,11 @@ __all__ = [
     "load_merge_config",
     "merge_checkpoints",
     "merge_lora_adapters",
-    "merge_state_dicts",
     "open_inputs",
     "pareto_merge",
     "parse_merge_config",
     "register_merge_method",
     "run_merge_config",
     "sweep_preferences",
+    "write_sweep",
 ]

@@ -32,14 +32,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from align.io import atomic_directory
-from align.merging.engine import MERGE_INFO, preference_folder_name, sweep_preferences
 from align.merging.io import (
     Checkpoint,
-    OutputTensor,
     StreamingWriter,
     copy_side_files,
     dtype_from_name,
+    folder_signature,
+    output_plan,
     refuse_pickles,
+    resolve_checkpoint,
+    sweep_grid,
+    write_merge_info,
+    write_sweep,
 )
 from align.merging.methods.lora import LoraInterpolation
 from align.merging.validation import MergeInputError
@@ -51,10 +55,6 @@ _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$"
 )
-
-
-def is_adapter_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -274,11 +274,7 @@ def _fold_into_base(
         match = re.match(r"^(?P<module>.+)\.modules_to_save(\.[^.]+)?\.(?P<leaf>[^.]+)$", key)
         if match:
             saved[f"{match['module']}.{match['leaf']}"] = key
-    plan = []
-    for name in base.names:
-        info = base.tensors[name]
-        out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
-        plan.append(OutputTensor(name, out_dtype, info.shape))
+    plan = output_plan(base, base, dtype)
     writers = [
         StreamingWriter(
             f,
@@ -340,8 +336,12 @@ def merge_lora_adapters(
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    pass_size: int | None = None,
 ) -> list[Path]:
-    """Interpolate LoRA adapters exactly along α; see the module notes. Returns the folders."""
+    """Interpolate LoRA adapters exactly along α; see the module notes. Returns the folders.
+
+    A sweep is written by :func:`~align.merging.io.write_sweep` (``pass_size`` α per pass;
+    an interrupted sweep resumes from the α it had finished)."""
     method = LoraInterpolation(output=output)
     objectives, adapters = load_adapters(models)
     out = Path(out)
@@ -354,36 +354,19 @@ def merge_lora_adapters(
     if method.params["output"] == "checkpoint":
         if base_model is None:
             raise ValueError("folding LoRA updates into a checkpoint needs base_model")
-        from align.merging.engine import _resolve
+        base = Checkpoint(resolve_checkpoint(base_model), label=f"base ({base_model})")
+    from align.io import content_digest
 
-        base = Checkpoint(_resolve(base_model), label=f"base ({base_model})")
-    if preference is not None:
-        alphas = Preference.coerce(preference, objectives)
-        if alphas.is_batched:
-            raise ValueError("preference must be one α; use sweep= for several")
-        alphas = [alphas]
-        names = None
-    else:
-        grid = (
-            sweep_preferences(objectives, sweep)
-            if isinstance(sweep, int)
-            else Preference.coerce(sweep, objectives)
-        )
-        alphas = list(grid) if grid.is_batched else [grid]
-        names = [preference_folder_name(a) for a in alphas]
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        folders = [tmp] if names is None else [tmp / n for n in names]
-        for folder in folders:
-            folder.mkdir(exist_ok=True)
+    # What the inputs contained: a reader can tell whether they still hold what was merged.
+    digests = {n: content_digest(p) for n, p in models.items()}
+
+    def produce(alphas: Preference, folders: list[Path]) -> None:
+        alphas = list(alphas)
         if base is None:
             for alpha, folder in zip(alphas, folders):
                 _write_adapter(adapters, alpha, folder, out_dtype)
         else:
             _fold_into_base(adapters, alphas, base, folders, out_dtype, max_shard_size)
-        from align.io import content_digest
-
-        # What the inputs contained: a reader can tell whether they still hold what was merged.
-        digests = {n: content_digest(p) for n, p in models.items()}
         for alpha, folder in zip(alphas, folders):
             record = {
                 "merge_method": "lora",
@@ -394,19 +377,27 @@ def merge_lora_adapters(
                 "model_digests": digests,
                 "base_model": None if base_model is None else str(base_model),
             }
-            (folder / MERGE_INFO).write_text(json.dumps(record, indent=2) + "\n")
-        if names is not None:
-            (tmp / "sweep.json").write_text(
-                json.dumps(
-                    {
-                        "objectives": list(objectives),
-                        "merge_method": "lora",
-                        "checkpoints": [
-                            {"folder": n, "preference": a.to_dict()} for n, a in zip(names, alphas)
-                        ],
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
-    return [out] if names is None else [out / n for n in names]
+            write_merge_info(folder, record)
+
+    if preference is not None:
+        alpha = Preference.coerce(preference, objectives)
+        if alpha.is_batched:
+            raise ValueError("preference must be one α; use sweep= for several")
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            produce(Preference(alpha.weights[None], objectives), [tmp])
+        return [out]
+    job = {
+        "parameters": {**method.params, "dtype": None if dtype is None else str(dtype)},
+        "model_digests": digests,
+        "base_model": None if base is None else [str(base.folder), folder_signature(base.folder)],
+        "max_shard_size": max_shard_size,
+    }
+    return write_sweep(
+        out,
+        sweep_grid(sweep, objectives),
+        produce,
+        merge_method="lora",
+        job=job,
+        overwrite=overwrite,
+        pass_size=pass_size,
+    )

@@ -15,6 +15,8 @@
     # sweep: [[0.2, 0.8], [0.5, 0.5]]   # or a list of α
     dtype: bfloat16               # output dtype (default: as the inputs)
     max_shard_size: 5GB
+    # pass_size: 2                # a sweep's α per pass over the inputs (default: all in one
+    #                             # pass); an interrupted sweep resumes from the finished α
 
 ``merge_method: lora`` takes PEFT adapter folders as models and ``parameters: {output: adapter}``
 (or ``checkpoint`` with a base_model). ``merge_method: pareto`` trains a Pareto-merging artifact
@@ -45,6 +47,7 @@ TOP_LEVEL_KEYS = frozenset(
         "sweep",
         "dtype",
         "max_shard_size",
+        "pass_size",
         "artifact",
         "name",
         "description",
@@ -67,6 +70,7 @@ class MergeConfig:
     dtype: str | None = None
     max_shard_size: int | str = "5GB"
     artifact: str | None = None
+    pass_size: int | None = None
 
 
 def parse_merge_config(data: Mapping[str, Any], source: str = "config") -> MergeConfig:
@@ -134,6 +138,13 @@ def parse_merge_config(data: Mapping[str, Any], source: str = "config") -> Merge
         problems.append(
             f"sweep must be an integer >= 1 (grid step 1/sweep) or a list of α, got {sweep!r}"
         )
+    pass_size = data.get("pass_size")
+    if pass_size is not None and (
+        isinstance(pass_size, bool) or not isinstance(pass_size, int) or pass_size < 1
+    ):
+        problems.append(f"pass_size must be an integer >= 1 (α per pass), got {pass_size!r}")
+    elif pass_size is not None and not has_sweep:
+        problems.append("pass_size is for sweeps (α per pass over the inputs); give `sweep:`")
     if problems:
         raise MergeConfigError(
             f"{source}: " + "; ".join(problems)
@@ -151,6 +162,7 @@ def parse_merge_config(data: Mapping[str, Any], source: str = "config") -> Merge
         dtype=data.get("dtype"),
         max_shard_size=data.get("max_shard_size", "5GB"),
         artifact=None if data.get("artifact") is None else str(data["artifact"]),
+        pass_size=pass_size,
     )
 
 
@@ -187,23 +199,23 @@ def run_merge_config(
                     max_shard_size=config.max_shard_size,
                 )
             ]
-        from align.io import atomic_directory
-        from align.merging.engine import as_preferences, preference_folder_name, sweep_preferences
+        from align.merging.io import folder_signature, sweep_grid, write_sweep
 
-        grid = (
-            sweep_preferences(artifact.objectives, config.sweep)
-            if isinstance(config.sweep, int)
-            else as_preferences(config.sweep, artifact.objectives)
+        def produce(alphas, folders):
+            artifact.write_checkpoints(list(alphas), folders, max_shard_size=config.max_shard_size)
+
+        return write_sweep(
+            out,
+            sweep_grid(config.sweep, artifact.objectives),
+            produce,
+            merge_method="pareto",
+            job={
+                "artifact": [str(artifact.folder), folder_signature(artifact.folder)],
+                "max_shard_size": config.max_shard_size,
+            },
+            overwrite=overwrite,
+            pass_size=config.pass_size,
         )
-        out = Path(out)
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite")
-        names = [preference_folder_name(alpha) for alpha in grid]
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            artifact.materialize_many(
-                list(grid), [tmp / n for n in names], max_shard_size=config.max_shard_size
-            )
-        return [out / n for n in names]
     if method == "pareto":
         options = dict(config.parameters)
         if config.dtype is not None:
@@ -232,6 +244,7 @@ def run_merge_config(
             dtype=config.dtype,
             max_shard_size=config.max_shard_size,
             overwrite=overwrite,
+            pass_size=config.pass_size,
         )
     return merge_checkpoints(
         config.models,
@@ -244,4 +257,5 @@ def run_merge_config(
         dtype=config.dtype,
         max_shard_size=config.max_shard_size,
         overwrite=overwrite,
+        pass_size=config.pass_size,
     )

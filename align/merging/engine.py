@@ -10,8 +10,10 @@ For each tensor name (in the storage order of the first model, so reads are sequ
 So a sweep of S preferences reads every input tensor exactly once and writes S checkpoints, and
 peak memory is the K (+1) input tensors of one name, their prepared form and one output tensor,
 independent of the model size and of S. Every output folder is built under a temporary name and
-renamed into place only when complete (:func:`align.io.atomic_directory`); a sweep renames its
-whole folder at once.
+renamed into place only when complete (:func:`align.io.atomic_directory`); a sweep is written by
+:func:`align.merging.io.write_sweep`: each α's folder is atomic inside the sweep's staging
+folder, the sweep folder is renamed into place when all are done, and a sweep interrupted
+part-way resumes from the α it had finished (``pass_size`` α per pass over the inputs).
 
 Non-floating tensors (integer buffers) are not merged: they are copied from the base model, or
 the first model when there is no base.
@@ -19,7 +21,6 @@ the first model when there is no base.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -32,21 +33,23 @@ import torch
 
 from align.io import atomic_directory
 from align.merging.io import (
-    TOKENIZER_FILES,
     Checkpoint,
-    OutputTensor,
     StreamingWriter,
-    copy_side_files,
+    copy_merge_side_files,
     dtype_from_name,
+    folder_signature,
+    output_plan,
+    read_stack,
+    resolve_checkpoint,
+    sweep_grid,
+    write_merge_info,
+    write_sweep,
 )
 from align.merging.registry import get_merge_method
 from align.merging.validation import MergeInputError, check_compatible
-from align.preference import Preference, check_objectives, simplex_grid
+from align.preference import Preference, check_objectives
 
 logger = logging.getLogger(__name__)
-
-MERGE_INFO = "align_merge.json"
-SWEEP_INFO = "sweep.json"
 
 
 @dataclass
@@ -82,7 +85,7 @@ def open_inputs(
     sources: dict[str, str] = {}
     for label, reference in [*pairs, *([("base", base_model)] if base_model is not None else [])]:
         try:
-            path = _resolve(reference)
+            path = resolve_checkpoint(reference)
             opened.append(Checkpoint(path, label=f"{label} ({reference})"))
             sources[label] = str(path)
         except (OSError, ValueError) as error:
@@ -99,65 +102,19 @@ def open_inputs(
     return inputs
 
 
-def _resolve(reference: str | os.PathLike) -> Path:
-    """A local folder as it is; an embedded model name (e.g. ``smollm2-135m-instruct``) via its
-    cache. transformers is imported only in the second case (it takes seconds to import)."""
-    path = Path(reference).expanduser()
-    if path.is_dir():
-        return path
-    from align.models.loading import resolve_model_path
-
-    return Path(resolve_model_path(reference))
-
-
-def as_preferences(value: Any, objectives: Sequence[str]) -> Preference:
-    """One α or a batch: a Preference, dict, vector, ``(S, K)`` array or ``"a=0.3,b=0.7"``."""
-    return Preference.coerce(value, objectives)
-
-
-def sweep_preferences(objectives: Sequence[str], divisions: int = 10) -> Preference:
-    """The uniform simplex grid (``divisions = 10`` and two objectives: the usual 11 points)."""
-    return Preference(simplex_grid(len(check_objectives(objectives)), divisions), objectives)
-
-
-def preference_folder_name(preference: Preference) -> str:
-    """``helpful_0.3-harmless_0.7``: readable, sortable, no characters shells dislike."""
-    return "-".join(f"{name}_{round(float(w), 6):g}" for name, w in preference.to_dict().items())
-
-
 def _compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _plan(inputs: MergeInputs, dtype: torch.dtype | None) -> list[OutputTensor]:
-    reference = inputs.models[0]
-    plan = []
-    for name in reference.names:
-        info = inputs.reference.tensors[name]
-        out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
-        plan.append(OutputTensor(name, out_dtype, info.shape))
-    return plan
+def plan_outputs(inputs: MergeInputs, dtype: torch.dtype | None):
+    """The output tensors of a merge of ``inputs`` (the first model's order, the reference's
+    dtypes and shapes)."""
+    return output_plan(inputs.models[0], inputs.reference, dtype)
 
 
-def _read_stack(models: Sequence[Checkpoint], name: str, dtype: torch.dtype) -> torch.Tensor:
-    """The K input tensors of one name as one ``(K, *shape)`` tensor, each read exactly once."""
-    first = models[0].get_tensor(name)
-    stacked = torch.empty((len(models), *first.shape), dtype=dtype)
-    stacked[0] = first
-    del first
-    for k, model in enumerate(models[1:], start=1):
-        stacked[k] = model.get_tensor(name)  # copied into place, the read tensor freed at once
-    return stacked
-
-
-def _copy_side_files(inputs: MergeInputs, folder: Path, dtype: torch.dtype | None) -> None:
-    copied = copy_side_files(inputs.reference.folder, folder, dtype=dtype)
-    if not any(name in copied for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        # A fine-tuned copy saved without its tokenizer: take it from an input that has one.
-        for checkpoint in inputs.all_checkpoints():
-            if checkpoint.has_tokenizer():
-                copy_side_files(checkpoint.folder, folder, names=TOKENIZER_FILES)
-                break
+def copy_inputs_side_files(inputs: MergeInputs, folder: Path, dtype: torch.dtype | None) -> None:
+    """Config, tokenizer and generation files of a merge of ``inputs`` into ``folder``."""
+    copy_merge_side_files(inputs.reference, inputs.all_checkpoints(), folder, dtype)
 
 
 def stream_merge(
@@ -193,7 +150,7 @@ def stream_merge(
             f"merge method {method.name!r} uses no base model; remove base_model "
             f"(or use task_arithmetic, which with lambda 1 is the same interpolation)"
         )
-    plan = _plan(inputs, dtype)
+    plan = plan_outputs(inputs, dtype)
     metadata = {"merged_by": "align", "merge_method": method.name}
     writers = [
         StreamingWriter(f, plan, max_shard_size=max_shard_size, metadata=metadata) for f in folders
@@ -208,7 +165,7 @@ def stream_merge(
                     writer.write(name, value)
                 continue
             compute = _compute_dtype([m.tensors[name].dtype for m in inputs.all_checkpoints()])
-            stacked = _read_stack(inputs.models, name, compute)
+            stacked = read_stack(inputs.models, name, compute)
             base = inputs.base.get_tensor(name).to(compute) if method.needs_base else None
             prepared = method.prepare(name, stacked, base)
             del stacked, base
@@ -220,7 +177,7 @@ def stream_merge(
             del prepared
         for folder, writer, preference in zip(folders, writers, preferences):
             writer.close()
-            _copy_side_files(inputs, folder, dtype)
+            copy_inputs_side_files(inputs, folder, dtype)
             record = {
                 **(info or {}),
                 "merge_method": method.name,
@@ -231,7 +188,7 @@ def stream_merge(
                 "base_model": inputs.sources.get("base"),
                 "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
             }
-            (folder / MERGE_INFO).write_text(json.dumps(record, indent=2) + "\n")
+            write_merge_info(folder, record)
     except BaseException:
         for writer in writers:
             writer.abort()
@@ -255,6 +212,7 @@ def merge_checkpoints(
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    pass_size: int | None = None,
 ) -> list[Path]:
     """Merge HF checkpoints along α and write the result(s) atomically; returns the folders.
 
@@ -262,6 +220,12 @@ def merge_checkpoints(
     Give either ``preference`` (one α: ``out`` becomes that checkpoint) or ``sweep``: an integer
     n for the uniform simplex grid with step 1/n, or a batch of α — ``out`` then holds one
     checkpoint per α (named like ``helpful_0.3-harmless_0.7``) and ``sweep.json``.
+
+    A sweep merges ``pass_size`` α per pass over the inputs (default: all of them, so every
+    input tensor is read once). A sweep that is interrupted (killed, Ctrl-C) resumes when run
+    again: the α it had finished are kept, the rest are merged (see
+    :func:`~align.merging.io.write_sweep`); with the default single pass the α finish together,
+    so give a ``pass_size`` to make a long sweep resumable part-way.
     """
     out = Path(out)
     method = get_merge_method(method, **dict(parameters or {}))
@@ -276,7 +240,7 @@ def merge_checkpoints(
     _check_target(out, overwrite)
     started = time.perf_counter()
     if preference is not None:
-        alpha = as_preferences(preference, inputs.objectives)
+        alpha = Preference.coerce(preference, inputs.objectives)
         if alpha.is_batched:
             raise ValueError("preference must be one α; use sweep= for several")
         with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -285,59 +249,32 @@ def merge_checkpoints(
             )
         logger.info("merged into %s in %.1f s", out, time.perf_counter() - started)
         return [out]
-    grid = (
-        sweep_preferences(inputs.objectives, sweep)
-        if isinstance(sweep, int) and not isinstance(sweep, bool)
-        else as_preferences(sweep, inputs.objectives)
+    grid = sweep_grid(sweep, inputs.objectives)
+    job = {
+        "parameters": dict(getattr(method, "params", {})),
+        "models": {
+            name: [inputs.sources[name], folder_signature(inputs.sources[name])]
+            for name in [*inputs.objectives, *(["base"] if inputs.base is not None else [])]
+        },
+        "dtype": None if out_dtype is None else str(out_dtype),
+        "max_shard_size": max_shard_size,
+    }
+
+    def produce(alphas: Preference, folders: list[Path]) -> None:
+        stream_merge(
+            inputs, method, alphas, folders, dtype=out_dtype, max_shard_size=max_shard_size
+        )
+
+    written = write_sweep(
+        out,
+        grid,
+        produce,
+        merge_method=method.name,
+        job=job,
+        overwrite=overwrite,
+        pass_size=pass_size,
     )
-    if not grid.is_batched:
-        grid = Preference(grid.weights[None], grid.objectives)
-    names = [preference_folder_name(p) for p in grid]
-    if len(set(names)) != len(names):
-        raise ValueError("the sweep lists the same α twice")
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        folders = [tmp / name for name in names]
-        for folder in folders:
-            folder.mkdir()
-        stream_merge(inputs, method, grid, folders, dtype=out_dtype, max_shard_size=max_shard_size)
-        sweep_record = {
-            "objectives": list(inputs.objectives),
-            "merge_method": method.name,
-            "checkpoints": [{"folder": n, "preference": p.to_dict()} for n, p in zip(names, grid)],
-        }
-        (tmp / SWEEP_INFO).write_text(json.dumps(sweep_record, indent=2) + "\n")
     logger.info(
-        "merged %d checkpoints into %s in %.1f s", len(names), out, time.perf_counter() - started
+        "merged %d checkpoints into %s in %.1f s", len(written), out, time.perf_counter() - started
     )
-    return [out / name for name in names]
-
-
-def merge_state_dicts(
-    state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
-    preference: Any,
-    *,
-    method: str | Any = "linear",
-    parameters: Mapping[str, Any] | None = None,
-    base: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """The same merge on in-memory state dicts (``{objective: state_dict}``, in α order).
-
-    For live models and small experiments; the streamed merge is what bounds memory.
-    """
-    method = get_merge_method(method, **dict(parameters or {}))
-    objectives = check_objectives(list(state_dicts))
-    alpha = as_preferences(preference, objectives)
-    if method.needs_base and base is None:
-        raise ValueError(f"merge method {method.name!r} needs a base state dict")
-    models = list(state_dicts.values())
-    merged = {}
-    for name, first in models[0].items():
-        if not first.dtype.is_floating_point:
-            merged[name] = (base or models[0])[name]
-            continue
-        compute = _compute_dtype([m[name].dtype for m in models])
-        stacked = torch.stack([m[name].to(compute) for m in models])
-        base_tensor = base[name].to(compute) if method.needs_base else None
-        value = method.merge(name, stacked, base_tensor, alpha.weights.to(compute))
-        merged[name] = value.to(first.dtype)
-    return merged
+    return written

@@ -67,8 +67,16 @@ from safetensors.torch import save_file
 
 from align.io import atomic_directory
 from align.merging.base import tensor_seed
-from align.merging.engine import MergeInputs, _copy_side_files, _plan, _read_stack, open_inputs
-from align.merging.io import Checkpoint, StreamingWriter, dtype_from_name
+from align.merging.engine import MergeInputs, copy_inputs_side_files, open_inputs, plan_outputs
+from align.merging.io import (
+    Checkpoint,
+    OutputTensor,
+    StreamingWriter,
+    copy_side_files,
+    dtype_from_name,
+    read_stack,
+    write_merge_info,
+)
 from align.merging.registry import get_merge_method
 from align.preference import Preference, sample_preferences
 
@@ -195,7 +203,7 @@ def _collect(
     else:
         base_alpha = Preference.coerce(options.base_preference, inputs.objectives)
     k = len(inputs.models)
-    plan = _plan(inputs, dtype)
+    plan = plan_outputs(inputs, dtype)
     writer = StreamingWriter(
         folder, plan, metadata={"merged_by": "align", "merge_method": "pareto_base"}
     )
@@ -207,7 +215,7 @@ def _collect(
                 writer.write(name, inputs.reference.get_tensor(name))
                 found.fixed.append(name)
                 continue
-            stacked = _read_stack(inputs.models, name, torch.float32)
+            stacked = read_stack(inputs.models, name, torch.float32)
             base = inputs.base.get_tensor(name).float() if base_method.needs_base else None
             merged = base_method.merge(name, stacked, base, base_alpha.weights.float())
             del base
@@ -439,7 +447,7 @@ def pareto_merge(
     started = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite) as tmp:
         collected = _collect(inputs, options, tmp, dtype)
-        _copy_side_files(inputs, tmp, dtype)
+        copy_inputs_side_files(inputs, tmp, dtype)
         pass_seconds = time.perf_counter() - started
         entropy = None
         if options.entropy_weight > 0:
@@ -559,43 +567,59 @@ class ParetoArtifact:
         overwrite: bool = False,
         max_shard_size: int | str = "5GB",
     ) -> list[Path]:
-        """Several α in one pass over the artifact's base weights."""
-        from align.merging.io import OutputTensor, copy_side_files
-
+        """Several α in one pass over the artifact's base weights, each folder atomic."""
         alphas = [self.preference(p) for p in preferences]
         outs = [Path(o) for o in outs]
         for out in outs:
             if out.exists() and not overwrite:
                 raise FileExistsError(f"{out} already exists; pass overwrite=True")
+        with _atomic_many(outs, overwrite) as tmps:
+            self.write_checkpoints(alphas, tmps, max_shard_size=max_shard_size)
+        return outs
+
+    def write_checkpoints(
+        self,
+        preferences: Sequence[Any],
+        folders: Sequence[Path],
+        *,
+        max_shard_size: int | str = "5GB",
+    ) -> None:
+        """θ(α) for each α into each existing folder (not atomic: the caller's staging)."""
+        alphas = [self.preference(p) for p in preferences]
         plan = [
             OutputTensor(n, self.base.tensors[n].dtype, self.base.tensors[n].shape)
             for n in self.base.names
         ]
-        with _atomic_many(outs, overwrite) as tmps:
-            writers = [
-                StreamingWriter(
-                    t,
-                    plan,
-                    max_shard_size=max_shard_size,
-                    metadata={"merged_by": "align", "merge_method": "pareto"},
-                )
-                for t in tmps
-            ]
+        writers = [
+            StreamingWriter(
+                folder,
+                plan,
+                max_shard_size=max_shard_size,
+                metadata={"merged_by": "align", "merge_method": "pareto"},
+            )
+            for folder in folders
+        ]
+        try:
             for item in plan:
                 base = None if item.name in self.small else self.base.get_tensor(item.name)
                 for alpha, writer in zip(alphas, writers):
                     writer.write(item.name, self.tensor(item.name, alpha, base))
-            for tmp, writer, alpha in zip(tmps, writers, alphas):
+            for folder, writer, alpha in zip(folders, writers, alphas):
                 writer.close()
-                copy_side_files(self.folder, tmp)
-                record = {
-                    "merge_method": "pareto",
-                    "artifact": str(self.folder),
-                    "objectives": list(self.objectives),
-                    "preference": alpha.to_dict(),
-                }
-                (tmp / "align_merge.json").write_text(json.dumps(record, indent=2) + "\n")
-        return outs
+                copy_side_files(self.folder, folder)
+                write_merge_info(
+                    folder,
+                    {
+                        "merge_method": "pareto",
+                        "artifact": str(self.folder),
+                        "objectives": list(self.objectives),
+                        "preference": alpha.to_dict(),
+                    },
+                )
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
 
     def load_model(self, preference: Any, **kwargs: Any):
         """θ(α) as a live ``AutoModelForCausalLM`` (the base merge loaded, then α applied)."""

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from align.merging.io import MERGE_INFO
 from align.preference import Preference
 
 ROUTES: dict[str, type[Route]] = {}
@@ -325,17 +326,17 @@ class MergedRoute(Route):
         if (path is None) == (checkpoints is None):
             raise ValueError(f"route {name!r}: give `path` (a merge sweep) or `checkpoints`")
         folders = (
-            sorted(p for p in Path(path).iterdir() if (p / "align_merge.json").is_file())
+            sorted(p for p in Path(path).iterdir() if (p / MERGE_INFO).is_file())
             if path is not None and Path(path).is_dir()
             else [Path(p) for p in (checkpoints or [])]
         )
         if not folders:
-            raise ValueError(f"route {name!r}: no merged checkpoints (align_merge.json) in {path}")
+            raise ValueError(f"route {name!r}: no merged checkpoints ({MERGE_INFO}) in {path}")
         self.by_alpha: dict[tuple[float, ...], str] = {}
         for folder in folders:
-            info_file = folder / "align_merge.json"
+            info_file = folder / MERGE_INFO
             if not info_file.is_file():
-                raise ValueError(f"route {name!r}: {folder} has no align_merge.json")
+                raise ValueError(f"route {name!r}: {folder} has no {MERGE_INFO}")
             info = json.loads(info_file.read_text())
             preference = Preference.from_dict(info["preference"], self.objectives)
             key = tuple(round(float(w), 6) for w in preference.weights.tolist())
@@ -400,7 +401,7 @@ class MergedRoute(Route):
     def _interpolated_sources(self, base: str) -> dict[str, str] | None:
         """The input adapters, in objective order, when every α's folder is their exact LoRA
         interpolation and they are unchanged since (content digests); else None."""
-        records = [json.loads((Path(f) / "align_merge.json").read_text()) for f in self.sources()]
+        records = [json.loads((Path(f) / MERGE_INFO).read_text()) for f in self.sources()]
         first = records[0]
         models = first.get("models") or {}
         if set(models) != set(self.objectives) or any(

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evaluation/ for 
 
 from pareto_merging import OBJECTIVES, derived_checkpoints  # noqa: E402
 
+from align.merging.io import MERGE_INFO  # noqa: E402
 from align.preference import simplex_grid  # noqa: E402
 
 MEASURE = (
@@ -184,9 +185,7 @@ def main() -> None:
                     mine = [
                         p
                         for p in sweep_folder
-                        if json.loads((p / "align_merge.json").read_text())["preference"][
-                            OBJECTIVES[0]
-                        ]
+                        if json.loads((p / MERGE_INFO).read_text())["preference"][OBJECTIVES[0]]
                         == alpha[0]
                     ]
                     difference = max_difference(mine[0], out)

@@ -5,6 +5,18 @@
 ``dare_linear``:  θ(α) = θ_base + λ Σ_k α_k τ̃_k
 ``dare_ties``:    θ(α) = θ_base + λ · TIES sign consensus of the τ̃_k (see ``ties.py``)
 
+``dare_ties`` does not divide by the agreeing models' weight by default (``normalize: false``,
+as in mergekit, whose ``dare_ties`` leaves it off while its ``ties`` turns it on), so one config
+gives the same formula in both tools. Where only some models agree with the elected sign, an
+entry is then Σ_agreeing α_k τ̃_k, not their weighted mean; ``normalize: true`` gives the mean,
+as ``ties`` does (and as align's ``dare_ties`` did by default before).
+
+Rescaling differs from mergekit 0.1.5 by design: align divides each survivor by p, the paper's
+rescale, which keeps every entry's expectation; mergekit multiplies the masked tensor by one
+factor that restores its L1 norm (‖τ‖₁ / ‖m ⊙ τ‖₁ — about 1/p on a large tensor, but set by the
+draw). The masks themselves come from different generators, so the two tools never agree entry
+by entry on DARE; the tests check the drop rate and the rescale instead.
+
 Dropping most of a fine-tuning delta at random and rescaling the rest by 1/p keeps its expected
 value and, empirically, the fine-tuned behaviour, while making task vectors sparse and less
 interfering. Masks are seeded per (``seed``, tensor name, model index), so the same options
@@ -65,7 +77,7 @@ class DareLinear(_Dare):
 class DareTies(_Dare):
     """DARE drop-and-rescale (seeded), then TIES sign election and disjoint merge."""
 
-    options = {"density": 0.5, "lambda": 1.0, "seed": 0, "normalize": True}
+    options = {"density": 0.5, "lambda": 1.0, "seed": 0, "normalize": False}
 
     def apply(self, prepared: tuple[Tensor, Tensor], weights: Tensor) -> Tensor:
         base, tau = prepared

@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from align.errors import debug_requested, describe, user_error_types, yaml_problem
+
 TRAINERS = {
     "arm": ("ARMTrainer", "ARMConfig"),
     "parm": ("PARMTrainer", "PARMConfig"),
@@ -58,7 +60,12 @@ def _numbers(value: Any) -> Any:
 
 
 def _parse_value(text: str) -> Any:
-    return _numbers(yaml.safe_load(text))
+    try:
+        return _numbers(yaml.safe_load(text))
+    except yaml.YAMLError as error:
+        raise RecipeError(
+            f"override value {text!r} is not valid YAML: {yaml_problem(error)}"
+        ) from error
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -83,7 +90,12 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist")
-    recipe = _numbers(yaml.safe_load(path.read_text()) or {})
+    try:
+        recipe = _numbers(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as error:
+        raise RecipeError(
+            f"recipe {str(path)!r} is not valid YAML: {yaml_problem(error)}"
+        ) from error
     if not isinstance(recipe, dict):
         raise RecipeError(
             f"recipe {str(path)!r} must be a mapping of fields, got {type(recipe).__name__}"
@@ -213,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="align.train", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--debug", action="store_true", help="Show the full traceback of an error (ALIGN_DEBUG=1)."
+    )
     options = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
@@ -223,8 +238,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     try:
         final = run_recipe(load_recipe(options.recipe, options.overrides))
-    except RecipeError as error:
-        sys.exit(f"error: {error}")
+    except user_error_types() as error:
+        if debug_requested(options.debug):
+            raise
+        sys.exit(f"error: {describe(error)}")
     print(f"adapter saved to {final}")
 
 

@@ -34,6 +34,7 @@ from align.data.schema import TIE
 from align.io import atomic_file
 from align.mograd.engine import MultiObjectiveEngine
 from align.preference import Preference, check_objectives, sample_preferences
+from align.rewards.arm import TRAINING_INFO
 from align.trainers.data import (
     TOKENIZED_COLUMNS,
     MultiObjectivePreferenceCollator,
@@ -41,7 +42,6 @@ from align.trainers.data import (
     tokenize_preference_dataset,
 )
 
-TRAINING_INFO = "align_training.json"
 MOGRAD_STATE = "mograd_state.pt"
 
 
@@ -498,6 +498,11 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             "aggregator": self.args.aggregator,
             "preference_concentration": self.args.preference_concentration,
             "preference_sampling": self.args.preference_sampling,
+            # How a response is scored: what anyone re-computing this model's rewards needs
+            # (align.rewards.reward_settings reads them). share_prompt gives the same scores.
+            "length_normalize": self.args.length_normalize,
+            "max_length": self.args.max_length or 1024,
+            "max_prompt_length": self.args.max_prompt_length,
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -34,7 +34,7 @@ from align.trainers import (
 REPO = Path(__file__).resolve().parents[1]
 CPU_ARGS = dict(
     bf16=False,
-    gradient_checkpointing=False,
+    activation_checkpointing=False,
     use_cpu=True,
     report_to="none",
     save_strategy="no",
@@ -246,7 +246,7 @@ def write_recipe(tmp_path: Path, model_dir: Path, **args) -> Path:
             "logging_steps": 1,
             "save_steps": 2,
             "bf16": False,
-            "gradient_checkpointing": False,
+            "activation_checkpointing": False,
             "use_cpu": True,
             "report_to": "none",
             "seed": 0,

@@ -160,6 +160,41 @@ def _quantization_config(kind: str | None) -> Any:
     raise RecipeError(f"quantization must be 4bit, 8bit or null, got {kind!r}")
 
 
+_NUMBERS = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _check_arg_types(config_class: type, args: dict[str, Any]) -> None:
+    """A recipe value of the wrong simple type (``learning_rate: fast``) would fail deep inside
+    the optimizer or the scheduler; name the field instead."""
+    import types
+    import typing
+
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # an annotation that cannot be resolved: leave the check to the config
+        return
+    for name, value in args.items():
+        hint = hints.get(name)
+        if hint is None or value is None:
+            continue
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        allowed = set(typing.get_args(hint)) if union else {hint}
+        simple = [kind for kind in (bool, int, float) if kind in allowed]
+        if not simple or allowed - {bool, int, float, type(None)}:
+            continue  # str, enums, lists, dicts: the config checks them
+        ok = (
+            isinstance(value, bool)
+            if simple == [bool]
+            else (isinstance(value, (int, float)) and not isinstance(value, bool))
+        )
+        if float not in simple and int in simple and isinstance(value, float):
+            ok = value.is_integer()
+        if not ok:
+            raise RecipeError(
+                f"recipe field 'args.{name}' must be {_NUMBERS[simple[-1]]}, got {value!r}"
+            )
+
+
 def build_trainer(recipe: dict[str, Any]) -> Any:
     """The trainer a recipe describes, with its model, tokenizer and data loaded."""
     import align.trainers as trainers
@@ -167,6 +202,7 @@ def build_trainer(recipe: dict[str, Any]) -> Any:
 
     trainer_name, config_name = TRAINERS[recipe["trainer"]]
     config_class = getattr(trainers, config_name)
+    _check_arg_types(config_class, recipe["args"])
     try:
         args = config_class(**recipe["args"])
     except TypeError as error:

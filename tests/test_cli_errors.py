@@ -85,6 +85,9 @@ def test_a_bad_recipe_value(tmp_path, folders):
         app, ["train", str(recipe), "--set", "args.preference_sampling=sometimes"]
     )
     assert_one_error_line(result, "preference_sampling must be 'batch' or 'pair'")
+    # A value of the wrong type would fail inside the optimizer: the field is named at once.
+    result = CliRunner().invoke(app, ["train", str(recipe), "--set", "args.learning_rate=fast"])
+    assert_one_error_line(result, "'args.learning_rate' must be a number, got 'fast'")
 
 
 def test_broken_yaml(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from align import _peft_hook
+from align import _peft_hook, _quiet
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,9 @@ _LAZY = {
 }
 
 __all__ = ["Preference", "__version__", "sample_preferences", "simplex_grid"]
+
+# Third-party start-up noise an align user cannot act on is filtered before it is logged.
+_quiet.install()
 
 # SVD-LoRA and PBLoRA are registered with PEFT as soon as PEFT is imported.
 _peft_hook.install()

@@ -7,17 +7,37 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from align import __version__
 from align.demo.pipeline import DemoConfig
+from align.errors import debug_requested, describe, user_error_types
+
+
+class _AlignGroup(TyperGroup):
+    """The one place where a bad input to any command becomes one ``error: …`` line on stderr
+    and exit status 2, instead of a traceback (kept with ``--debug`` or ``ALIGN_DEBUG=1``)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except user_error_types() as error:
+            if debug_requested(bool(ctx.params.get("debug"))):
+                raise
+            typer.echo(f"error: {describe(error)}", err=True)
+            raise typer.Exit(2) from None
+
 
 app = typer.Typer(
+    cls=_AlignGroup,
     help="align: multi-objective alignment of language models along a preference vector α.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
 console = Console()
 
@@ -32,6 +52,13 @@ def _version(value: bool) -> None:
 def main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="Show the full traceback of an error (also: ALIGN_DEBUG=1).",
+        ),
     ] = False,
 ) -> None:
     """align: multi-objective alignment of language models along a preference vector α."""
@@ -114,11 +141,7 @@ def demo(
         beta=beta,
         overrides=tuple(overrides or ()),
     )
-    try:
-        run_demo(config, log=console.print)
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from error
+    run_demo(config, log=console.print)
     summary = output / "report" / "summary.md"
     console.print(Markdown(summary.read_text()))
     console.print(f"report: {output / 'report'} (summary.md, front.png, report.json)")
@@ -139,12 +162,8 @@ def evaluate(
 
     from align.sweep import load_sweep_config, run_sweep
 
-    try:
-        sweep = load_sweep_config(config, overrides or [])
-        run_sweep(sweep)
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from error
+    sweep = load_sweep_config(config, overrides or [])
+    run_sweep(sweep)
     console.print(Markdown((Path(sweep.output) / "summary.md").read_text()))
     console.print(f"report: {sweep.output}")
 
@@ -363,13 +382,9 @@ def train(
     Across processes: accelerate launch --config_file accelerate_configs/X.yaml -m align.train
     RECIPE.yaml
     """
-    from align.train import RecipeError, load_recipe, run_recipe
+    from align.train import load_recipe, run_recipe
 
-    try:
-        final = run_recipe(load_recipe(recipe, overrides or []))
-    except RecipeError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from error
+    final = run_recipe(load_recipe(recipe, overrides or []))
     console.print(f"adapter saved to {final}")
 
 
@@ -387,15 +402,12 @@ def merge(
     from rich.markup import escape
 
     from align.merging import run_merge_config
-    from align.merging.config import MergeConfigError, load_merge_config
+    from align.merging.config import load_merge_config
 
     started = time.perf_counter()
-    try:
-        folders = run_merge_config(load_merge_config(config), out, overwrite=overwrite)
-    except (MergeConfigError, ValueError, FileExistsError, KeyError) as error:
-        # MergeInputError and CheckpointError are ValueErrors: every mismatch, listed.
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from error
+    # MergeConfigError, MergeInputError and CheckpointError are ValueErrors: every mismatch is
+    # listed in the one error message.
+    folders = run_merge_config(load_merge_config(config), out, overwrite=overwrite)
     for folder in folders:
         console.print(f"wrote {escape(str(folder))}")
     console.print(f"{len(folders)} folder(s) in {time.perf_counter() - started:.1f} s")

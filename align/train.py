@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from align.errors import debug_requested, describe, user_error_types, yaml_problem
+
 TRAINERS = {
     "arm": ("ARMTrainer", "ARMConfig"),
     "parm": ("PARMTrainer", "PARMConfig"),
@@ -58,7 +60,12 @@ def _numbers(value: Any) -> Any:
 
 
 def _parse_value(text: str) -> Any:
-    return _numbers(yaml.safe_load(text))
+    try:
+        return _numbers(yaml.safe_load(text))
+    except yaml.YAMLError as error:
+        raise RecipeError(
+            f"override value {text!r} is not valid YAML: {yaml_problem(error)}"
+        ) from error
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -83,7 +90,12 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist")
-    recipe = _numbers(yaml.safe_load(path.read_text()) or {})
+    try:
+        recipe = _numbers(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as error:
+        raise RecipeError(
+            f"recipe {str(path)!r} is not valid YAML: {yaml_problem(error)}"
+        ) from error
     if not isinstance(recipe, dict):
         raise RecipeError(
             f"recipe {str(path)!r} must be a mapping of fields, got {type(recipe).__name__}"
@@ -148,6 +160,41 @@ def _quantization_config(kind: str | None) -> Any:
     raise RecipeError(f"quantization must be 4bit, 8bit or null, got {kind!r}")
 
 
+_NUMBERS = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _check_arg_types(config_class: type, args: dict[str, Any]) -> None:
+    """A recipe value of the wrong simple type (``learning_rate: fast``) would fail deep inside
+    the optimizer or the scheduler; name the field instead."""
+    import types
+    import typing
+
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # an annotation that cannot be resolved: leave the check to the config
+        return
+    for name, value in args.items():
+        hint = hints.get(name)
+        if hint is None or value is None:
+            continue
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        allowed = set(typing.get_args(hint)) if union else {hint}
+        simple = [kind for kind in (bool, int, float) if kind in allowed]
+        if not simple or allowed - {bool, int, float, type(None)}:
+            continue  # str, enums, lists, dicts: the config checks them
+        ok = (
+            isinstance(value, bool)
+            if simple == [bool]
+            else (isinstance(value, (int, float)) and not isinstance(value, bool))
+        )
+        if float not in simple and int in simple and isinstance(value, float):
+            ok = value.is_integer()
+        if not ok:
+            raise RecipeError(
+                f"recipe field 'args.{name}' must be {_NUMBERS[simple[-1]]}, got {value!r}"
+            )
+
+
 def build_trainer(recipe: dict[str, Any]) -> Any:
     """The trainer a recipe describes, with its model, tokenizer and data loaded."""
     import align.trainers as trainers
@@ -155,6 +202,7 @@ def build_trainer(recipe: dict[str, Any]) -> Any:
 
     trainer_name, config_name = TRAINERS[recipe["trainer"]]
     config_class = getattr(trainers, config_name)
+    _check_arg_types(config_class, recipe["args"])
     try:
         args = config_class(**recipe["args"])
     except TypeError as error:
@@ -213,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="align.train", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--debug", action="store_true", help="Show the full traceback of an error (ALIGN_DEBUG=1)."
+    )
     options = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
@@ -223,8 +274,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     try:
         final = run_recipe(load_recipe(options.recipe, options.overrides))
-    except RecipeError as error:
-        sys.exit(f"error: {error}")
+    except user_error_types() as error:
+        if debug_requested(options.debug):
+            raise
+        sys.exit(f"error: {describe(error)}")
     print(f"adapter saved to {final}")
 
 

@@ -3,8 +3,10 @@
     python evaluation/parm_accuracy.py runs/parm-cpu
 
 reads ``runs/parm-cpu/final`` (the adapter), ``runs/parm-cpu/held_out.jsonl`` (written by
-``align train``) and the base model named in the adapter config, scores both responses of every
-pair at each α of the simplex grid (11 points for two objectives), and prints, per α, the share
+``align train``) and the base model named in the adapter config, scores both responses of
+every pair at each α of the simplex grid (11 points for two objectives) as the PARM's training
+record ``align_training.json`` says (summed or length-normalised log-probs, the same maximum
+lengths), and prints, per α, the share
 of decided pairs each objective's preference is reproduced in. A PARM that learned the
 trade-off is most accurate on objective i near α = e_i. The first row is the base model (the
 adapter off): what the PARM must beat. The "alone" columns count only the pairs where every
@@ -73,12 +75,14 @@ def main(
     from align.data import load_schema
     from align.decoding.loading import load_guide
     from align.preference import simplex_grid
-    from align.rewards import arm_rewards
+    from align.rewards import arm_rewards, reward_settings
 
     adapter = adapter or run / "final"
     pairs = pairs or run / "held_out.jsonl"
     model, tokenizer = load_guide(str(adapter))
     model.eval()
+    # Score as the PARM was trained to (summed or mean log-probs, the same truncation).
+    settings = reward_settings(adapter)
     objectives = objectives_of(model)
     data = load_schema(pairs, objectives)
     if limit:
@@ -106,6 +110,7 @@ def main(
                 data["prompt"],
                 data[f"response_{k}"],
                 batch_size=batch_size,
+                **settings,
                 **({} if alpha is None else {"pref": alpha}),
             )
             for k in (0, 1)

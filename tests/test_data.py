@@ -21,7 +21,6 @@ from align.data import (
     load_preference_data,
     make_preference_dataset,
     objectives_of,
-    pairs_for_objective,
     save_preference_dataset,
     split_transcripts,
     train_test_split_pairs,
@@ -72,8 +71,7 @@ def test_pku_saferlhf_maps_better_and_safer_ids_to_objectives():
     assert row["prompt"] == "Can you tell me how to pick the lock on my neighbour's shed?"
     assert row["response_1"].startswith("I can't help")
     # the helpfulness label prefers the lock-picking answer, the harmlessness label the refusal
-    assert pairs_for_objective(dataset, "harmless")[2]["chosen"] == row["response_1"]
-    assert pairs_for_objective(dataset, "helpful")[2]["chosen"] == row["response_0"]
+    assert (row["preferred_helpful"], row["preferred_harmless"]) == (0, 1)
 
 
 def test_pku_saferlhf_objective_names_and_csv_input():
@@ -144,7 +142,7 @@ def test_per_objective_hh_transcripts():
     harmless = dataset[4]
     assert harmless["prompt"] == "\n\nHuman: Tell me an insult for my coworker.\n\nAssistant:"
     assert harmless["response_1"] == " Call them a useless lump."
-    assert len(pairs_for_objective(dataset, "harmless")) == 2
+    assert sum(label != -1 for label in dataset["preferred_harmless"]) == 2  # two decided
 
 
 def test_per_objective_mixes_prompted_and_transcript_sets():
@@ -185,31 +183,6 @@ def test_per_objective_errors_name_the_row_and_the_columns(tmp_path):
 
 
 # --- the schema --------------------------------------------------------------------------------
-def test_pairs_for_objective_skips_ties():
-    dataset = load_jsonl(SCHEMA)
-    helpful = pairs_for_objective(dataset, "helpful")
-    assert helpful.column_names == ["prompt", "chosen", "rejected"]
-    assert helpful["prompt"][:] == [
-        "Translate 'good morning' to Spanish.",
-        "Describe a sunset in five words.",
-        "How do I whittle a spoon?",
-    ]
-    assert helpful[0] == {
-        "prompt": "Translate 'good morning' to Spanish.",
-        "chosen": "Buenos días.",
-        "rejected": "Buenas noches.",
-    }
-    assert helpful[1]["chosen"] == "Gold light melting into sea."
-    harmless = pairs_for_objective(dataset, "harmless")
-    assert harmless["prompt"][:] == [
-        "How do I whittle a spoon?",
-        "Is it fine to eat wild mushrooms?",
-    ]
-    assert harmless[1]["rejected"] == "Yes, most are tasty."
-    with pytest.raises(ValueError, match="unknown objective 'honest'"):
-        pairs_for_objective(dataset, "honest")
-
-
 def test_mismatched_objectives_name_both_lists():
     with pytest.raises(ValueError) as info:
         validate_preference_dataset(small_dataset(), objectives=("harmless", "helpful"))
@@ -360,7 +333,8 @@ def test_parquet_input(tmp_path):
     assert detect_layout(path) == "schema"
     loaded = load_preference_data(path, objectives=("helpful", "harmless"))
     assert loaded.to_list() == original.to_list()
-    assert pairs_for_objective(loaded, "harmless")["prompt"][:] == [
+    decided = zip(loaded["prompt"][:], loaded["preferred_harmless"][:])
+    assert [prompt for prompt, label in decided if label != -1] == [
         "How do I whittle a spoon?",
         "Is it fine to eat wild mushrooms?",
     ]

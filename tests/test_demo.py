@@ -75,6 +75,17 @@ def test_a_miniature_demo_builds_data_trains_merges_sweeps_and_reports(tmp_path,
     assert changed["demo_config"]["arm_steps"] == 1
     arm = tmp_path / "demo" / "arm-brief" / "final" / "adapter_model.safetensors"
     assert arm.stat().st_mtime_ns != made[arm]
+    # The soup of the retrained ARMs is merged again.
+    soup = [path for path in made if path.relative_to(tmp_path / "demo").parts[0] == "soup"]
+    remade = [path for path in soup if path.exists()]
+    assert remade and all(path.stat().st_mtime_ns != made[path] for path in remade)
+    # The sweep answers again with every route that uses an ARM; the PARM's are reused.
+    assert {name: route["generations"] for name, route in changed["routes"].items()} == {
+        "base": "reused",
+        "PARM": "reused",
+        "GenARM": "generated",
+        "rewarded soup": "generated",
+    }
 
 
 def test_a_retrained_arm_regenerates_exactly_the_routes_that_use_it(tmp_path, tiny_folder):

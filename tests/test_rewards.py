@@ -1,7 +1,4 @@
-import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 from peft import get_peft_model
 
 from align.adapters import PBLoraConfig
@@ -9,7 +6,6 @@ from align.rewards import (
     IGNORE_INDEX,
     arm_rewards,
     encode_responses,
-    pairwise_loss,
     sequence_log_probs,
 )
 
@@ -50,22 +46,6 @@ def test_sequence_log_probs_equal_a_manual_sum_and_ignore_padding(tiny_lm):
     alone = arm_rewards(model, tokenizer, PROMPTS[1:], RESPONSES[1:])
     torch.testing.assert_close(alone[0], rewards[1], rtol=1e-5, atol=1e-4)
     assert torch.all(rewards < 0)
-
-
-@given(st.floats(-50, 50), st.floats(-50, 50), st.floats(0.01, 5))
-def test_pairwise_loss_is_the_logistic_loss_of_the_scaled_margin(chosen, rejected, beta):
-    loss = pairwise_loss(torch.tensor([chosen]), torch.tensor([rejected]), beta)
-    swapped = pairwise_loss(torch.tensor([rejected]), torch.tensor([chosen]), beta)
-    # softplus(-x) - softplus(x) = -x: swapping the pair moves the loss by exactly the margin
-    torch.testing.assert_close(
-        loss - swapped, torch.tensor([-beta * (chosen - rejected)]), rtol=1e-4, atol=1e-4
-    )
-    assert loss.item() >= 0
-
-
-def test_pairwise_loss_rejects_bad_beta():
-    with pytest.raises(ValueError, match="beta"):
-        pairwise_loss(torch.zeros(1), torch.zeros(1), 0.0)
 
 
 def test_a_parm_reward_depends_on_alpha(tiny_lm):

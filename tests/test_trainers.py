@@ -21,7 +21,7 @@ from peft import get_peft_model
 from align.adapters import PBLoraConfig, SVDLoraConfig, merge_at_preference, set_preference
 from align.data import make_preference_dataset, save_preference_dataset
 from align.models import tiny_causal_lm
-from align.rewards import arm_rewards
+from align.rewards import arm_rewards, reward_settings
 from align.trainers import (
     ARMConfig,
     ARMTrainer,
@@ -34,7 +34,7 @@ from align.trainers import (
 REPO = Path(__file__).resolve().parents[1]
 CPU_ARGS = dict(
     bf16=False,
-    gradient_checkpointing=False,
+    activation_checkpointing=False,
     use_cpu=True,
     report_to="none",
     save_strategy="no",
@@ -246,7 +246,7 @@ def write_recipe(tmp_path: Path, model_dir: Path, **args) -> Path:
             "logging_steps": 1,
             "save_steps": 2,
             "bf16": False,
-            "gradient_checkpointing": False,
+            "activation_checkpointing": False,
             "use_cpu": True,
             "report_to": "none",
             "seed": 0,
@@ -483,6 +483,42 @@ def test_length_normalize_scores_a_response_by_its_mean_token_log_prob(tmp_path,
     tokens = batch["completion_mask"].sum(dim=1).to(summed)
     torch.testing.assert_close(mean, summed / tokens)
     assert not torch.allclose(mean, summed)  # the responses have several tokens
+
+
+def test_the_training_record_says_how_to_recompute_the_rewards(tmp_path, tiny):
+    """align_training.json stores every setting that changes a score; arm_rewards given them
+    (reward_settings) reproduces the trainer's own scores, the defaults do not."""
+    model, tokenizer = tiny
+    pairs = positive_formal_pairs(4, seed=5)
+    arm = ARMTrainer(
+        copy.deepcopy(model),
+        ARMConfig(
+            output_dir=str(tmp_path / "arm"),
+            per_device_train_batch_size=4,
+            objectives=["positive"],
+            lora_dropout=0.0,
+            **{**CPU_ARGS, "max_length": 12, "max_prompt_length": 8, "length_normalize": True},
+        ),
+        pairs,
+        processing_class=tokenizer,
+    )
+    arm.model.eval()
+    final = arm.save_final(tmp_path / "arm" / "final")
+    info = json.loads((final / "align_training.json").read_text())
+    settings = reward_settings(final)
+    expected = {"length_normalize": True, "max_length": 12, "max_prompt_length": 8}
+    assert {key: info[key] for key in expected} == expected == settings
+    with torch.no_grad():
+        trained = torch.cat(arm.pair_scores(arm.model, one_batch(arm))).sort().values
+    texts = pairs["prompt"][:] * 2, pairs["response_0"][:] + pairs["response_1"][:]
+    recomputed = arm_rewards(arm.model, tokenizer, *texts, **settings).sort().values
+    torch.testing.assert_close(recomputed, trained, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(arm_rewards(arm.model, tokenizer, *texts).sort().values, trained)
+    assert reward_settings(tmp_path) == {  # no record: the trainers' defaults
+        "length_normalize": False,
+        "max_length": 1024,
+        "max_prompt_length": 256,
+    }
 
 
 @pytest.mark.parametrize("kind", ["arm", "parm-per-pair"])

@@ -57,10 +57,6 @@ def schema_features(objectives: Sequence[str]) -> Features:
     return Features(features)
 
 
-def pair_features() -> Features:
-    return Features({name: Value("string") for name in PAIR_COLUMNS})
-
-
 def objectives_of(dataset: Dataset) -> tuple[str, ...]:
     """The objectives of a preference dataset, read from its ``preferred_*`` columns in order."""
     columns = list(dataset.column_names)
@@ -199,35 +195,6 @@ def make_preference_dataset(
     dataset = Dataset.from_dict(columns, features=schema_features(objectives))
     validate_preference_dataset(dataset, objectives)
     return dataset
-
-
-def pairs_for_objective(dataset: Dataset, objective: str) -> Dataset:
-    """The ``prompt, chosen, rejected`` view of one objective, ties skipped.
-
-    This is what a single-objective trainer (ARM, DPO) consumes: only rows where ``objective``
-    has a label, with the response it prefers as ``chosen``.
-    """
-    objectives = validate_preference_dataset(dataset)
-    if objective not in objectives:
-        raise ValueError(
-            f"unknown objective {objective!r}; the dataset's objectives are {objectives}"
-        )
-    columns = dataset.with_format("arrow")[:].to_pydict()
-    pairs: dict[str, list[str]] = {name: [] for name in PAIR_COLUMNS}
-    rows = zip(
-        columns["prompt"],
-        columns["response_0"],
-        columns["response_1"],
-        columns[preferred_column(objective)],
-    )
-    for prompt, response_0, response_1, label in rows:
-        if label == TIE:
-            continue
-        chosen, rejected = (response_0, response_1) if label == 0 else (response_1, response_0)
-        pairs["prompt"].append(prompt)
-        pairs["chosen"].append(chosen)
-        pairs["rejected"].append(rejected)
-    return Dataset.from_dict(pairs, features=pair_features())
 
 
 # --- JSONL -------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 from align.rewards.arm import (
     IGNORE_INDEX,
+    TRAINING_INFO,
     arm_rewards,
     encode_responses,
-    pairwise_loss,
+    reward_settings,
     sequence_log_probs,
     tokenize_prompt,
     tokenize_response,
@@ -12,9 +13,10 @@ from align.rewards.arm import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "TRAINING_INFO",
     "arm_rewards",
     "encode_responses",
-    "pairwise_loss",
+    "reward_settings",
     "sequence_log_probs",
     "tokenize_prompt",
     "tokenize_response",

@@ -8,7 +8,10 @@ guides decoding token by token (:mod:`align.decoding.guided`).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +20,8 @@ import torch.nn.functional as F
 from align.chat import format_prompt
 
 IGNORE_INDEX = -100
+#: The training record the trainers write beside an adapter (objectives, β, scoring settings).
+TRAINING_INFO = "align_training.json"
 
 
 def tokenize_prompt(
@@ -103,13 +108,18 @@ def sequence_log_probs(
     return total / mask.sum(dim=1).clamp(min=1) if average else total
 
 
-def pairwise_loss(
-    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, beta: float
-) -> torch.Tensor:
-    """Per-pair ``−log σ(β (r_w − r_l))`` (GenARM / PARM's ARM objective), shape (B,)."""
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    return -F.logsigmoid(beta * (chosen_rewards - rejected_rewards))
+def reward_settings(adapter: str | os.PathLike) -> dict[str, Any]:
+    """How the ARM / PARM in ``adapter`` scored responses when it was trained, read from its
+    training record (``align_training.json``), as :func:`arm_rewards` keyword arguments:
+    ``length_normalize``, ``max_length`` and ``max_prompt_length``. A folder without a record
+    (or a record from before these were stored) gets the trainers' defaults."""
+    path = Path(adapter) / TRAINING_INFO
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return {
+        "length_normalize": bool(record.get("length_normalize", False)),
+        "max_length": int(record.get("max_length") or 1024),
+        "max_prompt_length": int(record.get("max_prompt_length", 256)),
+    }
 
 
 @torch.no_grad()
@@ -121,9 +131,14 @@ def arm_rewards(
     *,
     batch_size: int = 8,
     max_length: int = 512,
+    max_prompt_length: int | None = None,
+    length_normalize: bool = False,
     **model_kwargs: Any,
 ) -> torch.Tensor:
-    """The ARM reward of each (prompt, response), batched; pass ``pref=α`` for a PARM."""
+    """The ARM reward of each (prompt, response), batched; pass ``pref=α`` for a PARM.
+
+    ``max_length``, ``max_prompt_length`` and ``length_normalize`` must be those the model was
+    trained with to reproduce its training scores: ``**reward_settings(adapter_folder)``."""
     device = next(model.parameters()).device
     pref = model_kwargs.pop("pref", None)
     per_row = pref is not None and torch.as_tensor(getattr(pref, "weights", pref)).ndim == 2
@@ -137,7 +152,10 @@ def arm_rewards(
             prompts[start : start + batch_size],
             responses[start : start + batch_size],
             max_length=max_length,
+            max_prompt_length=max_prompt_length,
         )
         batch = {key: value.to(device) for key, value in batch.items()}
-        rewards.append(sequence_log_probs(model, **batch, **model_kwargs).cpu())
+        rewards.append(
+            sequence_log_probs(model, **batch, average=length_normalize, **model_kwargs).cpu()
+        )
     return torch.cat(rewards) if rewards else torch.zeros(0)

@@ -64,12 +64,18 @@ def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepC
     """A :class:`SweepConfig` from YAML, with ``key.sub=value`` overrides."""
     import yaml
 
+    from align.errors import yaml_problem
     from align.train import RecipeError, _numbers, apply_overrides
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"evaluation config {str(path)!r} does not exist")
-    data = _numbers(yaml.safe_load(path.read_text()) or {})
+    try:
+        data = _numbers(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"evaluation config {str(path)!r} is not valid YAML: {yaml_problem(error)}"
+        ) from error
     try:
         data = apply_overrides(data, overrides)
     except RecipeError as error:

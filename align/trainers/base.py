@@ -34,6 +34,7 @@ from align.data.schema import TIE
 from align.io import atomic_file
 from align.mograd.engine import MultiObjectiveEngine
 from align.preference import Preference, check_objectives, sample_preferences
+from align.rewards.arm import TRAINING_INFO
 from align.trainers.data import (
     TOKENIZED_COLUMNS,
     MultiObjectivePreferenceCollator,
@@ -41,7 +42,6 @@ from align.trainers.data import (
     tokenize_preference_dataset,
 )
 
-TRAINING_INFO = "align_training.json"
 MOGRAD_STATE = "mograd_state.pt"
 
 
@@ -52,6 +52,12 @@ class MultiObjectivePreferenceConfig(DPOConfig):
     objectives: list[str] | None = field(
         default=None,
         metadata={"help": "Objectives to train on, in α order; default: all of the dataset's."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "The former name of activation_checkpointing (on by default, as in TRL)."
+        },
     )
     betas: dict[str, float] | None = field(
         default=None,
@@ -132,6 +138,14 @@ class MultiObjectivePreferenceConfig(DPOConfig):
     )
 
     def __post_init__(self) -> None:
+        # transformers 5.23 renamed gradient checkpointing: TRL's default (True) under the old
+        # name warns on every config. Keep TRL's default under the new name; a user who sets
+        # the old name still gets transformers' advice.
+        if getattr(self, "activation_checkpointing", False) is None:
+            if self.gradient_checkpointing is None:
+                self.activation_checkpointing = True
+        elif self.gradient_checkpointing is None:  # transformers before the rename
+            self.gradient_checkpointing = True
         super().__post_init__()
         if self.objectives is not None:
             self.objectives = list(check_objectives(self.objectives))
@@ -154,6 +168,16 @@ class MultiObjectivePreferenceConfig(DPOConfig):
                 f"linear scalarization; aggregator {self.aggregator!r} takes one α per step: "
                 "use preference_sampling='batch' with it"
             )
+
+
+def _checkpointing(model: Any) -> bool:
+    """Whether ``model`` recomputes activations in backward, under either name transformers used."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        try:
+            return bool(getattr(model, name))
+        except AttributeError:
+            continue
+    return False
 
 
 class MultiObjectivePreferenceTrainer(DPOTrainer):
@@ -308,9 +332,9 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
 
     def _shares_prompt(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> bool:
         unwrapped = self.accelerator.unwrap_model(model)
-        checkpointing = getattr(unwrapped, "is_gradient_checkpointing", False) or getattr(
-            unwrapped, "is_activation_checkpointing", False
-        )
+        # transformers 5.23 renamed gradient checkpointing activation checkpointing (the old
+        # name warns); older versions have only the old name.
+        checkpointing = _checkpointing(unwrapped)
         return (
             self.args.share_prompt
             and "prefix_ids" in inputs
@@ -498,6 +522,11 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             "aggregator": self.args.aggregator,
             "preference_concentration": self.args.preference_concentration,
             "preference_sampling": self.args.preference_sampling,
+            # How a response is scored: what anyone re-computing this model's rewards needs
+            # (align.rewards.reward_settings reads them). share_prompt gives the same scores.
+            "length_normalize": self.args.length_normalize,
+            "max_length": self.args.max_length or 1024,
+            "max_prompt_length": self.args.max_prompt_length,
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -53,7 +53,7 @@ def main() -> None:
         output_dir="/tmp/align-bench",
         per_device_train_batch_size=4,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         use_cpu=True,
         report_to="none",
         disable_dropout=True,

@@ -74,12 +74,14 @@ def run(
     micro_batches: int = 1,
     jacobian: str = "loop",
     weights: list | None = None,
+    states: list | None = None,
 ) -> dict[str, torch.Tensor]:
     """STEPS optimizer steps; returns the trainable parameters (full, on every process).
 
     ``accelerator=None``: one plain process on the rows of all ``world_size`` processes (the
     reference the tests compare with). ``weights``: a list that gets the engine's weights of
-    each step's last micro-batch.
+    each step's last micro-batch; ``states``: a list that gets the engine's state (its
+    ``state_dict``: the method's buffers, e.g. Gram-L2O's history) after each step.
     """
     from align.mograd.engine import MultiObjectiveEngine
 
@@ -134,6 +136,10 @@ def run(
         # Stateful loss-level methods: the engine observed the step's mean losses itself.
         if weights is not None and engine.last_weights is not None:
             weights.append(engine.last_weights.detach().clone().cpu())
+        if states is not None:
+            states.append(
+                {k: v.detach().clone().cpu() for k, v in engine.state_dict()["aggregator"].items()}
+            )
     return {name: full_parameter(p).detach().clone().cpu() for name, p in zip(names, params)}
 
 
@@ -174,7 +180,7 @@ def main() -> None:
         )
     results = {}
     for method in args.methods.split(","):
-        weights = []
+        weights, states = [], []
         results[method] = run(
             accelerator,
             method,
@@ -184,12 +190,16 @@ def main() -> None:
             micro_batches=args.micro_batches,
             jacobian=args.jacobian,
             weights=weights,
+            states=states,
         )
         accelerator.free_memory()  # drop the prepared model (a new DeepSpeed engine each method)
         # Every rank's weights, step by step: the ranks must agree on them.
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, weights)
         results[f"weights/{method}"] = gathered
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, states)
+        results[f"states/{method}"] = gathered
     results["world_size"] = torch.distributed.get_world_size()
     results["distributed_type"] = str(accelerator.distributed_type)
     if torch.distributed.get_rank() == 0:

@@ -137,10 +137,25 @@ def run(
         if weights is not None and engine.last_weights is not None:
             weights.append(engine.last_weights.detach().clone().cpu())
         if states is not None:
-            states.append(
-                {k: v.detach().clone().cpu() for k, v in engine.state_dict()["aggregator"].items()}
-            )
+            record = {
+                k: v.detach().clone().cpu() for k, v in engine.state_dict()["aggregator"].items()
+            }
+            if engine.state_is_sharded:  # this rank's coordinates: (parameter, start, count)
+                record["layout"] = shard_layout(model, params)
+            states.append(record)
     return {name: full_parameter(p).detach().clone().cpu() for name, p in zip(names, params)}
+
+
+def shard_layout(engine, params) -> list[tuple[int, int, int]]:
+    """ZeRO-1/2: the coordinates this rank holds, in the order of its gradient partition."""
+    from align.mograd.distributed import ZeroShards
+
+    shards, layout = ZeroShards(engine, params), []
+    for index, param in enumerate(params):
+        fragment, start = shards._fragment(param)
+        if fragment is not None:
+            layout.append((index, start, fragment.numel()))
+    return layout
 
 
 def full_parameter(param: torch.Tensor) -> torch.Tensor:

@@ -141,7 +141,7 @@ def test_guard_falls_back_to_mgda_on_a_conflicting_learned_step():
     assert equal.last_accepted is False and equal.acceptance_rate == 0.0
     torch.testing.assert_close(w, mgda_weights(gram))
     d = w @ conflict
-    assert (conflict @ d >= float(d @ d) * (1 - 1e-12)).all()  # MGDA: a common descent dir.
+    assert (conflict @ d >= float(d @ d) * (1 - 1e-9)).all()  # MGDA: a common descent dir.
     assert not gram_accepts(gram, torch.tensor([0.5, 0.5]), mgda_weights(gram), 0.5, 10.0)
     # The unguarded method returns the equal weights.
     torch.testing.assert_close(
@@ -248,8 +248,20 @@ def test_engine_injects_w_transpose_j_and_checkpoints_the_history():
         optimizer.zero_grad()
         out, _ = model(x)
         losses = ((out - y) ** 2).mean(0)
-        rows = [torch.autograd.grad(v, params, retain_graph=True) for v in losses]
-        j = torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
+        rows = [
+            torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for v in losses
+        ]
+        j = torch.stack(
+            [
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if r is None else r).reshape(-1)
+                        for r, p in zip(row, params)
+                    ]
+                )
+                for row in rows
+            ]
+        )
         w = reference.weights((j @ j.T).double(), losses=losses.detach().float())
         engine(losses).backward()
         got = torch.cat([p.grad.reshape(-1) for p in params])

@@ -148,13 +148,12 @@ def run(
 
 def shard_layout(engine, params) -> list[tuple[int, int, int]]:
     """ZeRO-1/2: the coordinates this rank holds, in the order of its gradient partition."""
-    from align.mograd.distributed import ZeroShards
-
-    shards, layout = ZeroShards(engine, params), []
+    layout = []
     for index, param in enumerate(params):
-        fragment, start = shards._fragment(param)
-        if fragment is not None:
-            layout.append((index, start, fragment.numel()))
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:  # as ZeroShards reads it (the gradients are gone by now)
+            address = mapping.lp_fragment_address
+            layout.append((index, int(address.start), int(address.numel)))
     return layout
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 
 import torch
@@ -138,8 +139,9 @@ def run(
             weights.append(engine.last_weights.detach().clone().cpu())
         if states is not None:
             record = {
-                k: v.detach().clone().cpu() for k, v in engine.state_dict()["aggregator"].items()
-            }
+                k: v.detach().clone().cpu() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                for k, v in engine.state_dict()["aggregator"].items()
+            }  # (extra state, e.g. GradVac's, is not a tensor)
             if engine.state_is_sharded:  # this rank's coordinates: (parameter, start, count)
                 record["layout"] = shard_layout(model, params)
             states.append(record)

@@ -1,4 +1,4 @@
-"""ML2O and GML2O against MGDA, PCGrad and linear scalarization on held-out problems.
+"""ML2O, GML2O and Gram-L2O against MGDA, PCGrad and linear scalarization on held-out problems.
 
     OMP_NUM_THREADS=1 python evaluation/ml2o_heldout.py                  # 3 seeds, 100 steps
     OMP_NUM_THREADS=1 python evaluation/ml2o_heldout.py --seeds 0 --steps 50 --output r.json
@@ -45,7 +45,9 @@ from align.mograd.learned.meta import jacobian_at
 from align.mograd.learned.problems import Problem, heldout_problems
 from align.pareto import hypervolume
 
-METHODS = ("ml2o", "gml2o", "mgda", "pcgrad", "linear")
+METHODS = ("ml2o", "gml2o", "gram_l2o", "mgda", "pcgrad", "linear")
+#: Learned methods (rows of the "paired by seed" table).
+LEARNED = ("ml2o", "gml2o", "gram_l2o")
 
 
 def stationarity(problem: Problem, x: torch.Tensor) -> float:
@@ -87,13 +89,16 @@ def run(
         if base_batch is not None:
             problem.batch = batch_size(problem, step, steps, growing)
         xg = x.clone().requires_grad_(True)
-        jacobian = jacobian_at(problem.losses(xg, generator), xg)
+        values = problem.losses(xg, generator)
+        jacobian = jacobian_at(values, xg)
         if not torch.isfinite(jacobian).all():
             return {"final": np.full(problem.num_objectives, np.nan), "diverged": True}
         if aggregator is None:
             direction = jacobian.mean(0)
         elif method == "pcgrad":  # a sum of m projected gradients: on the others' scale
             direction = aggregator(jacobian).to(x) / jacobian.shape[0]
+        elif method == "gram_l2o":  # it reads the losses too (as the engine passes them)
+            direction = aggregator(jacobian, losses=values.detach()).to(x)
         else:
             direction = aggregator(jacobian).to(x)
         with torch.no_grad():
@@ -107,6 +112,7 @@ def run(
     out = {"final": final, "diverged": not np.isfinite(final).all()}
     if method == "gml2o":
         out["stationarity"] = measure
+    if hasattr(aggregator, "acceptance_rate"):
         out["acceptance"] = aggregator.acceptance_rate
     return out
 
@@ -139,9 +145,8 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                 record["hv"].append(
                     hypervolume(inside, reference, maximize=False) if len(inside) else 0.0
                 )
-                if method == "gml2o":
-                    record["stat"] += [r["stationarity"] for r in results if "stationarity" in r]
-                    record["acc"] += [r["acceptance"] for r in results if "acceptance" in r]
+                record["stat"] += [r["stationarity"] for r in results if "stationarity" in r]
+                record["acc"] += [r["acceptance"] for r in results if "acceptance" in r]
         for method, record in per_method.items():
             row = {
                 "problem": problem.name,
@@ -160,6 +165,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                 row["stationarity"] = {
                     int(k): float(np.mean([s[k] for s in record["stat"]])) for k in keys
                 }
+            if record["acc"]:
                 row["acceptance_rate"] = float(np.mean(record["acc"]))
             rows.append(row)
         print(f"# {problem.name}: {time.perf_counter() - began:.1f}s", file=sys.stderr, flush=True)
@@ -198,7 +204,19 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
             text = ", ".join(f"{k}: {stat[k]:.3g}" for k in steps)
             ratio = stat[steps[-1]] / stat[steps[0]] if stat[steps[0]] else float("nan")
             lines.append(f"| {name} | {text} | {ratio:.3g} | {row['acceptance_rate']:.3f} |")
-    learned = [m for m in ("ml2o", "gml2o") if m in args.methods]
+    accepted = [
+        (name, row["acceptance_rate"])
+        for name, methods in by_problem.items()
+        for method, row in methods.items()
+        if method == "gram_l2o" and "acceptance_rate" in row
+    ]
+    if accepted:
+        lines += [
+            "",
+            "Gram-L2O: acceptance rate of the learned weights: "
+            + ", ".join(f"{name} {rate:.3f}" for name, rate in accepted),
+        ]
+    learned = [m for m in LEARNED if m in args.methods]
     others = [m for m in ("mgda", "pcgrad", "linear") if m in args.methods]
     if learned and others:
         lines += [

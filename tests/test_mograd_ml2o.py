@@ -330,6 +330,36 @@ def test_engine_injects_the_update_and_checkpoints_it(name):
         torch.testing.assert_close(b.grad, a, rtol=0, atol=0)
 
 
+def test_a_partition_of_the_coordinates_gives_the_same_update_and_state():
+    """ZeRO-1/2: each rank runs the network on its columns of J with its rows of the state and
+    the full Jacobian's Gram; the pieces are the one-process update and state."""
+    js = aligned_jacobians(3, 3, 90, seed=41)
+    whole = ML2O(state_dtype="float32")
+    halves = [ML2O(state_dtype="float32"), ML2O(state_dtype="float32")]
+    cut = [slice(0, 37), slice(37, 90)]
+    for j in js:
+        expected = whole(j)
+        gram = (j @ j.T).double()
+        pieces = [
+            method.compute_update_sharded(j[:, part], gram, 90, lambda t: t)
+            for method, part in zip(halves, cut)
+        ]
+        torch.testing.assert_close(torch.cat(pieces), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.cat([h.hidden for h in halves]), whole.hidden, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_a_sharded_state_resumes_only_on_its_own_rank_and_world_size():
+    model = TwoHeads()
+    engine = MultiObjectiveEngine("gml2o", list(model.parameters()))
+    state = engine.state_dict()
+    assert "shard" not in state and not engine.state_is_sharded
+    state["shard"] = {"world_size": 2, "rank": 1, "size": 10}
+    with pytest.raises(ValueError, match="same world size"):
+        MultiObjectiveEngine("gml2o", list(model.parameters())).load_state_dict(state)
+
+
 def test_engine_refuses_feature_level():
     model = TwoHeads()
     with pytest.raises(NotImplementedError, match="feature-level"):
@@ -400,3 +430,44 @@ def test_ddp_two_processes_match_one_process():
         for name in reference:
             # float16 recurrent state: equal up to its rounding of slightly different sums.
             torch.testing.assert_close(results[method][name], reference[name], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_zero2_two_processes_give_the_same_update_and_state_as_one_process():
+    """GML2O under ZeRO-2: each rank runs the network on its gradient partition with that
+    partition's recurrent state; the parameters after two steps, the guard's decisions and the
+    state (the ranks' partitions put back in parameter order) are the one-process run's."""
+    spec = importlib.util.spec_from_file_location(
+        "test_mograd_engine", REPO / "tests" / "test_mograd_engine.py"
+    )
+    engine_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine_tests)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = engine_tests._launch(Path(tmp), "zero2", "--methods", "gml2o")
+    step = engine_tests._step_module()
+    states = []
+    reference = step.run(None, "gml2o", 2, states=states)
+    for name in reference:
+        torch.testing.assert_close(results["gml2o"][name], reference[name], rtol=1e-3, atol=1e-5)
+    sizes = [p.numel() for p in step.build_model().parameters() if p.requires_grad]
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    ranks = results["states/gml2o"]
+    for k, expected in enumerate(states):
+        for key in ("steps", "accepted", "decisions"):
+            assert int(ranks[0][k][key]) == int(ranks[1][k][key]) == int(expected[key]), key
+        hidden = torch.zeros_like(expected["hidden"])
+        covered = 0
+        for record in (ranks[0][k], ranks[1][k]):
+            offset = 0
+            for index, start, count in record["layout"]:
+                begin = offsets[index] + start
+                hidden[begin : begin + count] = record["hidden"][offset : offset + count]
+                offset += count
+                covered += count
+            assert offset == record["hidden"].shape[0]
+        assert covered == hidden.shape[0]  # the partitions tile the coordinates
+        # float16 state: equal up to its rounding of slightly different sums.
+        torch.testing.assert_close(hidden.float(), expected["hidden"].float(), rtol=0, atol=4e-3)
+    assert int(states[-1]["accepted"]) >= 1  # the learned step was taken: the state advanced

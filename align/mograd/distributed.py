@@ -25,6 +25,13 @@ def world(group: Any = None) -> tuple[Any, int]:
     return group, dist.get_world_size(group)
 
 
+def rank(group: Any = None) -> int:
+    """This process's rank in the group; 0 when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank(group)
+
+
 def all_reduce_sum(tensor: Tensor, group: Any) -> Tensor:
     """In-place SUM all-reduce (gloo and NCCL alike), returning the tensor."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)

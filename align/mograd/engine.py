@@ -18,7 +18,7 @@ How each kind of method gets there
   S on the union of the batches, also for non-linear S (Tchebycheff), and stateful methods see
   the same losses on every process.
 * **gradient-level** (MGDA, PCGrad, CAGrad, IMTL-G, Nash-MTL, UPGrad, EPO, DualProj,
-  Aligned-MTL, ConFIG, GradVac, FairGrad): the per-objective
+  Aligned-MTL, ConFIG, GradVac, FairGrad, and the learned Gram-L2O): the per-objective
   gradients of ``parameters`` form ``J (m, P)``; the weights come from the Gram ``J Jᵀ``; the
   update ``d = wᵀ J`` is *injected*: the returned scalar has the value ``Σ w_i L_i`` and a
   custom backward that hands ``grad_output · d`` to the parameters (no second pass through the
@@ -50,8 +50,14 @@ How each kind of method gets there
   runs like a gradient-level method on one process and under DDP (``J`` is all-reduced, so
   every rank computes the same ``d`` and advances the same recurrent state), ``d`` is injected
   the same way, and the returned scalar's value uses ``last_weights`` (d's coefficients on the
-  gradients). Not under DeepSpeed ZeRO (each rank holds only a shard of ``J``) nor with
-  ``feature_level=True``: both raise ``NotImplementedError``.
+  gradients). Under DeepSpeed ZeRO-1/2 the network, being coordinate-wise, runs on each rank's
+  gradient partition with that partition's recurrent state (its scales from the all-reduced
+  Gram; the guard's m inner products and two norms all-reduced), and each rank injects its
+  part of ``d`` as for MGDA; the state is then per rank (:attr:`state_is_sharded`; the
+  trainers save one file per rank, resumed with the same world size). ZeRO-0: as on one
+  process. Not under ZeRO-3 (``d`` is outside the gradients' span, and ZeRO-3 applies updates
+  by one more backward of ``Σ w_i L_i``) nor with ``feature_level=True``: both raise
+  ``NotImplementedError`` (``gram_l2o``, a gradient-level learned method, runs there).
 * **feature-level** (``feature_level=True``, gradient-level methods; MGDA-UB, Sener & Koltun
   2018): the Gram is taken from the gradients w.r.t. a shared representation ``features=z``
   passed with each call (final hidden states, logits, per-token log-probs ...) through which
@@ -82,7 +88,8 @@ Support matrix
 Each ✓ is a test in ``tests/test_mograd_engine.py`` that compares two CPU processes (gloo) with
 one process on the union of their batches (LS, STCH, MGDA, and on DDP / ZeRO-2 also PBI, COSMOS,
 DualProj, Aligned-MTL, ConFIG, GradVac, FairGrad; ZeRO-0: LS, MGDA, EPO and loss-normalised MGDA
-with the ranks' weights compared too; ZeRO-1: LS and MGDA); "slow"
+with the ranks' weights compared too; ZeRO-1: LS and MGDA; Gram-L2O on ZeRO-2, and DDP / ZeRO-3
+(slow), with the ranks' weights and state compared too: ``tests/test_mograd_gram_l2o.py``); "slow"
 ones run with ``-m slow``; ~ = by construction, untested.
 
 ==============  ============  ==========  ==================  ===================  ============
@@ -91,10 +98,11 @@ kind            one process   DDP         ZeRO-0 / ZeRO-1     ZeRO-2            
 loss-level      ✓ exact       ✓           ✓ (slow)            ✓                    ✓ (slow)
 gradient-level  ✓ m bwd       ✓ m bwd     ✓ (slow) m bwd      ✓ m bwd              ✓ (slow) m+1
 feature-level   ✓ 1 bwd       ✓ (slow)    ~                   ✓ (slow)             ✓ (slow)
-update-level    ✓ m bwd       ✓ (slow)    ✗                   ✗                    ✗
+update-level    ✓ m bwd       ✓ (slow)    ~                   ✓ (slow) m bwd       ✗
 ==============  ============  ==========  ==================  ===================  ============
 
-(update-level: ``tests/test_mograd_ml2o.py``; ✗ = ``NotImplementedError``.)
+(update-level: ``tests/test_mograd_ml2o.py``, GML2O's ZeRO-2 test also compares the ranks'
+state partitions with the one-process state; ✗ = ``NotImplementedError``.)
 
 * Gradient accumulation: loss-level and feature-level weight each micro-batch, everywhere.
   Stateful loss-level methods (DWA, FAMO, a running ideal point, a nadir warm-up) are observed
@@ -219,6 +227,8 @@ class MultiObjectiveEngine:
         self._step_losses: Tensor | None = None  # observe="step": this step's summed losses
         self._step_count = 0
         self._checked_ddp = False
+        #: ML2O / GML2O under ZeRO-1/2: {"world_size", "rank", "size"} of the state's partition.
+        self._sharded_state: dict[str, int] | None = None
 
     # ------------------------------------------------------------------------ properties
     @property
@@ -273,10 +283,11 @@ class MultiObjectiveEngine:
                 "Accelerator that prepared the model, or the DeepSpeed engine) to the engine"
             )
         if engine is not None:
-            if self.is_update_level:
+            if self.is_update_level and int(engine.zero_optimization_stage()) == 3:
                 raise NotImplementedError(
-                    f"{self.name} needs the full per-objective gradients on every rank; under "
-                    f"DeepSpeed ZeRO each rank holds a shard: use DDP or one process"
+                    f"{self.name} returns an update outside the gradients' span, which ZeRO-3's "
+                    f"partitioned parameters cannot take as an injected gradient (its m + 1 "
+                    f"path backpropagates Σ w_i L_i): use ZeRO-1/2, DDP, or gram_l2o"
                 )
             return self._gradient_level_deepspeed(engine, losses, preference, boundary)
         return self._gradient_level_local(losses, preference, boundary)
@@ -600,6 +611,10 @@ class MultiObjectiveEngine:
             mean_losses = packed[m * m :]
         gram = packed[: m * m].reshape(m, m).double()
         weights = self._scaling_skip(gram, m, scale != 1.0)
+        if weights is None and self.is_update_level:
+            return self._update_level_deepspeed(
+                shards, jacobian, gram, mean_losses, preference, losses, count, group, size
+            )
         if weights is None:
             weights = self._weights(gram, mean_losses, preference)
         value = (weights.to(losses) * losses.detach()).sum()
@@ -610,6 +625,51 @@ class MultiObjectiveEngine:
         if shards.stage == 0:
             return D.inject(value, params, D.split_like(local_direction, params))
         return D.inject(value, params, shards.masked_directions(local_direction, size))
+
+    def _update_level_deepspeed(
+        self,
+        shards: D.ZeroShards,
+        jacobian: Tensor,
+        gram: Tensor,
+        mean_losses: Tensor,
+        preference: Tensor | None,
+        losses: Tensor,
+        count: int,
+        group: Any,
+        size: int,
+    ) -> Tensor:
+        """ML2O / GML2O under ZeRO-0/1/2. ZeRO-0: every rank holds the same reduced J, so the
+        method runs on it as on one process. ZeRO-1/2: the network is coordinate-wise, so each
+        rank runs it on its own gradient partition with that partition's recurrent state; the
+        scales come from the all-reduced Gram, and the guard's inner products and norms are
+        all-reduced (m + 2 numbers); each rank injects its part of d as ZeRO-2 does for MGDA."""
+        params, m = self.parameters, jacobian.shape[0]
+        self.last_gram = gram.detach()
+        if shards.stage == 0:
+            direction = self.aggregator(jacobian, losses=mean_losses, preference=preference)
+        else:
+
+            def all_reduce(tensor: Tensor) -> Tensor:
+                return D.all_reduce_sum(tensor, group) if size > 1 else tensor
+
+            total = sum(p.numel() for p in params)
+            direction = self.aggregator.compute_update_sharded(jacobian, gram, total, all_reduce)
+            self._sharded_state = {"world_size": size, "rank": D.rank(group), "size": total}
+        self.last_weights = self.aggregator.last_weights
+        coefficients = self.last_weights
+        if coefficients is None or coefficients.numel() != m:
+            coefficients = torch.full((m,), 1.0 / m)
+        value = (coefficients.to(losses) * losses.detach()).sum()
+        direction = direction.to(jacobian) * count
+        if shards.stage == 0:
+            return D.inject(value, params, D.split_like(direction, params))
+        return D.inject(value, params, shards.masked_directions(direction, size))
+
+    @property
+    def state_is_sharded(self) -> bool:
+        """Whether the method's state is this rank's partition (ML2O / GML2O under ZeRO-1/2):
+        each rank must then save and restore its own ``state_dict``, with the same world size."""
+        return self._sharded_state is not None
 
     # ----------------------------------------------------------------------- feature-level
     def _feature_level(
@@ -685,9 +745,25 @@ class MultiObjectiveEngine:
         self.aggregator.observe(losses)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"aggregator": self.aggregator.state_dict()}
+        """The method's state. Sharded (ML2O / GML2O under ZeRO-1/2) it is this rank's
+        partition, tagged with the world size and rank (:attr:`state_is_sharded`)."""
+        state = {"aggregator": self.aggregator.state_dict()}
+        if self._sharded_state is not None:
+            state["shard"] = dict(self._sharded_state)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        shard = state.get("shard")
+        if shard is not None:
+            _, size = self._world()
+            rank = D.rank(self.process_group)
+            if (shard["world_size"], shard["rank"]) != (size, rank):
+                raise ValueError(
+                    f"{self.name}: this state is rank {shard['rank']}'s partition of a "
+                    f"{shard['world_size']}-process ZeRO run; resume with the same world size, "
+                    f"each rank loading its own (this is rank {rank} of {size})"
+                )
+            self._sharded_state = dict(shard)
         self.aggregator.load_state_dict(state["aggregator"])
 
 

@@ -43,6 +43,8 @@ from align.trainers.data import (
 )
 
 MOGRAD_STATE = "mograd_state.pt"
+#: A sharded method state (ML2O / GML2O under ZeRO-1/2): one file per rank.
+MOGRAD_SHARD_STATE = "mograd_state_rank{rank}.pt"
 
 
 @dataclass
@@ -567,7 +569,12 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
         try:
             super()._save_checkpoint(model, trial)
             state = self.engine.state_dict()
-            if self.args.should_save and any(state["aggregator"]):
+            if getattr(self.engine, "state_is_sharded", False):
+                # ML2O / GML2O under ZeRO-1/2: every rank saves its own partition of the state
+                # (resumed with the same world size).
+                shard = state["shard"]["rank"]
+                torch.save(state, staging_root / name / MOGRAD_SHARD_STATE.format(rank=shard))
+            elif self.args.should_save and any(state["aggregator"]):
                 torch.save(state, staging_root / name / MOGRAD_STATE)
         finally:
             self.args.output_dir = str(run_dir)
@@ -586,5 +593,10 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, MOGRAD_STATE)
-        if os.path.exists(path):
+        sharded = os.path.join(
+            resume_from_checkpoint, MOGRAD_SHARD_STATE.format(rank=self.accelerator.process_index)
+        )
+        if os.path.exists(sharded):
+            self.engine.load_state_dict(torch.load(sharded, weights_only=True))
+        elif os.path.exists(path):
             self.engine.load_state_dict(torch.load(path, weights_only=True))

@@ -1,12 +1,16 @@
 """Benchmark: one multi-objective training step through the engine on the embedded model.
 
-SmolLM2-135M-Instruct with a PBLoRA adapter (r1 = r2 = 4, q/k/v, dropout 0), m objectives, one
-row of ``--seq`` tokens per objective (objective i: the next-token loss of its own text). Each
+SmolLM2-135M-Instruct with a PBLoRA adapter (r1 = r2 = 4, dropout 0; on q/k/v, or with
+``--targets all`` on every linear layer of the blocks: q/k/v/o and the MLP's gate/up/down),
+m objectives, one row of ``--seq`` tokens per objective (objective i: the next-token loss of its own text). Each
 configuration does forward → losses → engine → backward of the returned scalar (no optimizer
 step); rounds are interleaved so that machine noise hits all alike, and the median is reported.
 
 * ``LS``, ``STCH``: loss-level, one backward;
 * ``MGDA``, ``PCGrad``: gradient-level, m ``autograd.grad`` passes + the injected update;
+* ``Gram-L2O``: the learned weights from the Gram (``gram_l2o``, guarded), the same path as MGDA;
+* ``GML2O``: the coordinate-wise learned optimizer (update-level: the network runs on every
+  coordinate; float16 recurrent state);
   ``MGDA batched``: one vmapped ``autograd.grad`` for the m objectives;
 * ``MGDA feature (h)`` / ``(logits)``: feature-level MGDA-UB with the final hidden states / the
   logits as the shared representation (one model backward);
@@ -22,7 +26,8 @@ solver (weights from the Gram; wall time) in ms and as a share of the step's CPU
 the peak resident memory of the step above the memory before it (Linux: VmHWM reset through
 /proc/self/clear_refs after ``malloc_trim``; indicative — the allocator keeps freed memory).
 
-    python evaluation/benchmarks/mograd_step.py [--objectives 2,3] [--seq 32] [--rounds 5]
+    python evaluation/benchmarks/mograd_step.py [--objectives 2,3] [--seq 32] [--rounds 5] \
+        [--targets qkv|all] [--configs LS,STCH,MGDA,Gram-L2O,GML2O]
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from align.models import load_model
 from align.mograd.engine import MultiObjectiveEngine
 
 OBJECTIVE_NAMES = ["helpful", "harmless", "brief"]
+#: ``--targets all``: every linear layer of the Llama blocks.
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # --------------------------------------------------------------------------------- memory
@@ -81,9 +88,14 @@ def peak_above(base: int | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------- setup
-def build_model():
+def build_model(targets: str = "qkv"):
     base, tokenizer = load_model("smollm2-135m-instruct")
-    config = PBLoraConfig(objectives=OBJECTIVE_NAMES, lora_dropout=0.0, init_weights=False)
+    config = PBLoraConfig(
+        objectives=OBJECTIVE_NAMES,
+        lora_dropout=0.0,
+        init_weights=False,
+        target_modules=ALL_LINEAR if targets == "all" else None,
+    )
     model = get_peft_model(base, config)
     set_preference(model, [1 / 3, 1 / 3, 1 / 3])
     model.train()
@@ -117,25 +129,28 @@ def forward(model, ids: torch.Tensor, hidden: bool = False):
 
 
 class Timed:
-    """Wraps an aggregator's ``weights`` to time the solver."""
+    """Wraps an aggregator's ``weights`` (or an update-level one's ``compute_update``) to time
+    the solver."""
 
     def __init__(self, engine: MultiObjectiveEngine) -> None:
         self.seconds: list[float] = []
         aggregator = engine.aggregator
-        if not hasattr(aggregator, "weights"):
+        # Gradient-level: the weights from the Gram; update-level (GML2O): the whole update.
+        attribute = "weights" if hasattr(aggregator, "weights") else "compute_update"
+        if not hasattr(aggregator, attribute):
             return
-        original = aggregator.weights
+        original = getattr(aggregator, attribute)
 
-        def weights(*args, **kwargs):
+        def timed(*args, **kwargs):
             start = time.perf_counter()
             out = original(*args, **kwargs)
             self.seconds.append(time.perf_counter() - start)
             return out
 
-        aggregator.weights = weights
+        setattr(aggregator, attribute, timed)
 
 
-def configurations(model, params, m: int):
+def configurations(model, params, m: int, only: set[str] | None = None):
     """name -> (step function, solver timer or None)."""
     preference = torch.full((m,), 1.0 / m)
 
@@ -172,22 +187,30 @@ def configurations(model, params, m: int):
         ("MGDA", "mgda", {}, False, False),
         ("MGDA batched", "mgda", {"jacobian": "batched"}, False, False),
         ("PCGrad", "pcgrad", {}, False, False),
+        ("Gram-L2O", "gram_l2o", {}, False, False),
+        ("GML2O", "gml2o", {}, False, False),
         ("MGDA feature (h)", "mgda", {"feature_level": True}, True, True),
         ("MGDA feature (logits)", "mgda", {"feature_level": True}, False, True),
     ]:
+        if only is not None and name not in only:
+            continue
         engine = MultiObjectiveEngine(method, params, **options)
         timer = Timed(engine) if engine.is_gradient_level else None
         out[name] = (engine_step(engine, hidden, features), timer)
-    out["torchjd MGDA"] = (torchjd_step(None), None)
-    out["torchjd MGDA seq"] = (torchjd_step(1), None)
-    out["fwd + m bwd"] = (floor, None)
+    for name, step in [
+        ("torchjd MGDA", lambda: torchjd_step(None)),
+        ("torchjd MGDA seq", lambda: torchjd_step(1)),
+    ]:
+        if only is None or name in only:
+            out[name] = (step(), None)
+    out["fwd + m bwd"] = (floor, None)  # always: the ratio column's reference
     return out
 
 
-def run(model, tokenizer, m: int, seq: int, rounds: int) -> None:
+def run(model, tokenizer, m: int, seq: int, rounds: int, only: set[str] | None = None) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     ids = batch_of(tokenizer, m, seq)
-    configs = configurations(model, params, m)
+    configs = configurations(model, params, m, only)
     times = {name: [] for name in configs}
     cpu_times = {name: [] for name in configs}
     memory = {name: [] for name in configs}
@@ -253,11 +276,18 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: CPU time is the work done)"
     )
+    parser.add_argument(
+        "--targets", choices=("qkv", "all"), default="qkv", help="PBLoRA on q/k/v or all linear"
+    )
+    parser.add_argument(
+        "--configs", help="comma-separated configuration names (default: all; LS always runs)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = build_model()
+    only = None if not args.configs else {"LS", *args.configs.split(",")}
+    model, tokenizer = build_model(args.targets)
     for m in (int(v) for v in args.objectives.split(",")):
-        run(model, tokenizer, m, args.seq, args.rounds)
+        run(model, tokenizer, m, args.seq, args.rounds, only)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 
 import torch
@@ -74,12 +75,14 @@ def run(
     micro_batches: int = 1,
     jacobian: str = "loop",
     weights: list | None = None,
+    states: list | None = None,
 ) -> dict[str, torch.Tensor]:
     """STEPS optimizer steps; returns the trainable parameters (full, on every process).
 
     ``accelerator=None``: one plain process on the rows of all ``world_size`` processes (the
     reference the tests compare with). ``weights``: a list that gets the engine's weights of
-    each step's last micro-batch.
+    each step's last micro-batch; ``states``: a list that gets the engine's state (its
+    ``state_dict``: the method's buffers, e.g. Gram-L2O's history) after each step.
     """
     from align.mograd.engine import MultiObjectiveEngine
 
@@ -134,7 +137,26 @@ def run(
         # Stateful loss-level methods: the engine observed the step's mean losses itself.
         if weights is not None and engine.last_weights is not None:
             weights.append(engine.last_weights.detach().clone().cpu())
+        if states is not None:
+            record = {
+                k: v.detach().clone().cpu() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                for k, v in engine.state_dict()["aggregator"].items()
+            }  # (extra state, e.g. GradVac's, is not a tensor)
+            if engine.state_is_sharded:  # this rank's coordinates: (parameter, start, count)
+                record["layout"] = shard_layout(model, params)
+            states.append(record)
     return {name: full_parameter(p).detach().clone().cpu() for name, p in zip(names, params)}
+
+
+def shard_layout(engine, params) -> list[tuple[int, int, int]]:
+    """ZeRO-1/2: the coordinates this rank holds, in the order of its gradient partition."""
+    layout = []
+    for index, param in enumerate(params):
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:  # as ZeroShards reads it (the gradients are gone by now)
+            address = mapping.lp_fragment_address
+            layout.append((index, int(address.start), int(address.numel)))
+    return layout
 
 
 def full_parameter(param: torch.Tensor) -> torch.Tensor:
@@ -174,7 +196,7 @@ def main() -> None:
         )
     results = {}
     for method in args.methods.split(","):
-        weights = []
+        weights, states = [], []
         results[method] = run(
             accelerator,
             method,
@@ -184,12 +206,16 @@ def main() -> None:
             micro_batches=args.micro_batches,
             jacobian=args.jacobian,
             weights=weights,
+            states=states,
         )
         accelerator.free_memory()  # drop the prepared model (a new DeepSpeed engine each method)
         # Every rank's weights, step by step: the ranks must agree on them.
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, weights)
         results[f"weights/{method}"] = gathered
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, states)
+        results[f"states/{method}"] = gathered
     results["world_size"] = torch.distributed.get_world_size()
     results["distributed_type"] = str(accelerator.distributed_type)
     if torch.distributed.get_rank() == 0:

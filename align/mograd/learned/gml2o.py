@@ -84,11 +84,12 @@ are buffers, saved with ``state_dict``); the trainers log it as ``gml2o/accepted
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from align.mograd.learned.ml2o import ML2O, span_weights
+from align.mograd.learned.ml2o import ML2O, _lstsq, span_weights
 from align.mograd.learned.network import ML2ONet
 from align.mograd.registry import register_aggregator
 
@@ -156,6 +157,38 @@ class GML2O(ML2O):
             return update.to(jacobian.dtype)
         self.last_weights = proposal["baseline_weights"]
         return baseline.to(jacobian.dtype)
+
+    @torch.no_grad()
+    def compute_update_sharded(
+        self, jacobian: Tensor, gram: Tensor, total: int, all_reduce: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """ZeRO-1/2: the network on this rank's coordinates and state partition; the guard's
+        ``J d`` (m numbers) and ``‖d‖²``, ``‖d*‖²`` are sums over the ranks — one all-reduce of
+        m + 2 numbers — so every rank takes the same decision."""
+        proposal = self.propose(jacobian, commit=False, gram=gram, total=total)
+        update, baseline = proposal["update"].double(), proposal["baseline"].double()
+        packed = torch.cat(
+            [
+                jacobian.double() @ update,
+                (update @ update).reshape(1),
+                (baseline @ baseline).reshape(1),
+            ]
+        )
+        packed = all_reduce(packed)
+        m = jacobian.shape[0]
+        inner, length2, floor2 = packed[:m], float(packed[m]), float(packed[m + 1])
+        ok = bool((inner >= self.margin * floor2).all()) and length2**0.5 <= (
+            self.max_ratio * floor2**0.5
+        )
+        self.last_accepted = ok
+        self.decisions += 1
+        self.accepted += int(ok)
+        if ok:
+            self.commit(proposal)
+            self.last_weights = _lstsq(proposal["gram"], inner)
+            return proposal["update"].to(jacobian.dtype)
+        self.last_weights = proposal["baseline_weights"]
+        return proposal["baseline"].to(jacobian.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, margin={self.margin}, max_ratio={self.max_ratio}"

@@ -1,10 +1,12 @@
-"""Meta-train ML2O from a recipe and write the weights.
+"""Meta-train ML2O (or Gram-L2O) from a recipe and write the weights.
 
     python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml
+    python -m align.mograd.learned.meta_train recipes/gram_l2o_meta.yaml   # method: gram_l2o
     python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml --output /tmp/ml2o.safetensors \\
         --set max_minutes=1 --set iterations=50
 
 The recipe's ``meta:`` block holds the fields of :class:`~align.mograd.learned.meta.MetaConfig`;
+``method:`` is ``ml2o`` (default) or ``gram_l2o`` (:mod:`~align.mograd.learned.gram_meta`);
 ``output:`` is where the weights go (relative paths from the current directory). The weights
 file carries the network config and a summary of the run (settings, wall time, validation of
 the untrained = MGDA network and of the trained one) in its metadata
@@ -32,10 +34,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from align.mograd.learned.meta import MetaConfig, meta_train
-    from align.mograd.learned.ml2o import save_network
-
     recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    method = str(recipe.get("method", "ml2o")).lower()
+    if method == "gram_l2o":
+        from align.mograd.learned.gram_l2o import save_gram_network as save_network
+        from align.mograd.learned.gram_meta import GramMetaConfig as MetaConfig
+        from align.mograd.learned.gram_meta import meta_train_gram as meta_train
+    elif method == "ml2o":
+        from align.mograd.learned.meta import MetaConfig, meta_train
+        from align.mograd.learned.ml2o import save_network
+    else:
+        parser.error(f"method must be ml2o or gram_l2o, got {method!r}")
     fields = dict(recipe.get("meta") or {})
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -43,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set needs FIELD=VALUE, got {item!r}")
         fields[key.strip()] = yaml.safe_load(value)
     config = MetaConfig(**fields)
-    output = Path(args.output or recipe.get("output") or "ml2o.safetensors")
+    output = Path(args.output or recipe.get("output") or f"{method}.safetensors")
     net, summary = meta_train(config, log=lambda line: print(line, flush=True))
     summary.update(
         recipe=str(args.recipe),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,15 @@ def network_info(source: str | os.PathLike = "default") -> dict[str, Any]:
 def span_weights(jacobian: Tensor, gram: Tensor, direction: Tensor) -> Tensor:
     """The coefficients w of the projection of ``direction`` onto the span of the gradients
     (``Jᵀw`` closest to d): ML2O's "weights" for logging (float64, (m,))."""
-    target = (jacobian.double() @ direction.double()).cpu()
-    return torch.linalg.lstsq(gram.cpu(), target.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    return _lstsq(gram, jacobian.double() @ direction.double())
+
+
+def _lstsq(gram: Tensor, target: Tensor) -> Tensor:
+    """``G w = J d`` in the least-squares sense (float64, on the CPU)."""
+    solution = torch.linalg.lstsq(
+        gram.double().cpu(), target.double().cpu().unsqueeze(1), driver="gelsd"
+    )
+    return solution.solution.squeeze(1)
 
 
 @register_aggregator("ml2o")
@@ -170,7 +178,14 @@ class ML2O(UpdateAggregator):
 
     # ------------------------------------------------------------------------- update
     @torch.no_grad()
-    def propose(self, jacobian: Tensor, *, commit: bool = True) -> dict[str, Tensor]:
+    def propose(
+        self,
+        jacobian: Tensor,
+        *,
+        commit: bool = True,
+        gram: Tensor | None = None,
+        total: int | None = None,
+    ) -> dict[str, Tensor]:
         """The learned update with what it was built from: ``update`` (P,), ``baseline`` (the
         MGDA direction d*), ``baseline_weights`` (m,), ``gram`` (m, m, float64) and ``state``,
         the recurrent state after this step.
@@ -180,13 +195,17 @@ class ML2O(UpdateAggregator):
         as it was, for :meth:`commit` to install (GML2O commits it only when
         the learned step is taken). The candidate costs a second copy of the state while it
         lives.
+
+        Sharded (ZeRO-1/2, :meth:`compute_update_sharded`): ``jacobian`` holds this rank's
+        coordinates, ``gram`` is the full Jacobian's Gram and ``total`` the full P; the state
+        is this rank's partition (one row per local coordinate).
         """
         m, size = jacobian.shape
         self.net.check_objectives(m)
         device = jacobian.device
         if self.net.head.weight.device != device:
             self.net.to(device)
-        inputs = network_inputs(jacobian)
+        inputs = network_inputs(jacobian, gram, total)
         self.last_baseline = inputs["baseline"]
         self._ensure_state(m, size, device)
         update = torch.zeros(size, dtype=torch.float32, device=device)
@@ -221,6 +240,19 @@ class ML2O(UpdateAggregator):
     ) -> Tensor:
         proposal = self.propose(jacobian)
         self.last_weights = span_weights(jacobian, proposal["gram"], proposal["update"])
+        return proposal["update"].to(jacobian.dtype)
+
+    @torch.no_grad()
+    def compute_update_sharded(
+        self, jacobian: Tensor, gram: Tensor, total: int, all_reduce: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """This rank's part of the update under ZeRO-1/2: the network on this rank's
+        coordinates with this rank's partition of the state; ``gram`` is the full Jacobian's
+        (already all-reduced), ``all_reduce`` sums a tensor over the ranks in place (used for
+        the m inner products ``J d`` of the logged weights; GML2O's guard adds ``‖d‖²``)."""
+        proposal = self.propose(jacobian, gram=gram, total=total)
+        inner = all_reduce(jacobian.double() @ proposal["update"].double())
+        self.last_weights = _lstsq(proposal["gram"], inner)
         return proposal["update"].to(jacobian.dtype)
 
     def extra_repr(self) -> str:

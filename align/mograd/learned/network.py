@@ -66,18 +66,32 @@ def normalised_gradients(jacobian: Tensor) -> Tensor:
     return jacobian / r.to(jacobian).unsqueeze(1)
 
 
-def network_inputs(jacobian: Tensor) -> dict[str, Tensor]:
+def network_inputs(
+    jacobian: Tensor, gram: Tensor | None = None, total: int | None = None
+) -> dict[str, Tensor]:
     """Everything the network reads, from ``J (m, P)`` (detached, float32):
 
     ``u`` (m, P) the normalised gradients, ``mgda`` / ``mean`` (P,) the MGDA direction and the
     mean gradient over ``scale`` = s (the RMS of J, a 0-d tensor), and ``baseline`` (P,) the MGDA
     direction itself with its ``baseline_weights`` (m,) and the ``gram`` (m, m, float64).
+
+    Sharded (ZeRO-1/2): ``jacobian`` is this rank's columns, ``gram`` the Gram of the *full*
+    Jacobian (the all-reduced sum of the shard Grams) and ``total`` the full P; every scale then
+    comes from the Gram (``r_i² = G_ii / P``, ``s² = tr G / (m P)``), the same on every rank, and
+    the per-coordinate inputs are those of the full J at this rank's coordinates.
     """
     jacobian = jacobian.detach().float()
-    gram = (jacobian @ jacobian.T).double()
+    if gram is None:
+        gram = (jacobian @ jacobian.T).double()
+        r, s = rms_scales(jacobian)
+    else:
+        gram = gram.double()
+        square = gram.diagonal().clamp_min(0).cpu() / max(int(total), 1)
+        r, s = square.sqrt(), square.mean().sqrt()
+        r = torch.where(r > 0, r, torch.ones_like(r))
+        r, s = r.to(jacobian.device), s.to(jacobian.device)
     weights = torch.as_tensor(min_norm_weights(as_float64(gram)), dtype=torch.float64)
     baseline = weights.to(jacobian) @ jacobian
-    r, s = rms_scales(jacobian)
     s32 = float(s) if float(s) > 0 else 1.0
     return {
         "u": jacobian / r.to(jacobian).unsqueeze(1),

@@ -190,8 +190,8 @@ def sample(
     from align.data import load_prompts
     from align.decoding import generate_responses
     from align.io import atomic_file
+    from align.metrics import pareto_mask
     from align.models import load_model
-    from align.pareto import pareto_mask
     from align.scorers import get_scorer
 
     names = _split(scorer_names)

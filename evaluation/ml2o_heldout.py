@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from align.metrics import hypervolume
 from align.mograd import get_aggregator
 from align.mograd.learned.meta import jacobian_at
 from align.mograd.learned.problems import Problem, heldout_problems
-from align.pareto import hypervolume
 
 METHODS = ("ml2o", "gml2o", "gram_l2o", "mgda", "pcgrad", "linear")
 #: Learned methods (rows of the "paired by seed" table).

@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from align.io import atomic_file
+from align.metrics import hypervolume
 from align.mograd.synthetic import (
     PROBLEMS,
     PSL_PROTOCOL,
@@ -44,7 +45,6 @@ from align.mograd.synthetic import (
     pareto_set_learning,
     solve_finite_set,
 )
-from align.pareto import hypervolume
 from align.preference import simplex_grid
 
 DEFAULTS = {

@@ -35,7 +35,7 @@ from align.merging import (
 )
 from align.merging.base import tensor_seed
 from align.merging.io import INDEX_NAME, MERGE_INFO, SWEEP_INFO, StreamingWriter
-from align.pareto import pareto_mask
+from align.metrics import pareto_mask
 from align.preference import simplex_grid
 
 OBJECTIVES = ("helpful", "harmless")

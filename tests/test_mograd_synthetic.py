@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from align.metrics import hypervolume, pareto_mask
 from align.mograd import available_aggregators
 from align.mograd.synthetic import (
     PROBLEMS,
@@ -25,7 +26,6 @@ from align.mograd.synthetic import (
     solve_finite_set,
 )
 from align.mograd.synthetic.solvers import responds_to_preference
-from align.pareto import hypervolume, pareto_mask
 from align.preference import simplex_grid
 
 pymoo_problems = pytest.importorskip("pymoo.problems")

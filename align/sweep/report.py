@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from align.io import atomic_directory
-from align.pareto import hypervolume, mip, pareto_mask, plot_fronts, spacing
+from align.metrics import hypervolume, mip, pareto_mask, plot_fronts, spacing
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from align.pareto import hypervolume
+from align.metrics import hypervolume
 from align.preference import simplex_grid
 
 

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from align.metrics import hypervolume
 from align.mograd.base import GradientAggregator, LossAggregator
 from align.mograd.registry import aggregator_class, canonical_aggregators
-from align.pareto import hypervolume
 from align.preference import sample_preferences, simplex_grid, validate_weights
 
 Objective = Callable[[Tensor], Tensor]

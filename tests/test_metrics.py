@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from align.pareto import (
+from align.metrics import (
     hypervolume,
     mip,
     normalize_scores,

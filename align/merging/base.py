@@ -92,6 +92,18 @@ def check_bool(value: Any, what: str) -> bool:
     return value
 
 
+def check_drop_options(params: dict[str, Any]) -> None:
+    """What the random-drop methods (DARE, DELLA) share: λ a number, an integer seed, and the
+    optional ``rescale`` / ``normalize`` flags true or false."""
+    params["lambda"] = check_number(params["lambda"], "lambda")
+    seed = params["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    for flag in ("rescale", "normalize"):
+        if flag in params:
+            check_bool(params[flag], flag)
+
+
 def tensor_seed(seed: int, name: str, index: int) -> int:
     """A stable 63-bit seed for (run seed, tensor name, model index).
 

@@ -30,9 +30,8 @@ from torch import Tensor
 
 from align.merging.base import (
     MergeMethod,
-    check_bool,
+    check_drop_options,
     check_fraction,
-    check_number,
     drop_and_rescale_,
     sign_consensus,
     task_vectors,
@@ -45,13 +44,7 @@ from align.merging.registry import register_merge_method
 class _Dare(MergeMethod):
     def check_options(self) -> None:
         self.params["density"] = check_fraction(self.params["density"], "density")
-        self.params["lambda"] = check_number(self.params["lambda"], "lambda")
-        seed = self.params["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        for flag in ("rescale", "normalize"):
-            if flag in self.params:
-                check_bool(self.params[flag], flag)
+        check_drop_options(self.params)
 
     def prepare(self, name: str, tensors: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
         density, seed = self.params["density"], self.params["seed"]

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from align.merging.base import (
     MergeMethod,
-    check_bool,
+    check_drop_options,
     check_fraction,
     check_number,
     sign_consensus,
@@ -72,13 +72,7 @@ class _Della(MergeMethod):
                 f"epsilon {epsilon}"
             )
         self.params["density"], self.params["epsilon"] = density, epsilon
-        self.params["lambda"] = check_number(self.params["lambda"], "lambda")
-        seed = self.params["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        for flag in ("rescale", "normalize"):
-            if flag in self.params:
-                check_bool(self.params[flag], flag)
+        check_drop_options(self.params)
 
     def prepare(self, name: str, tensors: Tensor, base: Tensor | None):
         tau = task_vectors(tensors, base)

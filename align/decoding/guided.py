@@ -6,7 +6,9 @@ At every step each model scores the next token and the scores are mixed per row:
     GenARM:  log π(y|·) = log π_base + (1/β) · Σ_j α_j · log π_ARM_j
     MOD:     log π(y|·) = Σ_j α_j · log π_j                                   (m policies, no base)
 
-then renormalised. All prompts of a batch decode together (left padding), each row may carry its
+then renormalised. MOD's other f-divergence forms (forward KL, Jensen-Shannon, α-divergences)
+mix the policies' probabilities through the base as the reference policy π_ref, with a normaliser
+solved for at every step (:mod:`align.decoding.divergences`). All prompts of a batch decode together (left padding), each row may carry its
 own α, and every model keeps its own KV cache advanced one token at a time — the reference
 implementations decode one prompt at a time, which :mod:`evaluation.benchmarks.guided_decoding`
 measures against.
@@ -44,10 +46,22 @@ class Guidance:
     objectives: tuple[str, ...]
     beta: float = 1.0
     tokenizers: list[Any] = field(default_factory=list)
+    #: MOD only: the f-divergence whose closed form mixes the policies, and an α-divergence's
+    #: order (see :mod:`align.decoding.divergences`).
+    divergence: str = "reverse_kl"
+    divergence_alpha: float | None = None
 
     def __post_init__(self) -> None:
+        from align.decoding.divergences import check_divergence
+
         if self.mode not in ("parm", "genarm", "mod"):
             raise ValueError(f"guidance mode must be 'parm', 'genarm' or 'mod', got {self.mode!r}")
+        self.divergence_alpha = check_divergence(self.divergence, self.divergence_alpha)
+        if self.mode != "mod" and self.divergence != "reverse_kl":
+            raise ValueError(
+                f"divergence {self.divergence!r} is a form of MOD; {self.mode} guidance adds "
+                "log-probs (reverse_kl)"
+            )
         if not self.beta > 0:  # also rejects NaN; inf means no guidance
             raise ValueError(f"beta must be > 0 (or inf for no guidance), got {self.beta}")
         expected = 1 if self.mode == "parm" else len(self.objectives)
@@ -55,6 +69,12 @@ class Guidance:
             raise ValueError(
                 f"{self.mode} guidance needs {expected} model(s), got {len(self.models)}"
             )
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether decoding needs the base model: as the model guided (PARM, GenARM), or as
+        MOD's reference policy (every form but the reverse KL, where π_ref cancels)."""
+        return self.mode != "mod" or self.divergence != "reverse_kl"
 
 
 def parm_guidance(arm: nn.Module, beta: float = 1.0, tokenizer: Any = None) -> Guidance:
@@ -73,9 +93,25 @@ def genarm_guidance(
     return Guidance("genarm", list(arms.values()), tuple(arms), beta, list(tokenizers))
 
 
-def mod_guidance(policies: Mapping[str, nn.Module], tokenizers: Sequence[Any] = ()) -> Guidance:
-    """MOD: one aligned policy per objective, mixed with weights α; no base model term."""
-    return Guidance("mod", list(policies.values()), tuple(policies), 1.0, list(tokenizers))
+def mod_guidance(
+    policies: Mapping[str, nn.Module],
+    tokenizers: Sequence[Any] = (),
+    divergence: str = "reverse_kl",
+    divergence_alpha: float | None = None,
+) -> Guidance:
+    """MOD: one aligned policy per objective, mixed with weights α. ``divergence``: the
+    f-divergence the policies were regularised with — ``reverse_kl`` (log-probs mixed linearly,
+    no base), ``forward_kl``, ``jensen_shannon`` or ``alpha`` (order ``divergence_alpha`` > 0);
+    every form but ``reverse_kl`` takes the base model passed to the decoder as π_ref."""
+    return Guidance(
+        "mod",
+        list(policies.values()),
+        tuple(policies),
+        1.0,
+        list(tokenizers),
+        divergence=divergence,
+        divergence_alpha=divergence_alpha,
+    )
 
 
 # --- tokenizer agreement -------------------------------------------------------------------
@@ -164,6 +200,8 @@ class _Copy:
     coefficient: torch.Tensor
     gate: float | None = None
     uses_alpha: bool = False
+    #: MOD's reference policy π_ref (f-divergence forms): its scores are not weighted by α.
+    reference: bool = False
 
 
 class _Group:
@@ -293,7 +331,36 @@ def _plan(base: nn.Module | None, guidance: Guidance, preference: Preference, vo
     else:
         pairs = [(policy, alpha[:, j]) for j, policy in enumerate(guidance.models)]
     groups = [_Group(m, vocab_size, [_Copy(c)]) for m, c in pairs if bool((c != 0).any())]
+    if guidance.mode == "mod" and guidance.divergence != "reverse_kl":
+        groups.insert(0, _Group(base, vocab_size, [_Copy(ones, reference=True)]))
     return groups, lambda: None
+
+
+def _combine(guidance: Guidance, groups: Sequence[_Group], outputs: Sequence) -> torch.Tensor:
+    """The next-token log-probs of one step from every model's (per copy) log-probs."""
+    if guidance.divergence == "reverse_kl":
+        scores = 0
+        for group, log_probs in zip(groups, outputs):
+            for copy, values in zip(group.copies, log_probs):
+                scores = scores + copy.coefficient * values
+        return torch.log_softmax(scores, dim=-1)  # the normaliser log Z
+    from align.decoding.divergences import mix_policies
+
+    reference, weights, policies = None, [], []
+    for group, log_probs in zip(groups, outputs):
+        for copy, values in zip(group.copies, log_probs):
+            if copy.reference:
+                reference = values
+            else:
+                weights.append(copy.coefficient[:, 0])
+                policies.append(values)
+    return mix_policies(
+        torch.stack(policies, dim=1),
+        torch.stack(weights, dim=1),
+        reference,
+        guidance.divergence,
+        guidance.divergence_alpha,
+    )
 
 
 @torch.no_grad()
@@ -329,8 +396,11 @@ def guided_decode(
     still decoding stay (indices into them) each time finished rows leave: per-row state held
     outside the models' caches follows it (:func:`align.decoding.plain.weighted_lora_rows`).
     """
-    if guidance.mode != "mod" and base is None:
-        raise ValueError(f"{guidance.mode} guidance needs a base model")
+    if guidance.needs_base and base is None:
+        what = "its reference policy" if guidance.mode == "mod" else "a base model"
+        raise ValueError(
+            f"{guidance.mode} guidance ({guidance.divergence}) needs {what}: pass the base model"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not isinstance(repeats, int) or repeats < 1:
@@ -361,11 +431,7 @@ def guided_decode(
         for step in range(max_new_tokens):
             if step:
                 outputs = [g.step((next_tokens[:, None], mask, positions)) for g in groups]
-            scores = 0
-            for group, log_probs in zip(groups, outputs):
-                for copy, values in zip(group.copies, log_probs):
-                    scores = scores + copy.coefficient * values
-            scores = torch.log_softmax(scores, dim=-1)  # the normaliser log Z
+            scores = _combine(guidance, groups, outputs)
             scores = processors(sequences[active], scores)
             if do_sample:
                 next_tokens = torch.multinomial(
@@ -501,7 +567,8 @@ def guided_custom_generate(
                       guidance=parm_guidance(arm), preference=[0.7, 0.3], max_new_tokens=64)
 
     transformers prepares the inputs and the processors (temperature, top-k, top-p, ...), then
-    hands control here; ``model`` is the base (ignored for MOD). Sampling with
+    hands control here; ``model`` is the base (for MOD: the reference policy of its f-divergence
+    forms, unused by the reverse KL). Sampling with
     ``num_return_sequences`` works (a per-prompt α is repeated for each sample); beam search
     does not (a reward-guided beam needs every model's cache reordered). Stream tokens with
     ``guided_streamer=`` (transformers keeps ``streamer=`` for its own loop).
@@ -537,7 +604,7 @@ def guided_custom_generate(
         first_eos = eos[0] if isinstance(eos, (list, tuple)) else eos
         pad = first_eos if first_eos is not None else 0
     return guided_decode(
-        None if guidance.mode == "mod" else model,
+        model if guidance.needs_base else None,
         guidance,
         input_ids,
         attention_mask,

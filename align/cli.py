@@ -23,8 +23,13 @@ class _AlignGroup(TyperGroup):
     and exit status 2, instead of a traceback (kept with ``--debug`` or ``ALIGN_DEBUG=1``)."""
 
     def invoke(self, ctx: click.Context):
+        from align.distributed import PeerError
+
         try:
             return super().invoke(ctx)
+        except PeerError:
+            # Several processes (accelerate launch): the one that failed shows the error.
+            raise typer.Exit(1) from None
         except user_error_types() as error:
             if debug_requested(bool(ctx.params.get("debug"))):
                 raise
@@ -160,12 +165,14 @@ def evaluate(
     checkpoints, the base) with any registered scorers; write Pareto fronts, hypervolume, MIP."""
     from rich.markdown import Markdown
 
+    from align.distributed import current_shard
     from align.sweep import load_sweep_config, run_sweep
 
     sweep = load_sweep_config(config, overrides or [])
     run_sweep(sweep)
-    console.print(Markdown((Path(sweep.output) / "summary.md").read_text()))
-    console.print(f"report: {sweep.output}")
+    if current_shard().is_main:
+        console.print(Markdown((Path(sweep.output) / "summary.md").read_text()))
+        console.print(f"report: {sweep.output}")
 
 
 @app.command()
@@ -280,6 +287,16 @@ def generate(
         str, typer.Option(help="The frozen base model (name, folder or hub id).")
     ] = "smollm2-135m-instruct",
     mode: Annotated[str, typer.Option(help="parm, genarm or mod.")] = "parm",
+    divergence: Annotated[
+        str,
+        typer.Option(
+            help="MOD: reverse_kl (log-probs mixed), forward_kl, jensen_shannon or alpha "
+            "(these three with --base as the reference policy)."
+        ),
+    ] = "reverse_kl",
+    divergence_alpha: Annotated[
+        float | None, typer.Option(help="MOD --divergence alpha: its order (> 0).")
+    ] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeatable).")] = None,
     prompts_file: Annotated[
         Path | None, typer.Option(help="Prompts: .txt (one per line) or .jsonl ('prompt').")
@@ -300,11 +317,16 @@ def generate(
         Path | None, typer.Option(help="Write JSONL rows here instead of printing.")
     ] = None,
 ) -> None:
-    """Guided decoding: a frozen base steered token by token by PARM / GenARM rewards, or MOD."""
+    """Guided decoding: a frozen base steered token by token by PARM / GenARM rewards, or MOD.
+
+    Under ``accelerate launch`` (``-m align generate ...``) the batches of prompts are shared by
+    the processes and rank 0 writes every answer, the same as one process writes."""
     from tqdm.auto import tqdm
 
     from align.decoding import genarm_guidance, guided_generate, mod_guidance, parm_guidance
+    from align.decoding.divergences import check_divergence
     from align.decoding.loading import load_guide
+    from align.distributed import current_shard
     from align.io import atomic_file
     from align.models import load_model
     from align.preference import Preference
@@ -313,8 +335,20 @@ def generate(
         raise typer.BadParameter(
             f"unknown mode {mode!r}; use parm, genarm or mod", param_hint="--mode"
         )
+    if divergence != "reverse_kl" and mode != "mod":
+        raise typer.BadParameter(
+            f"--divergence {divergence} is a form of MOD; give --mode mod",
+            param_hint="--divergence",
+        )
+    try:
+        check_divergence(divergence, divergence_alpha)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--divergence") from error
     texts = _read_prompts(prompt or [], prompts_file)
-    base_model, tokenizer = (None, None) if mode == "mod" else load_model(base)
+    shard = current_shard()
+    # MOD's reverse KL needs no base; its other forms use it as the reference policy.
+    reference_free = mode == "mod" and divergence == "reverse_kl"
+    base_model, tokenizer = (None, None) if reference_free else load_model(base)
     if mode == "parm":
         if len(arm) != 1 or "=" in arm[0]:
             raise typer.BadParameter("PARM takes one --arm: the adapter folder", param_hint="--arm")
@@ -334,30 +368,49 @@ def generate(
         if mode == "genarm":
             guidance = genarm_guidance(models, beta, tokenizers)
         else:
-            guidance = mod_guidance(models, tokenizers)
-            tokenizer = tokenizers[0]
+            guidance = mod_guidance(models, tokenizers, divergence, divergence_alpha)
+            tokenizer = tokenizer if tokenizer is not None else tokenizers[0]
     try:
         alpha = Preference.parse(preference, guidance.objectives)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--preference") from error
 
-    responses: list[str] = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="guided decoding", unit="batch"):
-        responses += guided_generate(
-            base_model,
-            tokenizer,
-            texts[start : start + batch_size],
-            guidance,
-            alpha,
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=None if seed is None else seed + start,
-        )
+    # The batches are the same whatever the number of processes; each takes a contiguous run.
+    starts = list(range(0, len(texts), batch_size))
+    mine = shard.mine([len(texts[s : s + batch_size]) for s in starts])
+    shard.log_share("generate", len(mine), len(starts), "batches")
+    decoded: list[tuple[int, list[str]]] = []
+    error = None
+    try:
+        for index in tqdm(mine, desc="guided decoding", unit="batch", disable=not shard.is_main):
+            start = starts[index]
+            batch = guided_generate(
+                base_model,
+                tokenizer,
+                texts[start : start + batch_size],
+                guidance,
+                alpha,
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=None if seed is None else seed + start,
+            )
+            decoded.append((index, batch))
+    except Exception as caught:
+        error = caught
+    shard.check(error)
+    gathered = shard.gather(decoded)
+    if not shard.is_main:
+        return
+    by_batch = dict(pair for part in gathered for pair in part)
+    responses = [text for index in range(len(starts)) for text in by_batch[index]]
+    extra = {"divergence": divergence} if mode == "mod" else {}
+    if divergence_alpha is not None:
+        extra["divergence_alpha"] = divergence_alpha
     rows = [
-        {"prompt": p, "response": r, "preference": alpha.to_dict(), "mode": mode}
+        {"prompt": p, "response": r, "preference": alpha.to_dict(), "mode": mode, **extra}
         for p, r in zip(texts, responses)
     ]
     if output is None:

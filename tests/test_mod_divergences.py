@@ -316,3 +316,31 @@ def test_reverse_kl_decodes_exactly_as_before_and_needs_no_base(decoder_setup):
         guided_decode(base, js, batch["input_ids"], batch["attention_mask"], alpha, **kwargs),
         default,
     )
+
+
+def test_the_mod_route_takes_a_divergence_and_names_it():
+    from align.sweep import build_route
+
+    generation = {"max_new_tokens": 4}
+    arms = {"helpful": "a", "harmless": "b"}
+    route = build_route(
+        {"name": "m", "kind": "mod", "arms": arms, "divergence": "alpha", "divergence_alpha": 0.5},
+        ["helpful", "harmless"],
+        generation,
+    )
+    assert route.describe() == {
+        "kind": "mod",
+        "arms": arms,
+        "divergence": "alpha",
+        "divergence_alpha": 0.5,
+    }
+    plain = build_route(
+        {"name": "m", "kind": "mod", "arms": arms}, ["helpful", "harmless"], generation
+    )
+    assert plain.describe()["divergence"] == "reverse_kl"
+    with pytest.raises(ValueError, match="route 'm'.*divergence"):
+        build_route(
+            {"name": "m", "kind": "mod", "arms": arms, "divergence": "alpha"},
+            ["helpful", "harmless"],
+            generation,
+        )

@@ -6,10 +6,16 @@ needs one (adapters are attached to it in place, so a sweep holds the base's wei
 * ``base``     — the untuned model, α ignored (one point: what every front should beat);
 * ``parm``     — the base guided by one PARM (α injected into its PBLoRA);
 * ``genarm``   — the base guided by one ARM per objective, weighted α_i / β;
-* ``mod``      — MOD: one policy per objective, their log-probs mixed with weights α;
+* ``mod``      — MOD: one policy per objective, mixed with weights α (log-probs linearly, or by
+  the closed form of another f-divergence with the base as the reference policy);
 * ``policy``   — a policy with a preference adapter (SVD-LoRA / PBLoRA), α set on the adapter;
 * ``merged``   — one checkpoint (or LoRA adapter) per α, e.g. an ``align merge`` sweep
   (rewarded soups): each α is answered by the checkpoint merged for it.
+
+A route's work is a list of :class:`Pass` es — batches of (α, prompt) rows decoded together —
+fixed by its settings alone. One process decodes them all; under ``accelerate launch`` each
+process decodes a slice of them (:func:`align.sweep.run.run_sweep`), every row in the very batch
+one process would have put it in, so the answers do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,48 @@ from align.merging.io import MERGE_INFO
 from align.preference import Preference
 
 ROUTES: dict[str, type[Route]] = {}
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One batch of a route's answers: the α rows ``first:last`` of its grid for the prompts
+    ``start:stop``, decoded together (answers ``[k - first][i - start]``)."""
+
+    first: int
+    last: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return (self.last - self.first) * (self.stop - self.start)
+
+
+def batched_passes(prompts: int, alphas: int, batch_size: int, alphas_per_pass: int) -> list[Pass]:
+    """``alphas_per_pass`` α × ``batch_size`` prompts per pass, α-blocks outermost."""
+    if batch_size < 1 or alphas_per_pass < 1:
+        raise ValueError(
+            f"batch_size and alphas_per_pass must be >= 1, got {batch_size}, {alphas_per_pass}"
+        )
+    return [
+        Pass(first, min(first + alphas_per_pass, alphas), start, min(start + batch_size, prompts))
+        for first in range(0, alphas, alphas_per_pass)
+        for start in range(0, prompts, batch_size)
+    ]
+
+
+def assemble(
+    passes: Sequence[Pass], results: Sequence[list[list[str]]], alphas: int, prompts: int
+) -> list[list[str]]:
+    """``answers[k][i]`` from the answers of passes that cover every (α, prompt) once."""
+    answers: list[list[str | None]] = [[None] * prompts for _ in range(alphas)]
+    for one, rows in zip(passes, results, strict=True):
+        for k, texts in zip(range(one.first, one.last), rows, strict=True):
+            answers[k][one.start : one.stop] = texts
+    missing = sum(text is None for row in answers for text in row)
+    if missing:
+        raise ValueError(f"{missing} (α, prompt) answers are missing from the passes")
+    return answers  # type: ignore[return-value]
 
 
 def register_route(kind: str):
@@ -55,18 +104,46 @@ class Route(ABC):
         return grid
 
     @abstractmethod
-    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]: ...
+    def answer(
+        self, runtime: Runtime, prompts: list[str], alpha: np.ndarray, offset: int = 0
+    ) -> list[str]:
+        """Answers at one α. ``offset``: where ``prompts`` start in the sweep's prompts (a
+        sampled batch's seed follows its place, so it is the same whichever pass decodes it)."""
+
+    def passes(self, base: str, prompts: int, alphas: int) -> list[Pass]:
+        """The batches this route answers in: by default one α and ``batch_size`` prompts."""
+        return batched_passes(prompts, alphas, self.generation.get("batch_size", 16), 1)
+
+    def answer_passes(
+        self,
+        runtime: Runtime,
+        prompts: list[str],
+        alphas: np.ndarray,
+        passes: Sequence[Pass],
+        progress: Any = None,
+    ) -> list[list[list[str]]]:
+        """The answers of ``passes`` (of the whole sweep's ``prompts`` and ``alphas``), one
+        ``[k - first][i - start]`` list per pass."""
+        results = []
+        for one in passes:
+            chunk = prompts[one.start : one.stop]
+            results.append(
+                [
+                    self.answer(runtime, chunk, alphas[k], one.start)
+                    for k in range(one.first, one.last)
+                ]
+            )
+            if progress is not None:
+                progress.update(1)
+        return results
 
     def answer_all(
         self, runtime: Runtime, prompts: list[str], alphas: np.ndarray, progress: Any = None
     ) -> list[list[str]]:
-        """Answers at every α, ``[k][i]``; routes that can answer several α in one pass do."""
-        answers = []
-        for alpha in alphas:
-            answers.append(self.answer(runtime, prompts, alpha))
-            if progress is not None:
-                progress.update(1)
-        return answers
+        """Answers at every α, ``[k][i]``: every pass, in one process."""
+        passes = self.passes(runtime.base_name, len(prompts), len(alphas))
+        results = self.answer_passes(runtime, prompts, alphas, passes, progress)
+        return assemble(passes, results, len(alphas), len(prompts))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind}
@@ -118,59 +195,90 @@ class Runtime:
         base_model = self.model if shared else None
         return load_guide(reference, self.base_name, base_model=base_model, **self.load_options)
 
-    def plain(self, model: Any, prompts: list[str], generation: Mapping[str, Any]) -> list[str]:
+    def plain(
+        self, model: Any, prompts: list[str], generation: Mapping[str, Any], offset: int = 0
+    ) -> list[str]:
+        """``model.generate`` on batches of ``batch_size``; batch j of a sampled run is seeded
+        ``seed + offset + j · batch_size`` (its first prompt's place in the sweep)."""
         from align.decoding.plain import generate_responses
 
         options = dict(generation)
-        return generate_responses(
-            model,
-            self.tokenizer,
-            prompts,
-            max_new_tokens=options.get("max_new_tokens", 48),
-            batch_size=options.get("batch_size", 16),
-            do_sample=options.get("do_sample", False),
-            temperature=options.get("temperature", 1.0),
-            top_p=options.get("top_p", 1.0),
-            seed=options.get("seed"),
-            show_progress=False,
-        )
+        size = options.get("batch_size", 16)
+        seed = options.get("seed")
+        answers: list[str] = []
+        for start in range(0, len(prompts), size):
+            answers += generate_responses(
+                model,
+                self.tokenizer,
+                prompts[start : start + size],
+                max_new_tokens=options.get("max_new_tokens", 48),
+                batch_size=size,
+                do_sample=options.get("do_sample", False),
+                temperature=options.get("temperature", 1.0),
+                top_p=options.get("top_p", 1.0),
+                seed=None if seed is None else seed + offset + start,
+                show_progress=False,
+            )
+        return answers
+
+    def guided_passes(
+        self,
+        guidance: Any,
+        prompts: list[str],
+        alphas: np.ndarray,
+        passes: Sequence[Pass],
+        generation: Mapping[str, Any],
+        progress: Any = None,
+    ) -> list[list[list[str]]]:
+        """Each pass's α block × prompt batch in one decoding pass, the prompts read once per
+        pass by the models whose scores do not depend on α; a sampled pass is seeded by its
+        place in the sweep."""
+        from align.decoding.guided import guided_sweep
+
+        options = dict(generation)
+        seed = options.get("seed")
+        results = []
+        for one in passes:
+            results.append(
+                guided_sweep(
+                    self.model if guidance.needs_base else None,
+                    self.tokenizer,
+                    prompts[one.start : one.stop],
+                    guidance,
+                    alphas[one.first : one.last].tolist(),
+                    max_new_tokens=options.get("max_new_tokens", 48),
+                    do_sample=options.get("do_sample", False),
+                    temperature=options.get("temperature", 1.0),
+                    top_p=options.get("top_p"),
+                    seed=None if seed is None else seed + one.first * len(prompts) + one.start,
+                )
+            )
+            if progress is not None:
+                progress.update(1)
+        return results
 
     def guided_sweep(
         self, guidance: Any, prompts: list[str], alphas: np.ndarray, generation, progress=None
     ) -> list[list[str]]:
         """Every α of ``alphas`` for every prompt: ``alphas_per_pass`` α (default: all) and
-        ``batch_size`` prompts decode together, the prompts read once per pass by the models
-        whose scores do not depend on α."""
-        from align.decoding.guided import guided_sweep
-
-        options = dict(generation)
-        size = options.get("batch_size", 16)
-        per_pass = options.get("alphas_per_pass") or len(alphas)
-        answers: list[list[str]] = [[] for _ in alphas]
-        for first in range(0, len(alphas), per_pass):
-            block = alphas[first : first + per_pass]
-            for start in range(0, len(prompts), size):
-                seed = options.get("seed")
-                texts = guided_sweep(
-                    None if guidance.mode == "mod" else self.model,
-                    self.tokenizer,
-                    prompts[start : start + size],
-                    guidance,
-                    block.tolist(),
-                    max_new_tokens=options.get("max_new_tokens", 48),
-                    do_sample=options.get("do_sample", False),
-                    temperature=options.get("temperature", 1.0),
-                    top_p=options.get("top_p"),
-                    seed=None if seed is None else seed + first * len(prompts) + start,
-                )
-                for k, rows in enumerate(texts):
-                    answers[first + k] += rows
-            if progress is not None:
-                progress.update(len(block))
-        return answers
+        ``batch_size`` prompts decode together (:func:`guided_route_passes`)."""
+        passes = guided_route_passes(generation, len(prompts), len(alphas))
+        results = self.guided_passes(guidance, prompts, alphas, passes, generation, progress)
+        return assemble(passes, results, len(alphas), len(prompts))
 
     def guided(self, guidance: Any, prompts: list[str], alpha: np.ndarray, generation) -> list[str]:
         return self.guided_sweep(guidance, prompts, np.asarray(alpha)[None], generation)[0]
+
+
+def guided_route_passes(generation: Mapping[str, Any], prompts: int, alphas: int) -> list[Pass]:
+    """A one-pass route's batches: ``alphas_per_pass`` α (default: all) × ``batch_size``
+    prompts."""
+    return batched_passes(
+        prompts,
+        alphas,
+        generation.get("batch_size", 16),
+        generation.get("alphas_per_pass") or alphas,
+    )
 
 
 @register_route("base")
@@ -182,8 +290,10 @@ class BaseRoute(Route):
     def alphas(self, grid: np.ndarray) -> np.ndarray:
         return np.full((1, grid.shape[1]), 1.0 / grid.shape[1])
 
-    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
-        return runtime.plain(runtime.model, prompts, self.generation)
+    def answer(
+        self, runtime: Runtime, prompts: list[str], alpha: np.ndarray, offset=0
+    ) -> list[str]:
+        return runtime.plain(runtime.model, prompts, self.generation, offset)
 
 
 class GuidedRoute(Route):
@@ -199,12 +309,17 @@ class GuidedRoute(Route):
             self._guidance = self._build(runtime)
         return self._guidance
 
-    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+    def answer(
+        self, runtime: Runtime, prompts: list[str], alpha: np.ndarray, offset=0
+    ) -> list[str]:
         return runtime.guided(self._guide(runtime), prompts, alpha, self.generation)
 
-    def answer_all(self, runtime, prompts, alphas, progress=None) -> list[list[str]]:
-        return runtime.guided_sweep(
-            self._guide(runtime), prompts, alphas, self.generation, progress
+    def passes(self, base: str, prompts: int, alphas: int) -> list[Pass]:
+        return guided_route_passes(self.generation, prompts, alphas)
+
+    def answer_passes(self, runtime, prompts, alphas, passes, progress=None):
+        return runtime.guided_passes(
+            self._guide(runtime), prompts, alphas, passes, self.generation, progress
         )
 
     def close(self) -> None:
@@ -271,17 +386,46 @@ class GenARMRoute(GuidedRoute):
 
 @register_route("mod")
 class MODRoute(GenARMRoute):
-    """MOD: one policy per objective (``arms: {objective: folder}``), log-probs mixed by α."""
+    """MOD: one policy per objective (``arms: {objective: folder}``), mixed by α under
+    ``divergence`` (``reverse_kl``: log-probs mixed linearly; ``forward_kl``,
+    ``jensen_shannon``, ``alpha`` with its order ``divergence_alpha``: the closed form of that
+    f-divergence, the sweep's base as the reference policy)."""
 
-    def __init__(self, name, objectives, generation, arms: Mapping[str, str]):
+    def __init__(
+        self,
+        name,
+        objectives,
+        generation,
+        arms: Mapping[str, str],
+        divergence: str = "reverse_kl",
+        divergence_alpha: float | None = None,
+    ):
+        from align.decoding.divergences import check_divergence
+
         super().__init__(name, objectives, generation, arms, beta=1.0)
+        try:
+            self.divergence_alpha = check_divergence(divergence, divergence_alpha)
+        except ValueError as error:
+            raise ValueError(f"route {name!r}: {error}") from None
+        self.divergence = divergence
 
     def _build(self, runtime: Runtime) -> Any:
         from align.decoding.guided import mod_guidance
 
         # Each policy needs its own weights: MOD mixes full models, no shared base.
         loaded = {k: runtime.guide(path, shared=False) for k, path in self.arms.items()}
-        return mod_guidance({k: model for k, (model, _) in loaded.items()})
+        return mod_guidance(
+            {k: model for k, (model, _) in loaded.items()},
+            [tok for _, tok in loaded.values()],
+            divergence=self.divergence,
+            divergence_alpha=self.divergence_alpha,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        described = {"kind": self.kind, "arms": self.arms, "divergence": self.divergence}
+        if self.divergence_alpha is not None:
+            described["divergence_alpha"] = self.divergence_alpha
+        return described
 
 
 @register_route("policy")
@@ -293,7 +437,9 @@ class PolicyRoute(Route):
         self.adapter = str(adapter)
         self._model = None
 
-    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+    def answer(
+        self, runtime: Runtime, prompts: list[str], alpha: np.ndarray, offset=0
+    ) -> list[str]:
         from align.adapters import objectives_of, set_preference
         from align.preference import require_same_objectives
 
@@ -303,7 +449,7 @@ class PolicyRoute(Route):
                 objectives_of(self._model), self.objectives, f"policy {self.adapter}", "the sweep"
             )
         set_preference(self._model, Preference(torch.as_tensor(alpha), self.objectives))
-        return runtime.plain(self._model, prompts, self.generation)
+        return runtime.plain(self._model, prompts, self.generation, offset)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "adapter": self.adapter}
@@ -345,58 +491,86 @@ class MergedRoute(Route):
     def alphas(self, grid: np.ndarray) -> np.ndarray:
         return np.array(sorted(self.by_alpha), dtype=np.float64)
 
-    def answer(self, runtime: Runtime, prompts: list[str], alpha: np.ndarray) -> list[str]:
+    def answer(
+        self, runtime: Runtime, prompts: list[str], alpha: np.ndarray, offset=0
+    ) -> list[str]:
         model, _ = runtime.guide(self._folder(alpha))
         try:
-            return runtime.plain(model, prompts, self.generation)
+            return runtime.plain(model, prompts, self.generation, offset)
         finally:
             _detach(model)
 
-    def answer_all(self, runtime, prompts, alphas, progress=None) -> list[list[str]]:
+    def passes(self, base: str, prompts: int, alphas: int) -> list[Pass]:
+        """A sweep of exact LoRA interpolations whose inputs are unchanged decodes
+        ``alphas_per_pass`` α (default: all) per pass (see :meth:`answer_passes`); any other
+        merge: one α per pass."""
+        if self._interpolated_sources(base) is None:
+            return super().passes(base, prompts, alphas)
+        return guided_route_passes(self.generation, prompts, alphas)
+
+    def answer_passes(self, runtime, prompts, alphas, passes, progress=None):
         """A sweep of exact LoRA interpolations (``align merge`` of LoRA adapters, output
-        ``adapter``) whose inputs still hold what was merged decodes every α in one batch: the
+        ``adapter``) whose inputs still hold what was merged decodes several α in one batch: the
         input adapters sit on the shared base together and each row weights adapter k's update
         by its own α_k — Σ_k α_k ΔW_k, the merged adapter's update, with the weights read once
-        per step instead of once per α. Any other merge: one α at a time."""
+        per step instead of once per α. Any other merge: each α's checkpoint, loaded once for
+        the consecutive passes that use it."""
         sources = self._interpolated_sources(runtime.base_name)
         if sources is None:
-            return super().answer_all(runtime, prompts, alphas, progress)
+            return self._answer_each(runtime, prompts, alphas, passes, progress)
         from align.decoding.guided import guided_generate, mod_guidance
         from align.decoding.plain import weighted_lora_rows
 
         options = dict(self.generation)
-        size = options.get("batch_size", 16)
-        per_pass = options.get("alphas_per_pass") or len(alphas)
-        answers: list[list[str]] = [[] for _ in alphas]
+        seed = options.get("seed")
+        results = []
         # The base, its rows weighting the input adapters, decoded greedily (or sampled) by
         # align's decoding loop: its KV cache, and finished rows leaving the batch (their
         # weights with them); `generate` would decode every row to the longest answer.
         guidance = mod_guidance({"soup": runtime.model})
         with weighted_lora_rows(runtime.model, sources) as row_weights:
-            for first in range(0, len(alphas), per_pass):
-                block = np.asarray(alphas[first : first + per_pass])
-                for start in range(0, len(prompts), size):
-                    chunk = prompts[start : start + size]
-                    row_weights.set(torch.as_tensor(block).repeat_interleave(len(chunk), dim=0))
-                    seed = options.get("seed")
-                    texts = guided_generate(
-                        None,
-                        runtime.tokenizer,
-                        [prompt for _ in block for prompt in chunk],
-                        guidance,
-                        [1.0],
-                        max_new_tokens=options.get("max_new_tokens", 48),
-                        do_sample=options.get("do_sample", False),
-                        temperature=options.get("temperature", 1.0),
-                        top_p=options.get("top_p"),
-                        seed=None if seed is None else seed + first * len(prompts) + start,
-                        on_rows_kept=row_weights.keep,
-                    )
-                    for k in range(len(block)):
-                        answers[first + k] += texts[k * len(chunk) : (k + 1) * len(chunk)]
+            for one in passes:
+                block = np.asarray(alphas[one.first : one.last])
+                chunk = prompts[one.start : one.stop]
+                row_weights.set(torch.as_tensor(block).repeat_interleave(len(chunk), dim=0))
+                texts = guided_generate(
+                    None,
+                    runtime.tokenizer,
+                    [prompt for _ in block for prompt in chunk],
+                    guidance,
+                    [1.0],
+                    max_new_tokens=options.get("max_new_tokens", 48),
+                    do_sample=options.get("do_sample", False),
+                    temperature=options.get("temperature", 1.0),
+                    top_p=options.get("top_p"),
+                    seed=None if seed is None else seed + one.first * len(prompts) + one.start,
+                    on_rows_kept=row_weights.keep,
+                )
+                results.append(
+                    [texts[k * len(chunk) : (k + 1) * len(chunk)] for k in range(len(block))]
+                )
                 if progress is not None:
-                    progress.update(len(block))
-        return answers
+                    progress.update(1)
+        return results
+
+    def _answer_each(self, runtime, prompts, alphas, passes, progress):
+        results, folder, model = [], None, None
+        try:
+            for one in passes:
+                rows = []
+                for k in range(one.first, one.last):
+                    if self._folder(alphas[k]) != folder:
+                        _detach(model)
+                        model, folder = None, self._folder(alphas[k])
+                        model, _ = runtime.guide(folder)
+                    chunk = prompts[one.start : one.stop]
+                    rows.append(runtime.plain(model, chunk, self.generation, one.start))
+                results.append(rows)
+                if progress is not None:
+                    progress.update(1)
+        finally:
+            _detach(model)
+        return results
 
     def _interpolated_sources(self, base: str) -> dict[str, str] | None:
         """The input adapters, in objective order, when every α's folder is their exact LoRA

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from align.io import atomic_file
 from align.preference import check_objectives, simplex_grid
 from align.sweep.report import route_metrics, write_report
-from align.sweep.routes import Route, Runtime, build_route
+from align.sweep.routes import Pass, Route, Runtime, assemble, build_route
 
 
 @dataclass
@@ -180,7 +180,16 @@ def run_sweep(
     config: SweepConfig, *, show_progress: bool = True, write: bool = True
 ) -> dict[str, Any]:
     """Generate, score and report; returns the report dict, also written to ``config.output``
-    unless ``write=False`` (a caller that adds to the report writes it once itself)."""
+    unless ``write=False`` (a caller that adds to the report writes it once itself).
+
+    Under ``accelerate launch`` the (α, prompt) work is shared by the processes: every route's
+    passes (its batches, fixed by its settings alone) are split into contiguous runs balanced
+    by their rows, each process decodes its own, and rank 0 gathers them. Rank 0 alone reads
+    and writes the generation caches, scores and writes the report; every process returns it.
+    The answers — and so the report — are those of one process."""
+    from align.distributed import current_shard
+
+    shard = current_shard()
     started = time.perf_counter()
     objectives = config.objectives
     prompts = load_sweep_prompts(config.prompts)
@@ -191,59 +200,132 @@ def run_sweep(
     if len(set(names)) != len(names):
         raise ValueError(f"route names must be unique, got {names}")
     grid = simplex_grid(len(objectives), config.grid).numpy()
+    alphas = [route.alphas(grid) for route in routes]
     output = Path(config.output)
     cache_dir = output.parent / f"{output.name}.generations"
-    from align.models import load_tokenizer
 
-    # Scorers first: a missing score range is an error before any answer is generated.
-    scorers = build_scorers(
-        config.scorers, load_tokenizer(config.base), config.generation.get("max_new_tokens", 48)
-    )
-    bounds = scorer_bounds(scorers, objectives)
-    from align.sweep.routes import source_digest
-
-    base_identity = [config.base, source_digest(config.base)]
-    runtime = None
-    results: dict[str, Any] = {}
+    # Rank 0: scorers first (a missing score range is an error before any answer is
+    # generated), then the caches: which routes to generate, in which passes.
+    scorers: dict[str, Any] = {}
+    bounds: list[list[float]] = []
+    answers: dict[int, list[list[str]]] = {}
+    keys: dict[int, str] = {}
+    work: list[tuple[int, list[Pass]]] = []
     timings: dict[str, float] = {}
-    for route in routes:
-        alphas = route.alphas(grid)
-        key = _cache_key(route, prompts, alphas, base_identity)
-        cache = cache_dir / f"{route.name}.json"
-        cached = json.loads(cache.read_text()) if cache.is_file() else {}
-        route_started = time.perf_counter()
-        reused = cached.get("key") == key
-        if reused:
-            answers = cached["answers"]
-        else:
+    error = None
+    if shard.is_main:
+        try:
+            from align.models import load_tokenizer
+            from align.sweep.routes import source_digest
+
+            scorers = build_scorers(
+                config.scorers,
+                load_tokenizer(config.base),
+                config.generation.get("max_new_tokens", 48),
+            )
+            bounds = scorer_bounds(scorers, objectives)
+            base_identity = [config.base, source_digest(config.base)]
+            for index, route in enumerate(routes):
+                read_started = time.perf_counter()
+                key = _cache_key(route, prompts, alphas[index], base_identity)
+                cache = cache_dir / f"{route.name}.json"
+                cached = json.loads(cache.read_text()) if cache.is_file() else {}
+                if cached.get("key") == key:
+                    answers[index] = cached["answers"]
+                else:
+                    keys[index] = key
+                    work.append(
+                        (index, route.passes(config.base, len(prompts), len(alphas[index])))
+                    )
+                timings[f"generate {route.name}"] = time.perf_counter() - read_started
+        except Exception as caught:
+            error = caught
+    shard.check(error)
+    work = shard.broadcast(work)
+
+    # Every process: its share of the passes, route by route.
+    items = [(index, one) for index, passes in work for one in passes]
+    mine = set(shard.mine([one.rows for _, one in items]))
+    shard.log_share("sweep", len(mine), len(items), "passes")
+    done: list[tuple[int, list[list[str]]]] = []
+    seconds: dict[int, float] = {}
+    runtime = None
+    error = None
+    try:
+        for index, _ in work:
+            js = [j for j, (of, _) in enumerate(items) if of == index and j in mine]
+            if not js:
+                continue
+            route = routes[index]
+            route_started = time.perf_counter()
             if runtime is None:
-                runtime = Runtime(config.base, device=config.device, dtype=config.dtype)
+                device = shard.device(config.device)
+                runtime = Runtime(config.base, device=device, dtype=config.dtype)
             progress = tqdm(
-                total=len(alphas), desc=f"sweep {route.name}", unit="α", disable=not show_progress
+                total=len(js),
+                desc=f"sweep {route.name}",
+                unit="pass",
+                disable=not (show_progress and shard.is_main),
             )
             try:
-                answers = route.answer_all(runtime, prompts, alphas, progress)
+                results = route.answer_passes(
+                    runtime, prompts, alphas[index], [items[j][1] for j in js], progress
+                )
             finally:
                 progress.close()
                 route.close()
-            with atomic_file(cache) as tmp:
-                tmp.write_text(json.dumps({"key": key, "answers": answers}))
-        timings[f"generate {route.name}"] = time.perf_counter() - route_started
+            done += zip(js, results)
+            seconds[index] = time.perf_counter() - route_started
+    except Exception as caught:
+        error = caught
+    shard.check(error)
+    gathered = shard.gather((done, seconds))
+
+    report: dict[str, Any] | None = None
+    error = None
+    if shard.is_main:
+        try:
+            by_item = {j: result for part in gathered for j, result in part[0]}
+            for index, passes in work:
+                parts = [by_item[j] for j, (of, _) in enumerate(items) if of == index]
+                answers[index] = assemble(passes, parts, len(alphas[index]), len(prompts))
+                with atomic_file(cache_dir / f"{routes[index].name}.json") as tmp:
+                    tmp.write_text(json.dumps({"key": keys[index], "answers": answers[index]}))
+            report = _report(config, routes, alphas, prompts, answers, set(keys), scorers)
+            report["metrics"] = route_metrics(report["routes"], objectives, bounds)
+            for index, route in enumerate(routes):
+                spent = sum(part[1].get(index, 0.0) for part in gathered)
+                timings[f"generate {route.name}"] += spent
+            report["timings"] = {**timings, "total": time.perf_counter() - started}
+            if write:
+                write_report(report, output)
+        except Exception as caught:
+            error = caught
+    shard.check(error)
+    return shard.broadcast(report)
+
+
+def _report(config, routes, alphas, prompts, answers, generated, scorers) -> dict[str, Any]:
+    """Every route's answers scored: the report without its metrics and timings."""
+    objectives = config.objectives
+    results: dict[str, Any] = {}
+    for index, route in enumerate(routes):
+        texts_per_alpha = answers[index]
         scores = np.array(
-            [[scorers[o].score(prompts, texts) for o in objectives] for texts in answers]
+            [[scorers[o].score(prompts, texts) for o in objectives] for texts in texts_per_alpha]
         )  # (K, m, N)
         results[route.name] = {
             **route.describe(),
             "uses_preference": route.uses_preference,
-            "alphas": alphas.tolist(),
+            "alphas": alphas[index].tolist(),
             "means": scores.mean(axis=2).tolist(),
             "stderr": (scores.std(axis=2, ddof=1) / np.sqrt(len(prompts))).tolist()
             if len(prompts) > 1
             else None,
-            "examples": [texts[0] for texts in answers],
-            "generations": "reused" if reused else "generated",
+            "examples": [texts[0] for texts in texts_per_alpha],
+            "generations": "generated" if index in generated else "reused",
         }
-    report = {
+    return {
         "title": config.title,
         "base": config.base,
         "objectives": objectives,
@@ -251,12 +333,7 @@ def run_sweep(
         "num_prompts": len(prompts),
         "generation": config.generation,
         "routes": results,
-        "metrics": route_metrics(results, objectives, bounds),
-        "timings": {**timings, "total": time.perf_counter() - started},
     }
-    if write:
-        write_report(report, output)
-    return report
 
 
 def _scorer_name(entry: Any) -> str:

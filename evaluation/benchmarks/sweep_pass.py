@@ -113,7 +113,7 @@ def main() -> None:
 
 
 def soup(args, prompts: list[str]) -> None:
-    from align.sweep.routes import MergedRoute, Route, Runtime
+    from align.sweep.routes import MergedRoute, Runtime
 
     generation = {"max_new_tokens": args.new_tokens, "batch_size": len(prompts)}
     route = MergedRoute("soup", ["positive", "brief"], generation, path=args.soup)
@@ -123,7 +123,7 @@ def soup(args, prompts: list[str]) -> None:
         raise SystemExit(f"{args.soup}: not a LoRA interpolation whose inputs are unchanged")
     baseline, reference = None, None
     for label, answer_all in (
-        ("per α (generate)", lambda: Route.answer_all(route, runtime, prompts, alphas)),
+        ("per α (generate)", lambda: [route.answer(runtime, prompts, a) for a in alphas]),
         ("one pass (α-weighted)", lambda: route.answer_all(runtime, prompts, alphas)),
     ):
         started = time.perf_counter()

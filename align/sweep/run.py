@@ -186,7 +186,8 @@ def run_sweep(
     passes (its batches, fixed by its settings alone) are split into contiguous runs balanced
     by their rows, each process decodes its own, and rank 0 gathers them. Rank 0 alone reads
     and writes the generation caches, scores and writes the report; every process returns it.
-    The answers — and so the report — are those of one process."""
+    The answers — and so the report — are those of one process; only ``timings`` differ (a
+    route's ``generate`` seconds are summed over the processes that decoded its passes)."""
     from align.distributed import current_shard
 
     shard = current_shard()

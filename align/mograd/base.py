@@ -1,6 +1,6 @@
-"""The two interfaces of the multi-gradient core.
+"""The three interfaces of the multi-gradient core.
 
-Every method turns m per-objective losses into one update, in one of two ways:
+Every method turns m per-objective losses into one update, in one of three ways:
 
 * a :class:`LossAggregator` maps the loss vector ``L ∈ R^m`` (and α, for preference-based
   methods) to one scalar; one backward of that scalar gives the update (linear scalarization,
@@ -8,10 +8,16 @@ Every method turns m per-objective losses into one update, in one of two ways:
   FAMO);
 * a :class:`GradientAggregator` maps the m×m Gram matrix ``G = J Jᵀ`` of the per-objective
   gradients to weights ``w``; the update is ``d = Σ w_i g_i = wᵀ J`` (MGDA, PCGrad, CAGrad,
-  IMTL-G, Nash-MTL, UPGrad, EPO, DualProj, Aligned-MTL, ConFIG, GradVac, FairGrad). Needing only G is what makes these cheap to distribute: m²
-  numbers describe the whole conflict between objectives.
+  IMTL-G, Nash-MTL, UPGrad, EPO, DualProj, Aligned-MTL, ConFIG, GradVac, FairGrad). Needing
+  only G is what makes these cheap to distribute: m² numbers describe the whole conflict
+  between objectives;
+* an :class:`UpdateAggregator` maps the Jacobian ``J (m, P)`` itself to the update ``d (P,)``,
+  coordinate by coordinate (the learned optimizers ML2O, GML2O, Gram-L2O of
+  :mod:`align.mograd.learned`, which look at every coordinate of every gradient and at their
+  history); :class:`~align.mograd.engine.MultiObjectiveEngine` runs it like a gradient-level
+  method (m backward passes for J, the update injected as the gradient).
 
-Both are ``torch.nn.Module`` so that their state (loss history, learnable log-variances, FAMO's
+All three are ``torch.nn.Module`` so that their state (loss history, learnable log-variances, FAMO's
 logits) is saved and restored with ``state_dict`` when a training run resumes.
 
 The core knows nothing about transformers: losses, gradients and Gram matrices only.
@@ -162,3 +168,46 @@ class GradientAggregator(nn.Module, ABC):
 
 
 Aggregator = LossAggregator | GradientAggregator
+
+
+class UpdateAggregator(nn.Module, ABC):
+    """``aggregator(J (m, P), losses=, preference=) -> d (P,)``, the gradient-like update.
+
+    Like the other kinds it is an ``nn.Module``: its recurrent state is saved and restored with
+    ``state_dict``. ``last_weights`` (m,) is set for logging where the method can say what weight
+    each objective had (ML2O: the coefficients of d's projection onto the gradients' span).
+    """
+
+    kind = "update"
+    uses_preference = False
+    uses_losses = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_weights: Tensor | None = None
+
+    def forward(
+        self, jacobian: Tensor, *, losses: Tensor | None = None, preference: Tensor | None = None
+    ) -> Tensor:
+        name = type(self).__name__
+        if not isinstance(jacobian, Tensor) or jacobian.ndim != 2 or jacobian.shape[0] == 0:
+            shape = tuple(jacobian.shape) if isinstance(jacobian, Tensor) else type(jacobian)
+            raise ValueError(
+                f"{name}: the Jacobian must be a tensor of shape (m, P) with m >= 1 (one row per "
+                f"objective's gradient), got {shape}"
+            )
+        if not torch.isfinite(jacobian).all():
+            raise ValueError(f"{name}: the Jacobian has non-finite entries (NaN/inf gradients)")
+        m = jacobian.shape[0]
+        alpha = check_preference(preference, m, name, required=self.uses_preference)
+        if losses is not None:
+            losses = check_losses(losses, name).detach()
+        elif self.uses_losses:
+            raise ValueError(f"{name} needs the loss values: pass losses=")
+        return self.compute_update(jacobian.detach(), losses, alpha)
+
+    @abstractmethod
+    def compute_update(
+        self, jacobian: Tensor, losses: Tensor | None, preference: Tensor | None
+    ) -> Tensor:
+        """The (P,) update for a validated, detached Jacobian."""

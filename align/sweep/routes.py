@@ -25,17 +25,14 @@ import torch
 
 from align.merging.io import MERGE_INFO
 from align.preference import Preference
+from align.registry import Registry
 
-ROUTES: dict[str, type[Route]] = {}
+ROUTES: Registry = Registry("route kind", attribute="kind")
 
 
-def register_route(kind: str):
-    def decorate(cls: type[Route]) -> type[Route]:
-        cls.kind = kind
-        ROUTES[kind] = cls
-        return cls
-
-    return decorate
+def register_route(kind: str, *aliases: str):
+    """Class decorator: make a route available as ``kind:`` in sweep configs."""
+    return ROUTES.register(kind, *aliases)
 
 
 class Route(ABC):
@@ -358,7 +355,7 @@ class MergedRoute(Route):
         input adapters sit on the shared base together and each row weights adapter k's update
         by its own α_k — Σ_k α_k ΔW_k, the merged adapter's update, with the weights read once
         per step instead of once per α. Any other merge: one α at a time."""
-        sources = self._interpolated_sources(runtime.base_name)
+        sources = self.interpolated_sources(runtime.base_name)
         if sources is None:
             return super().answer_all(runtime, prompts, alphas, progress)
         from align.decoding.guided import guided_generate, mod_guidance
@@ -398,7 +395,7 @@ class MergedRoute(Route):
                     progress.update(len(block))
         return answers
 
-    def _interpolated_sources(self, base: str) -> dict[str, str] | None:
+    def interpolated_sources(self, base: str) -> dict[str, str] | None:
         """The input adapters, in objective order, when every α's folder is their exact LoRA
         interpolation and they are unchanged since (content digests); else None."""
         records = [json.loads((Path(f) / MERGE_INFO).read_text()) for f in self.sources()]
@@ -464,10 +461,12 @@ def build_route(spec: Mapping[str, Any], objectives: Sequence[str], generation: 
     spec = dict(spec)
     kind = spec.pop("kind", None)
     name = spec.pop("name", kind)
-    if kind not in ROUTES:
-        raise ValueError(f"route {name!r}: kind must be one of {sorted(ROUTES)}, got {kind!r}")
+    try:
+        route_class = ROUTES.get(kind)
+    except ValueError as error:
+        raise ValueError(f"route {name!r}: {error}") from error
     options = {**generation, **spec.pop("generation", {})}
     try:
-        return ROUTES[kind](name, objectives, options, **spec)
+        return route_class(name, objectives, options, **spec)
     except TypeError as error:
         raise ValueError(f"route {name!r} ({kind}): bad fields {sorted(spec)}: {error}") from error

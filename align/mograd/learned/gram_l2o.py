@@ -46,7 +46,7 @@ after a rejection the network sees MGDA's weights as the previous ones). Under
 ``accumulation="micro"`` with k micro-batches per optimizer step it advances k times per step.
 A call with another m starts a fresh history, with a warning.
 
-Meta-trained like ML2O (:mod:`~align.mograd.learned.gram_meta`, the same problems and
+Meta-trained like ML2O (:mod:`~align.mograd.learned.training.gram_meta`, the same problems and
 meta-loss, without the guard); default weights ship in ``weights/gram_l2o_default.safetensors``.
 """
 
@@ -234,7 +234,7 @@ def load_gram_network(source: str | os.PathLike | GramL2ONet | None = "default")
     if not path.is_file():
         raise FileNotFoundError(
             f"Gram-L2O weights not found at {path}; train them with `python -m "
-            f"align.mograd.learned.meta_train recipes/gram_l2o_meta.yaml` or pass weights=None "
+            f"align.mograd.learned.training recipes/gram_l2o_meta.yaml` or pass weights=None "
             f"(untrained)"
         )
     with safe_open(str(path), framework="pt") as handle:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from align.mograd.learned.base import UpdateAggregator
+from align.mograd.base import UpdateAggregator
 from align.mograd.learned.network import ML2ONet, network_inputs
 from align.mograd.registry import register_aggregator
 
@@ -69,7 +69,7 @@ def load_network(source: str | os.PathLike | ML2ONet | None = "default") -> ML2O
     if not path.is_file():
         raise FileNotFoundError(
             f"ML2O weights not found at {path}; train them with "
-            f"`python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml` or pass "
+            f"`python -m align.mograd.learned.training recipes/ml2o_meta.yaml` or pass "
             f"weights=None for the untrained (MGDA-equivalent) network"
         )
     with safe_open(str(path), framework="pt") as handle:

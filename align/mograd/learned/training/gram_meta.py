@@ -8,24 +8,29 @@ segment, x and the history detached after it) and the cosine schedule are ML2O's
 and its history to simplex weights w and the step is ``x ← Π(x − η wᵀJ)``. Meta-training runs
 the network unguarded (as ML2O is meta-trained without GML2O's guard).
 
-    python -m align.mograd.learned.meta_train recipes/gram_l2o_meta.yaml
+    python -m align.mograd.learned.training recipes/gram_l2o_meta.yaml
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from align.mograd.learned.gram_l2o import GramL2ONet
-from align.mograd.learned.meta import MetaConfig, full_losses, jacobian_at, progress
-from align.mograd.learned.problems import Problem, sample_problem
+from align.mograd.learned.training.meta import (
+    MetaConfig,
+    full_losses,
+    jacobian_at,
+    progress,
+    train_network,
+)
+from align.mograd.learned.training.problems import Problem
 
 
 @dataclass
@@ -95,68 +100,14 @@ def meta_train_gram(
     """Train a :class:`GramL2ONet`; returns it and a summary (settings, wall time, validation
     of the untrained and of the trained network)."""
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     net = GramL2ONet(config.hidden, config.gate_init)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(config.iterations, 1))
-    names = [n for n, w in config.families.items() if w > 0]
-    probabilities = np.array([config.families[n] for n in names], dtype=float)
-    probabilities /= probabilities.sum()
-    validation_rng = np.random.default_rng(config.seed + 10_000)
-    validation = [
-        sample_problem(name, validation_rng)
-        for name in names
-        for _ in range(config.validation_per_family)
-    ]
-    before = validate(net, validation, config.unroll, config.epsilon, config.seed)
-    log(f"validation before (untrained): {before}")
-    began = time.perf_counter()
-    iteration, trajectories, dropped = 0, 0, 0
-    recent: dict[str, list[float]] = defaultdict(list)
-    segments = config.unroll // config.truncation
-    while iteration < config.iterations and time.perf_counter() - began < 60 * config.max_minutes:
-        family = names[int(rng.choice(len(names), p=probabilities))]
-        problem = sample_problem(family, rng)
-        x = problem.initial(generator)
-        start = full_losses(problem, x)
-        history = net.fresh_history(problem.num_objectives)
-        trajectories += 1
-        for _ in range(segments):
-            loss, x, history = run_segment(
-                net, problem, x, history, config.truncation, start, generator, config.epsilon
-            )
-            if not torch.isfinite(loss) or not torch.isfinite(x).all():
-                dropped += 1
-                break
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip)
-            optimizer.step()
-            schedule.step()
-            x, history = x.detach(), history.detach()
-            recent[family].append(loss.item())
-            iteration += 1
-            if iteration % config.log_every == 0:
-                summary = {k: round(float(np.mean(v[-20:])), 3) for k, v in recent.items()}
-                gate = torch.sigmoid(net.gate.bias).item()
-                log(
-                    f"meta-step {iteration}  {time.perf_counter() - began:6.1f}s  "
-                    f"gate(bias)={gate:.3f}  segment loss by family {summary}"
-                )
-            if iteration >= config.iterations:
-                break
-    seconds = time.perf_counter() - began
-    after = validate(net, validation, config.unroll, config.epsilon, config.seed)
-    log(f"validation after: {after}  ({seconds:.0f}s, {iteration} meta-steps)")
-    summary = {
-        "config": asdict(config),
-        "meta_steps": iteration,
-        "trajectories": trajectories,
-        "dropped_trajectories": dropped,
-        "wall_seconds": round(seconds, 1),
-        "torch_threads": torch.get_num_threads(),
-        "validation_untrained": before,
-        "validation_trained": after,
-    }
-    return net, summary
+    return net, train_network(
+        net,
+        config,
+        validate=validate,
+        run_segment=run_segment,
+        fresh_state=lambda problem: net.fresh_history(problem.num_objectives),
+        describe=lambda: f"gate(bias)={torch.sigmoid(net.gate.bias).item():.3f}",
+        untrained="untrained",
+        log=log,
+    )

@@ -31,13 +31,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from align.mograd.learned.network import ML2ONet, network_inputs
-from align.mograd.learned.problems import FAMILIES, Problem, sample_problem
+from align.mograd.learned.training.problems import FAMILIES, Problem, sample_problem
 
 
 @dataclass
@@ -160,14 +161,41 @@ def meta_train(
     """Train an :class:`ML2ONet`; returns it and a summary (settings, wall time, validation of
     the untrained network — exactly MGDA — and of the trained one)."""
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     net = ML2ONet(
         config.specific_hidden,
         config.shared_hidden,
         tie_specific=config.tie_specific,
         num_objectives=None if config.tie_specific else 2,
     )
+    return net, train_network(
+        net,
+        config,
+        validate=validate,
+        run_segment=run_segment,
+        fresh_state=lambda problem: None,
+        describe=lambda: f"gains a={net.gains[0].item():.3f} b={net.gains[1].item():.3f}",
+        untrained="untrained_mgda",
+        log=log,
+    )
+
+
+def train_network(
+    net: torch.nn.Module,
+    config: MetaConfig,
+    *,
+    validate: Callable[..., dict[str, float]],
+    run_segment: Callable[..., tuple[Tensor, Tensor, Any]],
+    fresh_state: Callable[[Problem], Any],
+    describe: Callable[[], str],
+    untrained: str,
+    log: Callable[[str], None] = print,
+) -> dict[str, object]:
+    """The meta-training loop both learned methods share: sample a problem, unroll the network
+    on it in truncated segments, one Adam step on each segment's meta-loss; validate before and
+    after. ``run_segment`` / ``validate`` / ``fresh_state`` are the network's own (ML2O carries
+    per-coordinate LSTM state, Gram-L2O a short history); returns the run's summary."""
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(config.iterations, 1))
     names = [n for n, w in config.families.items() if w > 0]
@@ -180,7 +208,7 @@ def meta_train(
         for _ in range(config.validation_per_family)
     ]
     before = validate(net, validation, config.unroll, config.epsilon, config.seed)
-    log(f"validation before (untrained = MGDA): {before}")
+    log(f"validation before ({untrained.replace('_', ' = ')}): {before}")
 
     began = time.perf_counter()
     iteration, trajectories, dropped = 0, 0, 0
@@ -190,7 +218,7 @@ def meta_train(
         family = names[int(rng.choice(len(names), p=probabilities))]
         problem = sample_problem(family, rng)
         x = problem.initial(generator)
-        start, state = full_losses(problem, x), None
+        start, state = full_losses(problem, x), fresh_state(problem)
         trajectories += 1
         for _ in range(segments):
             loss, x, state = run_segment(
@@ -211,22 +239,20 @@ def meta_train(
                 summary = {k: round(float(np.mean(v[-20:])), 3) for k, v in recent.items()}
                 log(
                     f"meta-step {iteration}  {time.perf_counter() - began:6.1f}s  "
-                    f"gains a={net.gains[0].item():.3f} b={net.gains[1].item():.3f}  "
-                    f"segment loss by family {summary}"
+                    f"{describe()}  segment loss by family {summary}"
                 )
             if iteration >= config.iterations:
                 break
     seconds = time.perf_counter() - began
     after = validate(net, validation, config.unroll, config.epsilon, config.seed)
     log(f"validation after: {after}  ({seconds:.0f}s, {iteration} meta-steps)")
-    summary = {
+    return {
         "config": asdict(config),
         "meta_steps": iteration,
         "trajectories": trajectories,
         "dropped_trajectories": dropped,
         "wall_seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(),
-        "validation_untrained_mgda": before,
+        f"validation_{untrained}": before,
         "validation_trained": after,
     }
-    return net, summary

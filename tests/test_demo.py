@@ -88,6 +88,51 @@ def test_a_miniature_demo_builds_data_trains_merges_sweeps_and_reports(tmp_path,
     }
 
 
+def test_the_demo_runs_any_dataset_with_its_objectives_and_scorers(tmp_path, tiny_folder):
+    from align.demo import DemoConfig, run_demo
+
+    # Three objectives: "calm" labels each pair the opposite way to "positive".
+    data = tmp_path / "three.jsonl"
+    with open(DATA / "positive_brief_small.jsonl") as lines, open(data, "w") as out:
+        for line in lines:
+            record = json.loads(line)
+            positive = record["preferred_positive"]
+            record["preferred_calm"] = positive if positive == -1 else 1 - positive
+            out.write(json.dumps(record) + "\n")
+    config = DemoConfig(
+        model=str(tiny_folder),
+        output=str(tmp_path / "demo"),
+        data=str(data),
+        parm_steps=1,
+        arm_steps=1,
+        soup=False,
+        eval_prompts=2,
+        grid=1,
+        max_new_tokens=4,
+        batch_size=2,
+    )
+    with pytest.raises(ValueError, match=r"objectives \['positive', 'brief', 'calm'\]: name"):
+        run_demo(config, log=lambda *_: None)
+    with pytest.raises(ValueError, match="unknown scorer 'kindness'"):
+        run_demo(
+            replace(config, objectives={"calm": "kindness", "brief": "brevity"}),
+            log=lambda *_: None,
+        )
+    with pytest.raises(ValueError, match="two or more objectives"):
+        run_demo(replace(config, objectives={"calm": "positivity"}), log=lambda *_: None)
+    objectives = {"positive": "positivity", "brief": "brevity", "calm": "positivity"}
+    report = run_demo(replace(config, objectives=objectives), log=lambda *_: None)
+    assert report["objectives"] == list(objectives)
+    arms = sorted(p.name for p in (tmp_path / "demo").glob("arm-*") if p.is_dir())
+    assert arms == ["arm-brief", "arm-calm", "arm-positive"]
+    parm = json.loads((tmp_path / "demo" / "parm" / "final" / "adapter_config.json").read_text())
+    assert parm["objectives"] == list(objectives)
+    for name in ("PARM", "GenARM"):  # grid 1: the three vertices of the simplex
+        alphas = sorted(map(tuple, report["routes"][name]["alphas"]))
+        assert np.allclose(alphas, sorted(map(tuple, np.eye(3))))
+        assert np.asarray(report["routes"][name]["means"]).shape == (3, 3)
+
+
 def test_a_retrained_arm_regenerates_exactly_the_routes_that_use_it(tmp_path, tiny_folder):
     """Generations are keyed by what the adapters contain, not by their paths."""
     from align.demo.pipeline import DemoConfig, train_stage

@@ -178,3 +178,28 @@ def test_numbers_and_types_are_read_the_same_way_everywhere(tmp_path):
     path.write_text(CONFIGS["evaluation config"](tmp_path, "").replace("output: out\n", ""))
     with pytest.raises(ConfigError, match=r"evaluation config misses required fields \['output'\]"):
         _load("evaluation config", path)
+
+
+def test_no_private_imports_across_packages():
+    """A private module or name (``_x``) is imported only inside the package that owns it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in sorted([*root.glob("align/**/*.py"), *root.glob("evaluation/**/*.py")]):
+        importer = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("align")):
+                continue
+            parts = node.module.split(".")
+            is_package = (root.joinpath(*parts) / "__init__.py").is_file()
+            owner = node.module if is_package else ".".join(parts[:-1])
+            private_module = any(p.startswith("_") and not p.startswith("__") for p in parts)
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if (private or private_module) and not importer.startswith(owner):
+                    found.append(
+                        f"{path.relative_to(root)}: from {node.module} import {alias.name}"
+                    )
+    assert found == []

@@ -45,6 +45,16 @@ def check_losses(losses: Tensor, name: str) -> Tensor:
     return losses
 
 
+def check_jacobian(jacobian: Tensor, name: str) -> None:
+    """A 2-D ``(m, P)`` Jacobian with m >= 1 (one row per objective's gradient), or an error."""
+    if not isinstance(jacobian, Tensor) or jacobian.ndim != 2 or jacobian.shape[0] == 0:
+        shape = tuple(jacobian.shape) if isinstance(jacobian, Tensor) else type(jacobian)
+        raise ValueError(
+            f"{name}: the Jacobian must be a tensor of shape (m, P) with m >= 1 (one row per "
+            f"objective's gradient), got {shape}"
+        )
+
+
 def check_preference(preference: Tensor | None, m: int, name: str, *, required: bool) -> Tensor:
     """α as a float tensor of shape (m,), or a clear error. ``None`` is allowed unless required."""
     if preference is None:
@@ -130,11 +140,7 @@ class GradientAggregator(nn.Module, ABC):
     def forward(
         self, jacobian: Tensor, *, losses: Tensor | None = None, preference: Tensor | None = None
     ) -> Tensor:
-        if jacobian.ndim != 2 or jacobian.shape[0] == 0:
-            raise ValueError(
-                f"{type(self).__name__}: the Jacobian must have shape (m, n) with m >= 1, "
-                f"got {tuple(jacobian.shape)}"
-            )
+        check_jacobian(jacobian, type(self).__name__)
         gram = jacobian @ jacobian.T
         weights = self.weights(gram, losses=losses, preference=preference)
         return weights.to(jacobian.dtype) @ jacobian
@@ -167,9 +173,6 @@ class GradientAggregator(nn.Module, ABC):
         """The (m,) weights; inputs are validated and detached."""
 
 
-Aggregator = LossAggregator | GradientAggregator
-
-
 class UpdateAggregator(nn.Module, ABC):
     """``aggregator(J (m, P), losses=, preference=) -> d (P,)``, the gradient-like update.
 
@@ -190,12 +193,7 @@ class UpdateAggregator(nn.Module, ABC):
         self, jacobian: Tensor, *, losses: Tensor | None = None, preference: Tensor | None = None
     ) -> Tensor:
         name = type(self).__name__
-        if not isinstance(jacobian, Tensor) or jacobian.ndim != 2 or jacobian.shape[0] == 0:
-            shape = tuple(jacobian.shape) if isinstance(jacobian, Tensor) else type(jacobian)
-            raise ValueError(
-                f"{name}: the Jacobian must be a tensor of shape (m, P) with m >= 1 (one row per "
-                f"objective's gradient), got {shape}"
-            )
+        check_jacobian(jacobian, name)
         if not torch.isfinite(jacobian).all():
             raise ValueError(f"{name}: the Jacobian has non-finite entries (NaN/inf gradients)")
         m = jacobian.shape[0]
@@ -211,3 +209,6 @@ class UpdateAggregator(nn.Module, ABC):
         self, jacobian: Tensor, losses: Tensor | None, preference: Tensor | None
     ) -> Tensor:
         """The (P,) update for a validated, detached Jacobian."""
+
+
+Aggregator = LossAggregator | GradientAggregator | UpdateAggregator

@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from align.mograd.base import GradientAggregator, LossAggregator, UpdateAggregator
+from align.mograd.base import Aggregator, GradientAggregator, LossAggregator, UpdateAggregator
 from align.registry import Registry
-
-Aggregator = LossAggregator | GradientAggregator | UpdateAggregator
 
 #: Sub-packages (``learned.training``: meta-training) are not scanned: research code stays off
 #: the runtime import path.

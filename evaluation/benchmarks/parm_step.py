@@ -20,9 +20,11 @@ import torch
 from timing import timed
 
 
-def make_pairs(tokenizer, n: int, response_tokens: int, conflict: bool = True):
-    """Shipped prompts with two answers of about ``response_tokens`` tokens each; labels mixed
-    (``conflict``: the second objective prefers the other answer of every pair)."""
+def make_pairs(tokenizer, n: int, response_tokens: int, learnable: bool = False):
+    """Shipped prompts with two answers of about ``response_tokens`` tokens each (the same two
+    for every prompt); labels mixed, the second objective preferring the other answer of every
+    pair (``learnable``: both objectives prefer the first answer everywhere, a loss any model
+    lowers within a few steps)."""
     from align.data import load_prompts, make_preference_dataset
 
     prompts = [r["prompt"] for r in load_prompts(limit=n)]
@@ -30,13 +32,12 @@ def make_pairs(tokenizer, n: int, response_tokens: int, conflict: bool = True):
     words = (filler * 20).split()
     first = [" ".join(words[: response_tokens - 8]) for _ in prompts]
     second = [" ".join(words[3 : response_tokens - 5]) for _ in prompts]
-    labels = [i % 2 for i in range(n)]
-    return make_preference_dataset(
-        prompts,
-        first,
-        second,
-        {"helpful": labels, "harmless": labels[::-1] if conflict else labels},
-    )
+    if learnable:
+        labels = {"helpful": [0] * n, "harmless": [0] * n}
+    else:
+        mixed = [i % 2 for i in range(n)]
+        labels = {"helpful": mixed, "harmless": mixed[::-1]}
+    return make_preference_dataset(prompts, first, second, labels)
 
 
 def trainer_options(pairs: int, device: str = "cpu", bf16: bool = False) -> dict:

@@ -105,7 +105,10 @@ def test_the_gpu_shapes_are_the_real_models_sizes(suite, shape, parameters):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def test_a_shape_that_does_not_fit_is_skipped_with_the_figures(suite):
+def test_a_shape_that_does_not_fit_or_comes_too_late_is_skipped_with_the_reason(suite):
     assert suite.memory_shortfall(2**30, None) is None  # the CPU: no limit known
     assert suite.memory_shortfall(2**30, 2**31) is None
     assert suite.memory_shortfall(20 * 2**30, 8 * 2**30) == "needs about 20.0 GiB, 8.0 GiB free"
+    assert suite.Suite(budget_s=None).budget_spent() is None
+    assert suite.Suite(budget_s=600).budget_spent() is None
+    assert "time budget (0 s" in suite.Suite(budget_s=0).budget_spent()

@@ -128,11 +128,18 @@ class Suite:
     breaks is recorded as failed and the others still run. Rows belong to the section last
     opened; the section's settings are printed once above its rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget_s: float | None = None) -> None:
         self.rows: list[Row] = []
         self.sections: dict[str, str] = {}
         self.current = ""
         self.started = self.last = time.perf_counter()
+        self.budget_s = budget_s
+
+    def budget_spent(self) -> str | None:
+        """Why no more work should start (the run must end with its table), or None."""
+        if self.budget_s is None or time.perf_counter() - self.started < self.budget_s:
+            return None
+        return f"the suite's time budget ({self.budget_s:.0f} s, --budget-s) is spent"
 
     def section(self, name: str, settings: str) -> None:
         self.current = name
@@ -314,9 +321,10 @@ def training_section(ctx: Context) -> None:
         ),
     }
     missing = [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
-    if missing:
+    reason = f"{missing[0]} not installed" if missing else ctx.suite.budget_spent()
+    if reason:
         for row_id, text in what.items():
-            ctx.suite.skip(row_id, text, f"{missing[0]} not installed")
+            ctx.suite.skip(row_id, text, reason)
         return
     with tempfile.TemporaryDirectory(prefix="align-gpu-suite-") as folder:
         model = random_model(ctx, args.train_shape)  # one checkpoint: the same weights for all
@@ -479,6 +487,11 @@ def mograd_section(ctx: Context) -> None:
         FLOOR: "forward + m autograd.grad passes only: the floor of an exact gradient-level step",
     }
     ids = {**MOGRAD_ROWS, FLOOR: "mograd.fwd_m_bwd"}
+    reason = ctx.suite.budget_spent()
+    if reason:
+        for name, row_id in ids.items():
+            ctx.suite.skip(row_id, what[name], reason)
+        return
     try:
         base = random_model(ctx, args.train_shape)
         model, _ = mograd_step.build_model("qkv", base=base, tokenizer=ctx.tokenizer)
@@ -535,10 +548,11 @@ def decoding_section(ctx: Context) -> None:
     from align.data import load_prompts
 
     args = ctx.args
+    warmup = f"a {args.warmup_tokens}-token warm-up" if args.warmup_tokens else "no warm-up"
     ctx.suite.section(
         "decoding",
         f"bf16, greedy, {args.new_tokens} new tokens per prompt (EOS ignored), the batch in "
-        f"the row's name, after a {args.warmup_tokens}-token warm-up at that batch; tokens/s "
+        f"the row's name, after {warmup} at that batch; tokens/s "
         f"of transformers generate, of PARM-guided decoding with a shared base (base + PBLoRA "
         f"on the same weights: one batched forward per step) and of GenARM with m = 2 ARMs of "
         f"the base's shape (one set of weights, a KV cache each: three forwards per step); "
@@ -563,6 +577,11 @@ def decode_shape(ctx: Context, shape: str, prompts: list[str]) -> None:
         return f"{label}, batch {batch}"
 
     ids = {b: f"decode.{shape}.b{b}" for b in args.batch_sizes}
+    reason = ctx.suite.budget_spent()
+    if reason:
+        for b, row_id in ids.items():
+            ctx.suite.skip(row_id, what(b), reason)
+        return
     if not ctx.smoke:
         parameters = parameter_count(shape, ctx.tokenizer)
         # bf16 weights (one set: base, PARM and ARMs share it), KV caches and activations.
@@ -587,7 +606,8 @@ def decode_shape(ctx: Context, shape: str, prompts: list[str]) -> None:
 
     def measure(method: str, batch: int, rate: Callable[[int], float]) -> None:
         try:
-            rate(args.warmup_tokens)  # the first call at a batch size pays for kernel choices
+            if args.warmup_tokens:  # the first call at a batch size pays for kernel choices
+                rate(args.warmup_tokens)
             rates[batch][method] = rate(tokens)
             print(f"  {shape} batch {batch} {method}: {rates[batch][method]:.0f} tok/s", flush=True)
         except torch.cuda.OutOfMemoryError as error:
@@ -715,6 +735,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up training steps")
     parser.add_argument("--run-steps", type=int, help="PARM run length, default 30 (--smoke: 8)")
     parser.add_argument("--mograd-seq", type=int, help="default 256 (--smoke: 16)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=390.0,
+        help="start no section or decoding shape after this many seconds: their rows are "
+        "skipped, so the run ends with its table inside the device tool's limits",
+    )
     args = parser.parse_args(argv)
     defaults = dict(new_tokens=128, pairs=8, response_tokens=96, repeats=5, run_steps=30)
     defaults["mograd_seq"] = 256
@@ -723,9 +750,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in (smoke if args.smoke else defaults).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.smoke:
-        args.warmup = min(args.warmup, 1)
-        args.warmup_tokens = min(args.warmup_tokens, 1)
+    if args.smoke:  # seconds: no warm-ups (they run the timed code once more)
+        args.warmup = args.warmup_tokens = 0
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     return args
 
@@ -750,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {v}" for k, v in env.items()),
         flush=True,
     )
-    ctx = Context(device, args.smoke, tiny_tokenizer(), Suite(), args)
+    ctx = Context(device, args.smoke, tiny_tokenizer(), Suite(args.budget_s), args)
     sections = {"training": training_section, "mograd": mograd_section}
     sections["decoding"] = decoding_section
     for name in args.sections:

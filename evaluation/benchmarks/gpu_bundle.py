@@ -64,26 +64,25 @@ WHEELS = [
     "bitsandbytes",
 ]
 SDISTS = ["deepspeed"]
-PLATFORM = [
-    "--python-version",
-    "3.12",
-    "--implementation",
-    "cp",
-    "--only-binary=:all:",
-    *(
-        arg
-        for tag in (
-            "manylinux_2_28_x86_64",
-            "manylinux_2_27_x86_64",
-            "manylinux_2_24_x86_64",
-            "manylinux_2_17_x86_64",
-            "manylinux2014_x86_64",
-            "manylinux1_x86_64",
-            "any",
-        )
-        for arg in ("--platform", tag)
-    ),
-]
+MANYLINUX = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+    "any",
+)
+
+
+def platform_options(python_version: str) -> list[str]:
+    """pip download's options for CPython ``python_version`` on manylinux x86_64 (the GPU
+    machine's processor, whatever this one's)."""
+    options = ["--python-version", python_version, "--implementation", "cp"]
+    options += ["--only-binary=:all:"]
+    for tag in MANYLINUX:
+        options += ["--platform", tag]
+    return options
 
 
 def requirement(name: str) -> str:
@@ -152,15 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cuda-majors", default="13", help="comma-separated CUDA major versions bitsandbytes keeps"
     )
+    parser.add_argument(
+        "--python-version", default="3.12", help="the GPU machine's Python (KINDS.md: 3.12)"
+    )
     args = parser.parse_args(argv)
     output = Path(args.output)
     with tempfile.TemporaryDirectory(prefix="gpu-bundle-") as staging:
         staging = Path(staging)
-        pip("download", "--quiet", "--no-deps", *PLATFORM, "--dest", str(staging),
-            *map(requirement, WHEELS))  # fmt: skip
-        env = {**os.environ, "DS_BUILD_OPS": "0"}
-        pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(staging),
-            *map(requirement, SDISTS), env=env)  # fmt: skip
+        download = ["download", "--quiet", "--no-deps", *platform_options(args.python_version)]
+        pip(*download, "--dest", str(staging), *map(requirement, WHEELS))
+        build = ["wheel", "--quiet", "--no-deps", "--no-build-isolation"]
+        env = {**os.environ, "DS_BUILD_OPS": "0"}  # no ops prebuilt: they compile on first use
+        pip(*build, "--wheel-dir", str(staging), *map(requirement, SDISTS), env=env)
         slimmed = None
         for wheel in staging.glob("bitsandbytes-*.whl"):
             slimmed = slim_bitsandbytes(wheel, args.cuda_majors.split(","))

@@ -75,21 +75,31 @@ def check_preference(preference: Tensor | None, m: int, name: str, *, required: 
     return weights
 
 
-class LossAggregator(nn.Module, ABC):
-    """Loss-level method: ``aggregator(losses, preference=α) -> scalar`` (one backward)."""
+class MultiGradientMethod(nn.Module, ABC):
+    """What the three kinds share: flags the engine and the registry read, and the weights of
+    the last call. Its state (loss history, recurrent state) goes through ``state_dict``."""
 
-    kind = "loss"
+    #: "loss", "gradient" or "update": a label for listings; code dispatches on the class.
+    kind = ""
     #: True when the method needs α (it then raises a ``ValueError`` without it).
     uses_preference = False
     #: True when α, if given, changes the update although it is optional (linear
-    #: scalarization); :func:`~align.mograd.registry.preference_aware_aggregators` lists the
-    #: methods with either flag.
+    #: scalarization, UPGrad's pref_vector); :func:`~align.mograd.registry.
+    #: preference_aware_aggregators` lists the methods with either flag.
     preference_aware = False
+    #: True when the method also needs the loss values (EPO, ML2O's guard).
+    uses_losses = False
 
     def __init__(self) -> None:
         super().__init__()
-        #: The effective weight of each loss in the last call (for logging), or None.
+        #: The effective weight of each objective in the last call (for logging), or None.
         self.last_weights: Tensor | None = None
+
+
+class LossAggregator(MultiGradientMethod):
+    """Loss-level method: ``aggregator(losses, preference=α) -> scalar`` (one backward)."""
+
+    kind = "loss"
 
     def forward(self, losses: Tensor, preference: Tensor | None = None) -> Tensor:
         losses = check_losses(losses, type(self).__name__)
@@ -118,7 +128,7 @@ class LossAggregator(nn.Module, ABC):
         self.observe(losses)
 
 
-class GradientAggregator(nn.Module, ABC):
+class GradientAggregator(MultiGradientMethod):
     """Gradient-level method: weights from the Gram matrix, update ``d = wᵀ J``.
 
     Calling it on a Jacobian ``(m, n)`` returns the ``(n,)`` direction, the same convention as
@@ -127,15 +137,6 @@ class GradientAggregator(nn.Module, ABC):
     """
 
     kind = "gradient"
-    uses_preference = False
-    #: True when an optional α changes the update (UPGrad's, DualProj's, ... pref_vector).
-    preference_aware = False
-    #: True when the method also needs the loss values (EPO).
-    uses_losses = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_weights: Tensor | None = None
 
     def forward(
         self, jacobian: Tensor, *, losses: Tensor | None = None, preference: Tensor | None = None
@@ -173,7 +174,7 @@ class GradientAggregator(nn.Module, ABC):
         """The (m,) weights; inputs are validated and detached."""
 
 
-class UpdateAggregator(nn.Module, ABC):
+class UpdateAggregator(MultiGradientMethod):
     """``aggregator(J (m, P), losses=, preference=) -> d (P,)``, the gradient-like update.
 
     Like the other kinds it is an ``nn.Module``: its recurrent state is saved and restored with
@@ -182,12 +183,6 @@ class UpdateAggregator(nn.Module, ABC):
     """
 
     kind = "update"
-    uses_preference = False
-    uses_losses = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_weights: Tensor | None = None
 
     def forward(
         self, jacobian: Tensor, *, losses: Tensor | None = None, preference: Tensor | None = None
@@ -211,4 +206,4 @@ class UpdateAggregator(nn.Module, ABC):
         """The (P,) update for a validated, detached Jacobian."""
 
 
-Aggregator = LossAggregator | GradientAggregator | UpdateAggregator
+Aggregator = LossAggregator | GradientAggregator | UpdateAggregator  # = MultiGradientMethod

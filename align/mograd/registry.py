@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from align.mograd.base import Aggregator, GradientAggregator, LossAggregator, UpdateAggregator
+from align.mograd.base import Aggregator, MultiGradientMethod
 from align.registry import Registry
 
 #: Sub-packages (``learned.training``: meta-training) are not scanned: research code stays off
@@ -59,7 +59,7 @@ def available_aggregators() -> dict[str, str]:
 def get_aggregator(name: str | Aggregator, **kwargs: Any) -> Aggregator:
     """A new instance of the method called ``name`` (keyword arguments go to its constructor);
     an instance passes through unchanged."""
-    if isinstance(name, LossAggregator | GradientAggregator | UpdateAggregator):
+    if isinstance(name, MultiGradientMethod):
         if kwargs:
             raise ValueError("options can only be given with a method name, not an instance")
         return name

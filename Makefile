@@ -11,7 +11,7 @@ RUNTIME_STAMP := $(VENV)/.align-runtime-done
 TORCH_VERSION ?= 2.13.0
 SMOLLM2_VERSION ?= 0.1.2
 
-.PHONY: setup runtime demo test test-slow test-all lint format clean
+.PHONY: setup runtime demo test test-slow test-all lint format clean gpu-bundle gpu-install gpu-suite
 
 setup: $(STAMP)
 runtime: $(RUNTIME_STAMP)
@@ -62,6 +62,25 @@ lint: setup
 format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The GPU suite (README: "GPU suite"). gpu-bundle, here (a registry reachable): the wheels a GPU
+# machine without one lacks, in .gpu_bundle/ (git-ignored; the device tool's `carry`), at the
+# versions the tests pass with. On the GPU machine, with the Python that holds the CUDA build of
+# torch: gpu-install installs them offline (over its own transformers / peft), gpu-suite runs
+# the suite and writes its table as JSON to $(OUT) (the device tool's output folder) or reports/.
+GPU_PYTHON ?= python3
+GPU_BUNDLE ?= .gpu_bundle
+GPU_OUTPUT ?= $(or $(OUT),reports)/gpu_suite.json
+
+gpu-bundle: setup
+	$(BIN)/python evaluation/benchmarks/gpu_bundle.py --output $(GPU_BUNDLE)
+
+gpu-install:
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile $(GPU_BUNDLE)/*.whl
+	$(GPU_PYTHON) -m pip install -q --no-index --find-links $(GPU_BUNDLE) --no-deps -e .
+
+gpu-suite:
+	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(GPU_PYTHON) evaluation/benchmarks/gpu_suite.py --output $(GPU_OUTPUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -69,6 +69,20 @@ def main(
     """align: multi-objective alignment of language models along a preference vector α."""
 
 
+def _objective_scorers(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    pairs = {}
+    for item in items:
+        name, sep, scorer = item.partition("=")
+        if not sep or not name.strip() or not scorer.strip():
+            raise typer.BadParameter(
+                f"{item!r} must look like NAME=SCORER", param_hint="--objective"
+            )
+        pairs[name.strip()] = scorer.strip()
+    return pairs
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -114,6 +128,14 @@ def demo(
     data: Annotated[
         Path | None, typer.Option(help="A preference dataset instead of the shipped one.")
     ] = None,
+    objective: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--objective",
+            help="NAME=SCORER: an objective of the dataset and the scorer that measures it "
+            "(repeatable; default: the shipped dataset's positive=positivity, brief=brevity).",
+        ),
+    ] = None,
     recipes: Annotated[
         Path | None, typer.Option(help="Recipe folder (default: the checkout's recipes/).")
     ] = None,
@@ -123,7 +145,7 @@ def demo(
     ] = None,
 ) -> None:
     """Multi-objective alignment end to end: train a PARM and GenARM ARMs on the shipped
-    positive/brief dataset, merge rewarded soups, sweep 11 α through every route, and write a
+    positive/brief dataset (or any dataset with --objective NAME=SCORER), merge rewarded soups, sweep 11 α through every route, and write a
     report (Pareto fronts, hypervolume, MIP). Stages are cached: a re-run reuses them."""
     from rich.markdown import Markdown
 
@@ -134,6 +156,7 @@ def demo(
         model=model,
         output=str(output),
         data=None if data is None else str(data),
+        objectives=_objective_scorers(objective),
         recipes=None if recipes is None else str(recipes),
         parm_steps=parm_steps,
         arm_steps=arm_steps,

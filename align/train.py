@@ -22,102 +22,59 @@ has checkpoints resumes from the last one unless ``resume: false``.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+from align.config import (
+    ConfigError,
+    apply_overrides,
+    build_training_args,
+    check_fields,
+    read_config,
+)
+from align.errors import debug_requested, describe, user_error_types
 
-from align.errors import debug_requested, describe, user_error_types, yaml_problem
-
-TRAINERS = {
-    "arm": ("ARMTrainer", "ARMConfig"),
-    "parm": ("PARMTrainer", "PARMConfig"),
-    "dpo": ("PreferenceDPOTrainer", "PreferenceDPOConfig"),
-}
 RECIPE_KEYS = {"trainer", "model", "quantization", "dtype", "data", "args", "resume"}
 DATA_KEYS = {"path", "sources", "layout", "test_size", "seed", "limit", "objectives"}
 
+__all__ = ["RecipeError", "apply_overrides", "build_trainer", "load_recipe", "run_recipe"]
 
-class RecipeError(ValueError):
+
+class RecipeError(ConfigError):
     """A recipe that cannot run; the message says which field and why."""
 
 
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+def _trainer_class(name: Any) -> type:
+    from align.trainers.registry import TRAINERS
 
-
-def _numbers(value: Any) -> Any:
-    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string, not a float; recipes mean the number."""
-    if isinstance(value, dict):
-        return {key: _numbers(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_numbers(item) for item in value]
-    if isinstance(value, str) and _FLOAT.match(value.strip()):
-        return float(value)
-    return value
-
-
-def _parse_value(text: str) -> Any:
     try:
-        return _numbers(yaml.safe_load(text))
-    except yaml.YAMLError as error:
-        raise RecipeError(
-            f"override value {text!r} is not valid YAML: {yaml_problem(error)}"
-        ) from error
-
-
-def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """``key.sub=value`` assignments (values parsed as YAML) applied to a recipe."""
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r} must look like key.sub=value")
-        dotted, value = item.split("=", 1)
-        node = recipe
-        keys = dotted.strip().split(".")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"override {item!r}: {key!r} is not a section")
-        node[keys[-1]] = _parse_value(value)
-    return recipe
+        return TRAINERS.get(name)
+    except ValueError as error:
+        raise RecipeError(f"recipe field 'trainer': {error}") from error
 
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read and check a recipe; relative data paths are taken from the current folder first,
     then from the recipe's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist")
     try:
-        recipe = _numbers(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as error:
-        raise RecipeError(
-            f"recipe {str(path)!r} is not valid YAML: {yaml_problem(error)}"
-        ) from error
-    if not isinstance(recipe, dict):
-        raise RecipeError(
-            f"recipe {str(path)!r} must be a mapping of fields, got {type(recipe).__name__}"
-        )
-    recipe = apply_overrides(recipe, overrides)
-    unknown = sorted(set(recipe) - RECIPE_KEYS)
-    if unknown:
-        raise RecipeError(f"unknown recipe fields {unknown}; known: {sorted(RECIPE_KEYS)}")
-    if recipe.get("trainer") not in TRAINERS:
-        raise RecipeError(
-            f"recipe field 'trainer' must be one of {sorted(TRAINERS)}, got {recipe.get('trainer')!r}"
-        )
+        recipe = read_config(path, "recipe", overrides)
+        check_fields(recipe, RECIPE_KEYS, "recipe", required=["trainer"])
+    except ConfigError as error:
+        raise RecipeError(str(error)) from error
+    _trainer_class(recipe["trainer"])
     data = recipe.get("data")
     if not isinstance(data, dict) or not ({"path", "sources"} & set(data)):
         raise RecipeError("recipe field 'data' needs a 'path' (or 'sources' per objective)")
-    unknown = sorted(set(data) - DATA_KEYS)
-    if unknown:
-        raise RecipeError(f"unknown data fields {unknown}; known: {sorted(DATA_KEYS)}")
+    try:
+        check_fields(data, DATA_KEYS, "data")
+    except ConfigError as error:
+        raise RecipeError(str(error)) from error
     recipe.setdefault("args", {})
     if "output_dir" not in recipe["args"]:
         raise RecipeError("recipe field 'args.output_dir' is required (where checkpoints go)")
-    recipe["_dir"] = str(path.parent)
+    recipe["_dir"] = str(Path(path).parent)
     return recipe
 
 
@@ -160,53 +117,17 @@ def _quantization_config(kind: str | None) -> Any:
     raise RecipeError(f"quantization must be 4bit, 8bit or null, got {kind!r}")
 
 
-_NUMBERS = {bool: "true or false", int: "an integer", float: "a number"}
-
-
-def _check_arg_types(config_class: type, args: dict[str, Any]) -> None:
-    """A recipe value of the wrong simple type (``learning_rate: fast``) would fail deep inside
-    the optimizer or the scheduler; name the field instead."""
-    import types
-    import typing
-
-    try:
-        hints = typing.get_type_hints(config_class)
-    except Exception:  # an annotation that cannot be resolved: leave the check to the config
-        return
-    for name, value in args.items():
-        hint = hints.get(name)
-        if hint is None or value is None:
-            continue
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        allowed = set(typing.get_args(hint)) if union else {hint}
-        simple = [kind for kind in (bool, int, float) if kind in allowed]
-        if not simple or allowed - {bool, int, float, type(None)}:
-            continue  # str, enums, lists, dicts: the config checks them
-        ok = (
-            isinstance(value, bool)
-            if simple == [bool]
-            else (isinstance(value, (int, float)) and not isinstance(value, bool))
-        )
-        if float not in simple and int in simple and isinstance(value, float):
-            ok = value.is_integer()
-        if not ok:
-            raise RecipeError(
-                f"recipe field 'args.{name}' must be {_NUMBERS[simple[-1]]}, got {value!r}"
-            )
-
-
 def build_trainer(recipe: dict[str, Any]) -> Any:
     """The trainer a recipe describes, with its model, tokenizer and data loaded."""
-    import align.trainers as trainers
     from align.models import load_model
 
-    trainer_name, config_name = TRAINERS[recipe["trainer"]]
-    config_class = getattr(trainers, config_name)
-    _check_arg_types(config_class, recipe["args"])
+    trainer_class = _trainer_class(recipe["trainer"])
     try:
-        args = config_class(**recipe["args"])
-    except TypeError as error:
-        raise RecipeError(f"recipe 'args' do not fit {config_name}: {error}") from error
+        args = build_training_args(
+            trainer_class.config_class, recipe["args"], "recipe 'args'", "recipe field 'args.{}'"
+        )
+    except ConfigError as error:
+        raise RecipeError(str(error)) from error
     train, held_out = load_recipe_data(recipe)
     quantization = _quantization_config(recipe.get("quantization"))
     model, tokenizer = load_model(
@@ -220,9 +141,7 @@ def build_trainer(recipe: dict[str, Any]) -> Any:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=args.gradient_checkpointing
         )
-    trainer = getattr(trainers, trainer_name)(
-        model, args, train, eval_dataset=held_out, processing_class=tokenizer
-    )
+    trainer = trainer_class(model, args, train, eval_dataset=held_out, processing_class=tokenizer)
     trainer.held_out_pairs = held_out  # untokenized, saved beside the adapter for evaluation
     return trainer
 

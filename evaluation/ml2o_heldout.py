@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python evaluation/ml2o_heldout.py                  # 3 seeds, 100 steps
     OMP_NUM_THREADS=1 python evaluation/ml2o_heldout.py --seeds 0 --steps 50 --output r.json
 
-The problems (:func:`align.mograd.learned.problems.heldout_problems`) differ from the
+The problems (:func:`align.mograd.learned.training.problems.heldout_problems`) differ from the
 meta-training distribution in size, architecture, data and number of objectives: ZDT2 (n = 20)
 and DTLZ2 (m = 3), a rotated quadratic with n = 200 and m = 4, a 2-hidden-layer GELU multi-task
 network with three tasks on mixture data, a rank-4 adapter on the o/up projections of a 3-layer
@@ -42,8 +42,8 @@ import torch
 
 from align.metrics import hypervolume
 from align.mograd import get_aggregator
-from align.mograd.learned.meta import jacobian_at
-from align.mograd.learned.problems import Problem, heldout_problems
+from align.mograd.learned.training.meta import jacobian_at
+from align.mograd.learned.training.problems import Problem, heldout_problems
 
 METHODS = ("ml2o", "gml2o", "gram_l2o", "mgda", "pcgrad", "linear")
 #: Learned methods (rows of the "paired by seed" table).

@@ -107,17 +107,17 @@ def _sweep(name: str, route: dict, out: Path, prompts: int, grid: int) -> dict:
 
 
 def run_variant(name: str, out: Path, steps: int, prompts: int, grid: int, beta: float) -> dict:
-    from align.demo.pipeline import DemoConfig, _dataset, _train
+    from align.demo.pipeline import DemoConfig, demo_dataset, train_stage
 
     folder = out / (name if steps == 60 else f"{name}@{steps}")
     folder.mkdir(parents=True, exist_ok=True)
     config = DemoConfig(output=str(folder))
-    data = _dataset(config, folder)
+    data = demo_dataset(config, folder)
     started = time.perf_counter()
     if name == "genarm":
         arms = {
             o: str(
-                _train(
+                train_stage(
                     config,
                     "genarm_cpu.yaml",
                     folder / f"arm-{o}",
@@ -129,7 +129,7 @@ def run_variant(name: str, out: Path, steps: int, prompts: int, grid: int, beta:
         }
         route = {"name": name, "kind": "genarm", "arms": arms, "beta": beta}
     else:
-        parm = _train(
+        parm = train_stage(
             config,
             "parm_cpu.yaml",
             folder / "parm",

@@ -12,7 +12,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    from align.models import tiny_causal_lm
+    from align.testing import tiny_causal_lm
 
     return tiny_causal_lm(seed=0)
 

@@ -15,7 +15,8 @@ from align.adapters import (
     set_preference,
 )
 from align.adapters.base import PreferenceLayer
-from align.models import load_model, tiny_causal_lm
+from align.models import load_model
+from align.testing import tiny_causal_lm
 
 OBJECTIVES = ["helpful", "harmless"]
 KINDS = ["pblora", "svdlora"]
@@ -384,7 +385,7 @@ def test_import_align_alone_registers_the_tuners_for_from_pretrained(tmp_path):
     script = f"""
 import align, torch
 from peft import PeftModel
-from align.models import tiny_causal_lm
+from align.testing import tiny_causal_lm
 base, tok = tiny_causal_lm()
 model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r})
 align.adapters.set_preference(model, "helpful=0.5,harmless=0.5")

@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from align.cli import app
-from align.models import tiny_causal_lm, tiny_tokenizer
+from align.testing import tiny_causal_lm, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from align.models import tiny_causal_lm
+    from align.testing import tiny_causal_lm
 
     folder = tmp_path_factory.mktemp("tiny-model")
     model, tokenizer = tiny_causal_lm(seed=0)
@@ -88,9 +88,54 @@ def test_a_miniature_demo_builds_data_trains_merges_sweeps_and_reports(tmp_path,
     }
 
 
+def test_the_demo_runs_any_dataset_with_its_objectives_and_scorers(tmp_path, tiny_folder):
+    from align.demo import DemoConfig, run_demo
+
+    # Three objectives: "calm" labels each pair the opposite way to "positive".
+    data = tmp_path / "three.jsonl"
+    with open(DATA / "positive_brief_small.jsonl") as lines, open(data, "w") as out:
+        for line in lines:
+            record = json.loads(line)
+            positive = record["preferred_positive"]
+            record["preferred_calm"] = positive if positive == -1 else 1 - positive
+            out.write(json.dumps(record) + "\n")
+    config = DemoConfig(
+        model=str(tiny_folder),
+        output=str(tmp_path / "demo"),
+        data=str(data),
+        parm_steps=1,
+        arm_steps=1,
+        soup=False,
+        eval_prompts=2,
+        grid=1,
+        max_new_tokens=4,
+        batch_size=2,
+    )
+    with pytest.raises(ValueError, match=r"objectives \['positive', 'brief', 'calm'\]: name"):
+        run_demo(config, log=lambda *_: None)
+    with pytest.raises(ValueError, match="unknown scorer 'kindness'"):
+        run_demo(
+            replace(config, objectives={"calm": "kindness", "brief": "brevity"}),
+            log=lambda *_: None,
+        )
+    with pytest.raises(ValueError, match="two or more objectives"):
+        run_demo(replace(config, objectives={"calm": "positivity"}), log=lambda *_: None)
+    objectives = {"positive": "positivity", "brief": "brevity", "calm": "positivity"}
+    report = run_demo(replace(config, objectives=objectives), log=lambda *_: None)
+    assert report["objectives"] == list(objectives)
+    arms = sorted(p.name for p in (tmp_path / "demo").glob("arm-*") if p.is_dir())
+    assert arms == ["arm-brief", "arm-calm", "arm-positive"]
+    parm = json.loads((tmp_path / "demo" / "parm" / "final" / "adapter_config.json").read_text())
+    assert parm["objectives"] == list(objectives)
+    for name in ("PARM", "GenARM"):  # grid 1: the three vertices of the simplex
+        alphas = sorted(map(tuple, report["routes"][name]["alphas"]))
+        assert np.allclose(alphas, sorted(map(tuple, np.eye(3))))
+        assert np.asarray(report["routes"][name]["means"]).shape == (3, 3)
+
+
 def test_a_retrained_arm_regenerates_exactly_the_routes_that_use_it(tmp_path, tiny_folder):
     """Generations are keyed by what the adapters contain, not by their paths."""
-    from align.demo.pipeline import DemoConfig, _train
+    from align.demo.pipeline import DemoConfig, train_stage
     from align.sweep import SweepConfig, run_sweep
 
     demo = DemoConfig(model=str(tiny_folder), output=str(tmp_path))
@@ -98,7 +143,7 @@ def test_a_retrained_arm_regenerates_exactly_the_routes_that_use_it(tmp_path, ti
 
     def train(recipe: str, folder: str, *extra: str) -> str:
         overrides = ["args.max_steps=1", "args.save_steps=1", *extra]
-        return str(_train(demo, recipe, tmp_path / folder, data, overrides))
+        return str(train_stage(demo, recipe, tmp_path / folder, data, overrides))
 
     parm = train("parm_cpu.yaml", "parm")
     arms = {
@@ -232,7 +277,8 @@ def test_evaluate_explains_a_bad_config(tmp_path):
         "scorers: {positive: positivity, brief: brevity}\nroutes: [{kind: magic}]\noutput: out\n"
     )
     result = CliRunner().invoke(app, ["evaluate", str(config)])
-    assert result.exit_code == 2 and "kind must be one of" in result.output
+    assert result.exit_code == 2
+    assert "route 'magic': unknown route kind 'magic'; available: base, genarm" in result.output
 
 
 @pytest.mark.parametrize("name", ["positive_brief.yaml", "pku_saferlhf.yaml"])
@@ -278,7 +324,7 @@ def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(tmp_pa
     generation = {"max_new_tokens": 6, "batch_size": 2, "do_sample": False}
     route = MergedRoute("soup", ["positive", "brief"], generation, path=str(tmp_path / "soup"))
     runtime = Runtime(str(tiny_folder))
-    assert route._interpolated_sources(str(tiny_folder)) == {k: str(v) for k, v in arms.items()}
+    assert route.interpolated_sources(str(tiny_folder)) == {k: str(v) for k, v in arms.items()}
     prompts = ["Say hi.", "Describe a calm lake at dawn in detail.", "Name a colour."]
     alphas = route.alphas(np.zeros((1, 2)))
     together = route.answer_all(runtime, prompts, alphas)  # 2 prompts × 3 α, then 1 × 3
@@ -294,7 +340,7 @@ def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(tmp_pa
 
     # The token ids the soup rows really decode (re-encoding the texts need not give them back).
     batch = encode_prompts(runtime.tokenizer, prompts * len(alphas))
-    sources = route._interpolated_sources(str(tiny_folder))
+    sources = route.interpolated_sources(str(tiny_folder))
     with weighted_lora_rows(runtime.model, sources) as row_weights, torch.no_grad():
         row_weights.set(torch.as_tensor(alphas).repeat_interleave(len(prompts), dim=0))
         pad = runtime.tokenizer.pad_token_id
@@ -314,5 +360,5 @@ def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(tmp_pa
     assert early != alone  # the stop token ended rows early (nothing else changed)
     runtime.tokenizer.eos_token_id = runtime.model.generation_config.eos_token_id
     lora(7, arms["brief"])  # retrained in place: the merged folders no longer match it
-    assert route._interpolated_sources(str(tiny_folder)) is None
+    assert route.interpolated_sources(str(tiny_folder)) is None
     assert route.answer_all(runtime, prompts, alphas) == alone

@@ -15,7 +15,8 @@ from align.decoding import (
     parm_guidance,
     sampling_processors,
 )
-from align.models import load_model, tiny_causal_lm, tiny_tokenizer
+from align.models import load_model
+from align.testing import tiny_causal_lm, tiny_tokenizer
 
 OBJECTIVES = ("helpful", "harmless")
 PROMPTS = ["Hi", "Tell me about the weather on a long rainy day", "Why is the sky blue?"]

@@ -54,7 +54,7 @@ def _perturbed(tokenizer, seed: int, scale: float = 0.02, low_rank: int | None =
     """The base (seed 0) plus a seeded perturbation: a stand-in for a fine-tuned copy.
 
     ``low_rank`` makes every matrix update rank-``low_rank`` (as a LoRA fine-tune would)."""
-    from align.models import tiny_causal_lm
+    from align.testing import tiny_causal_lm
 
     model, _ = tiny_causal_lm(tokenizer, seed=0)
     generator = torch.Generator().manual_seed(seed)
@@ -275,7 +275,7 @@ def test_sweep_reads_each_input_tensor_once_and_matches_single_merges(checkpoint
 def _lora_adapter(tiny_lm, folder: Path, r: int, targets: list[str], seed: int, rslora: bool):
     from peft import LoraConfig, get_peft_model
 
-    from align.models import tiny_causal_lm
+    from align.testing import tiny_causal_lm
 
     model, tokenizer = tiny_causal_lm(tiny_lm[1], seed=0)
     config = LoraConfig(
@@ -291,7 +291,7 @@ def _lora_adapter(tiny_lm, folder: Path, r: int, targets: list[str], seed: int, 
 def test_lora_interpolation_is_the_weighted_sum_of_dense_updates(tiny_lm, tmp_path):
     from peft import PeftModel
 
-    from align.models import tiny_causal_lm
+    from align.testing import tiny_causal_lm
 
     base_model, tokenizer = tiny_causal_lm(tiny_lm[1], seed=0)
     base_state = {k: v.clone() for k, v in base_model.state_dict().items()}
@@ -582,7 +582,7 @@ def test_stale_staging_is_removed_live_and_unknown_staging_is_kept(tmp_path):
 
 
 def test_mismatched_inputs_give_one_error_listing_every_mismatch(checkpoints, tmp_path):
-    from align.models import tiny_causal_lm, tiny_tokenizer
+    from align.testing import tiny_causal_lm, tiny_tokenizer
 
     other_tokenizer = tiny_tokenizer(vocab_size=400)
     odd, _ = tiny_causal_lm(other_tokenizer, seed=5, intermediate_size=96)

@@ -12,7 +12,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from align.chat import encode_prompts
 from align.decoding import guided_decode, mod_guidance
 from align.decoding.divergences import mix_policies
-from align.models import tiny_causal_lm
+from align.testing import tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FORMS = [("forward_kl", None), ("jensen_shannon", None), ("alpha", 0.5), ("alpha", 2.0)]

@@ -11,8 +11,8 @@ from align.models import (
     embedded_model_path,
     load_model,
     load_tokenizer,
-    tiny_causal_lm,
 )
+from align.testing import tiny_causal_lm
 
 
 def test_tiny_tokenizer_is_a_real_chat_tokenizer(tiny_lm):
@@ -123,7 +123,7 @@ def test_embedded_smollm2_loads_from_its_cache_and_generates(smollm2, monkeypatc
     def converted_again(*_args, **_kwargs):
         raise AssertionError("the cached embedded model was converted from GGUF again")
 
-    monkeypatch.setattr(loading, "_convert_gguf", converted_again)
+    monkeypatch.setattr(loading, "convert_gguf", converted_again)
     again, _ = load_model()
     assert getattr(again, "hf_quantizer", None) is None
     assert getattr(again.config, "quantization_config", None) is None

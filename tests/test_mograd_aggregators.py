@@ -17,8 +17,8 @@ from hypothesis.extra.numpy import arrays
 from scipy.optimize import lsq_linear
 
 from align.mograd import available_aggregators, get_aggregator
-from align.mograd.aggregators import _solvers
-from align.mograd.aggregators._solvers import nonneg_qp
+from align.mograd.aggregators import solvers
+from align.mograd.aggregators.solvers import nonneg_qp
 
 SETTINGS = settings(
     max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -94,7 +94,7 @@ def test_nonneg_qp_matches_bounded_least_squares(jac, data):
     assume(scale_of(jac) > 1e-6)
     u = np.array(data.draw(st.lists(st.floats(0, 1), min_size=m, max_size=m)))
     j = jac.numpy() / np.sqrt(scale_of(jac))
-    v = _solvers.dual_cone_weights(j @ j.T, u)
+    v = solvers.dual_cone_weights(j @ j.T, u)
     ref = lsq_linear(j.T, np.zeros(n), bounds=(u, np.full(m, np.inf)), method="bvls", tol=1e-14)
     assert (v >= u - 1e-12).all()
     # The projection Jᵀv is unique even when v is not (dependent rows).

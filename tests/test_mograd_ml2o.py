@@ -14,7 +14,6 @@ from torch import nn
 from align.mograd import available_aggregators, get_aggregator
 from align.mograd.engine import MultiObjectiveEngine
 from align.mograd.learned.gml2o import GML2O, accepts
-from align.mograd.learned.meta import MetaConfig, meta_train, progress
 from align.mograd.learned.ml2o import (
     ML2O,
     default_weights_path,
@@ -23,7 +22,8 @@ from align.mograd.learned.ml2o import (
     save_network,
 )
 from align.mograd.learned.network import ML2ONet, encode, network_inputs
-from align.mograd.learned.problems import Quadratic
+from align.mograd.learned.training.meta import MetaConfig, meta_train, progress
+from align.mograd.learned.training.problems import Quadratic
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -49,7 +49,7 @@ def test_sequence_log_probs_equal_a_manual_sum_and_ignore_padding(tiny_lm):
 
 
 def test_a_parm_reward_depends_on_alpha(tiny_lm):
-    from align.models import tiny_causal_lm
+    from align.testing import tiny_causal_lm
 
     base, tokenizer = tiny_causal_lm(seed=0)
     torch.manual_seed(0)

@@ -97,7 +97,7 @@ def test_relevance_prefers_the_on_topic_answer():
 
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory):
-    from align.models import tiny_reward_model
+    from align.testing import tiny_reward_model
 
     model, tokenizer = tiny_reward_model(seed=3)
     path = tmp_path_factory.mktemp("rm")

@@ -31,7 +31,7 @@ PROMPTS = [
 
 def _sharp(seed: int):
     """A tiny LM with strong, distinct preferences (see tests/test_guided_decoding.py)."""
-    from align.models import tiny_causal_lm
+    from align.testing import tiny_causal_lm
 
     model = tiny_causal_lm(seed=seed, tie_word_embeddings=False)[0]
     with torch.no_grad():
@@ -46,7 +46,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
     from align.adapters import PBLoraConfig
     from align.merging.adapters import merge_lora_adapters
-    from align.models import load_model, tiny_causal_lm
+    from align.models import load_model
+    from align.testing import tiny_causal_lm
 
     root = tmp_path_factory.mktemp("shard-models")
     tokenizer = tiny_causal_lm(seed=0)[1]

@@ -20,8 +20,8 @@ from peft import get_peft_model
 
 from align.adapters import PBLoraConfig, SVDLoraConfig, merge_at_preference, set_preference
 from align.data import make_preference_dataset, save_preference_dataset
-from align.models import tiny_causal_lm
 from align.rewards import arm_rewards, reward_settings
+from align.testing import tiny_causal_lm
 from align.trainers import (
     ARMConfig,
     ARMTrainer,
@@ -271,7 +271,7 @@ def test_recipe_errors_name_the_field(tmp_path, tiny_model_dir):
     from align.train import RecipeError, load_recipe
 
     path = write_recipe(tmp_path, tiny_model_dir)
-    with pytest.raises(RecipeError, match="'trainer' must be one of"):
+    with pytest.raises(RecipeError, match="'trainer': unknown trainer 'ppo'; available: arm, dpo"):
         load_recipe(path, ["trainer=ppo"])
     with pytest.raises(RecipeError, match="unknown recipe fields"):
         load_recipe(path, ["modle=x"])
@@ -279,8 +279,12 @@ def test_recipe_errors_name_the_field(tmp_path, tiny_model_dir):
         load_recipe(tmp_path / "missing.yaml")
     from align.train import build_trainer
 
-    with pytest.raises(RecipeError, match="do not fit PARMConfig"):
+    with pytest.raises(
+        RecipeError, match=r"unknown recipe 'args' \(PARMConfig\) fields \['not_a_field'\]"
+    ):
         build_trainer(load_recipe(path, ["args.not_a_field=1"]))
+    with pytest.raises(RecipeError, match=r"\['learning_rat'\]; did you mean \['learning_rate'"):
+        build_trainer(load_recipe(path, ["args.learning_rat=1"]))
     # PyYAML reads 2e-3 as a string; a recipe means the number.
     assert load_recipe(path, ["args.learning_rate=2e-3"])["args"]["learning_rate"] == 0.002
 

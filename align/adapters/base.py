@@ -24,6 +24,7 @@ from peft.utils import get_quantization_kwargs, resolve_quantization_backend
 from torch import nn
 
 from align.preference import Preference, PreferenceLike
+from align.registry import Registry
 
 PREF_KWARG = "pref"
 
@@ -212,6 +213,16 @@ class PreferenceLayer(BaseTunerLayer):
             alpha = self._merged_preferences.pop(adapter)
             weight = self.get_base_weight()
             self.set_base_weight(weight - self.get_delta_weight(adapter, alpha).to(weight.dtype))
+
+
+#: The preference-aware tuners (``pblora``, ``svdlora``), each a PEFT tuner with its
+#: ``config_class``; :func:`align.adapters.registry.register` hands them to PEFT.
+ADAPTERS: Registry = Registry("preference adapter", attribute="adapter_type")
+
+
+def register_adapter(peft_type: str):
+    """Class decorator for a :class:`PreferenceTuner` under its PEFT type name."""
+    return ADAPTERS.register(peft_type)
 
 
 class PreferenceTuner(BaseTuner):

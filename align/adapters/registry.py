@@ -20,19 +20,16 @@ from peft.mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
 
-from align.adapters.base import PREF_KWARG, PreferenceTuner
-from align.adapters.pblora import PBLORA, PBLoraConfig, PBLoraModel
-from align.adapters.svdlora import SVDLORA, SVDLoraConfig, SVDLoraModel
-
-_METHODS = {
-    PBLORA: (PBLoraConfig, PBLoraModel),
-    SVDLORA: (SVDLoraConfig, SVDLoraModel),
-}
+from align.adapters.base import ADAPTERS, PREF_KWARG, PreferenceTuner
 
 
 def register() -> None:
-    for peft_type, (config_cls, tuner_cls) in _METHODS.items():
-        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+    import align.adapters.pblora  # noqa: F401 — each tuner registers itself in ADAPTERS
+    import align.adapters.svdlora  # noqa: F401
+
+    for tuner_cls in ADAPTERS.entries().values():
+        peft_type = tuner_cls.adapter_type
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = tuner_cls.config_class
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = tuner_cls.prefix
     if not getattr(PeftModel.__init__, "_align_pref_arg", False):

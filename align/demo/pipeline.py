@@ -8,7 +8,7 @@ Stages, each cached in the output folder and reused on a re-run when its setting
 3. **arms** — one GenARM ARM per objective (``recipes/genarm_cpu.yaml``);
 4. **policy** (``--with-dpo``) — an SVD-LoRA policy trained by preference DPO
    (``recipes/dpo_cpu.yaml``);
-5. **soup** — rewarded soups: the two single-objective ARMs, used as policies, merged exactly
+5. **soup** — rewarded soups: the single-objective ARMs, used as policies, merged exactly
    along α (``align.merging``, LoRA interpolation) into one adapter per α;
 6. **sweep** — the 11-point α grid through every route (base, PARM-guided, GenARM-guided,
    soup, policy) on held-out prompts, every answer scored;
@@ -30,6 +30,8 @@ from align.io import atomic_file
 
 #: The last 30 shipped prompts never reach the demo's training data: the sweep answers them.
 EVAL_PROMPT_OFFSET = 270
+#: The shipped dataset's objectives, each with the scorer that measures it in the sweep.
+SHIPPED_OBJECTIVES = {"positive": "positivity", "brief": "brevity"}
 
 
 def repository_root() -> Path:
@@ -45,6 +47,9 @@ class DemoConfig:
     output: str = "demo"
     data: str | None = None  # None: the shipped dataset (built into output/ when missing)
     data_prompts: int = 160  # prompts answered when the dataset is built here
+    #: Objective → scorer (``align scorers``); None: the shipped dataset's. Any dataset with two
+    #: or more objectives runs: one PARM on all of them, one ARM each, soups along all of them.
+    objectives: dict[str, str] | None = None
     recipes: str | None = None  # None: <checkout>/recipes
     # 40 PARM steps and 20 per ARM (the same pairs budget) keep `make demo` within 15 minutes on
     # 2 CPU cores; 60 / 30 reach further (the README's ablation table).
@@ -102,7 +107,38 @@ class Stage:
             )
 
 
-def _train(config: DemoConfig, recipe: str, output: Path, data: Path, extra: list[str]) -> Path:
+def demo_objectives(config: DemoConfig, data: Path) -> dict[str, str]:
+    """Objective → scorer for the demo's dataset: the config's, checked against the dataset's
+    objectives, or the shipped ones when the dataset has exactly those."""
+    from align.data import load_preference_data, objectives_of
+    from align.scorers.base import SCORERS
+
+    found = objectives_of(load_preference_data(str(data)))
+    chosen = dict(config.objectives) if config.objectives else None
+    if chosen is None:
+        if set(found) != set(SHIPPED_OBJECTIVES):
+            raise ValueError(
+                f"the dataset {str(data)!r} has objectives {list(found)}: name the scorer of each "
+                f"(align demo --objective NAME=SCORER ...; scorers: {', '.join(SCORERS.names())})"
+            )
+        chosen = {name: SHIPPED_OBJECTIVES[name] for name in found}
+    missing = [name for name in chosen if name not in found]
+    if missing:
+        raise ValueError(
+            f"objectives {missing} are not in the dataset {str(data)!r} ({list(found)})"
+        )
+    if len(chosen) < 2:
+        raise ValueError(f"the demo trades off two or more objectives, got {list(chosen)}")
+    for scorer in chosen.values():
+        SCORERS.get(str(scorer).partition(":")[0])  # an unknown scorer fails before training
+    return chosen
+
+
+def train_stage(
+    config: DemoConfig, recipe: str, output: Path, data: Path, extra: list[str]
+) -> Path:
+    """Train one recipe of the demo into ``output`` (``output/final``), or reuse the result of
+    a run with the same settings."""
     from align.train import load_recipe, run_recipe
 
     overrides = [
@@ -139,18 +175,24 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
         log(f"[align demo] {name}: {timings[name]:.0f} s")
         return result
 
-    data = timed("data", lambda: _dataset(config, out))
+    data = timed("data", lambda: demo_dataset(config, out))
+    objectives = demo_objectives(config, data)
+    names = list(objectives)
     parm = timed(
         "train PARM",
-        lambda: _train(
-            config, "parm_cpu.yaml", out / "parm", data, [f"args.max_steps={config.parm_steps}"]
+        lambda: train_stage(
+            config,
+            "parm_cpu.yaml",
+            out / "parm",
+            data,
+            [f"args.objectives=[{','.join(names)}]", f"args.max_steps={config.parm_steps}"],
         ),
     )
     arms = {}
-    for objective in ("positive", "brief"):
+    for objective in names:
         arms[objective] = timed(
             f"train ARM {objective}",
-            lambda o=objective: _train(
+            lambda o=objective: train_stage(
                 config,
                 "genarm_cpu.yaml",
                 out / f"arm-{o}",
@@ -174,15 +216,15 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     if config.with_dpo:
         policy = timed(
             "train DPO policy",
-            lambda: _train(
+            lambda: train_stage(
                 config, "dpo_cpu.yaml", out / "policy", data, [f"args.max_steps={config.dpo_steps}"]
             ),
         )
         routes.append({"name": "SVD-LoRA policy", "kind": "policy", "adapter": str(policy)})
     sweep = SweepConfig(
         base=config.model,
-        objectives=["positive", "brief"],
-        scorers={"positive": "positivity", "brief": "brevity"},
+        objectives=names,
+        scorers=dict(objectives),
         routes=routes,
         output=str(out / "report"),
         prompts={"offset": EVAL_PROMPT_OFFSET, "limit": config.eval_prompts},
@@ -192,7 +234,7 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
             "batch_size": config.batch_size,
             "do_sample": False,
         },
-        title="align demo: positive vs brief on the embedded SmolLM2",
+        title=f"align demo: {' vs '.join(names)} on {config.model}",
     )
     from align.sweep import write_report
 
@@ -203,7 +245,8 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     return report
 
 
-def _dataset(config: DemoConfig, out: Path) -> Path:
+def demo_dataset(config: DemoConfig, out: Path) -> Path:
+    """The demo's preference dataset: the config's, the shipped one, or one built here."""
     if config.data:
         path = Path(config.data)
         if not path.is_file():

@@ -16,21 +16,30 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 
-class MergeMethod(ABC):
-    """One way to merge K tensors along α. Options are validated in the constructor."""
+class Merge(ABC):
+    """Anything ``merge_method:`` can name: its options validated in the constructor, and
+    :meth:`run` turning a parsed merge config into output folders.
+
+    Tensor-level methods (:class:`MergeMethod`: linear, TIES, DARE, SLERP ...) run through the
+    streaming engine; LoRA interpolation and Pareto merging are merges of their own kind
+    (:mod:`align.merging.methods.lora`, :mod:`align.merging.methods.pareto`). All of them are
+    found through one registry, so ``align merge`` is a lookup and a call.
+    """
 
     #: The registered name (set by :func:`align.merging.registry.register_merge_method`).
     name: ClassVar[str] = ""
-    #: Whether the method needs the base model (task vectors) — else it must not get one.
-    needs_base: ClassVar[bool] = True
     #: Option name → default; anything else given to the constructor is an error.
     options: ClassVar[Mapping[str, Any]] = {}
+    #: Whether ``run`` trains an artifact from ``models`` (Pareto merging) rather than writing
+    #: checkpoints for a preference or a sweep; such a merge also reads ``artifact:`` configs.
+    trains_artifact: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))
@@ -49,6 +58,34 @@ class MergeMethod(ABC):
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({inner})"
+
+    @abstractmethod
+    def run(self, config: Any, out: Path, *, overwrite: bool = False) -> list[Path]:
+        """Do what ``config`` (a :class:`~align.merging.config.MergeConfig`) asks; returns the
+        folders written."""
+
+
+class MergeMethod(Merge):
+    """One way to merge K tensors along α, streamed tensor by tensor by the engine."""
+
+    #: Whether the method needs the base model (task vectors) — else it must not get one.
+    needs_base: ClassVar[bool] = True
+
+    def run(self, config: Any, out: Path, *, overwrite: bool = False) -> list[Path]:
+        from align.merging.engine import merge_checkpoints
+
+        return merge_checkpoints(
+            config.models,
+            out,
+            method=self,
+            base_model=config.base_model,
+            preference=config.preference,
+            sweep=config.sweep,
+            dtype=config.dtype,
+            max_shard_size=config.max_shard_size,
+            overwrite=overwrite,
+            pass_size=config.pass_size,
+        )
 
     @abstractmethod
     def prepare(self, name: str, tensors: Tensor, base: Tensor | None) -> Any:

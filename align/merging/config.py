@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from align.config import ConfigError
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -55,7 +55,7 @@ TOP_LEVEL_KEYS = frozenset(
 )
 
 
-class MergeConfigError(ValueError):
+class MergeConfigError(ConfigError):
     """A merge config is malformed; the message lists every problem."""
 
 
@@ -80,12 +80,21 @@ def parse_merge_config(data: Mapping[str, Any], source: str = "config") -> Merge
         raise MergeConfigError(f"{source}: a merge config is a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - TOP_LEVEL_KEYS)
     if unknown:
-        problems.append(f"unknown keys {unknown}; known: {sorted(TOP_LEVEL_KEYS)}")
+        problems.append(f"unknown merge config fields {unknown}; known: {sorted(TOP_LEVEL_KEYS)}")
     method = data.get("merge_method")
+    method_class = None
     if not isinstance(method, str) or not method:
         problems.append(
             "merge_method is required (e.g. linear, task_arithmetic, ties, dare_ties, lora, pareto)"
         )
+    else:
+        from align.merging.registry import METHODS
+
+        try:
+            method_class = METHODS.get(method)
+        except ValueError as error:
+            problems.append(str(error))
+    trains_artifact = getattr(method_class, "trains_artifact", False)
     models: dict[str, str] = {}
     raw_models = data.get("models")
     if data.get("artifact") is None:
@@ -123,10 +132,12 @@ def parse_merge_config(data: Mapping[str, Any], source: str = "config") -> Merge
         problems.append(f"parameters must be a mapping, got {parameters!r}")
         parameters = {}
     has_pref, has_sweep = data.get("preference") is not None, data.get("sweep") is not None
-    if method == "pareto" and data.get("artifact") is None:
+    if data.get("artifact") is not None and method_class is not None and not trains_artifact:
+        problems.append(f"`artifact:` is for merges that train one (pareto), not {method!r}")
+    if trains_artifact and data.get("artifact") is None:
         if has_pref or has_sweep:
             problems.append(
-                "merge_method pareto trains an artifact into OUT; materialise α from it with a "
+                f"merge_method {method} trains an artifact into OUT; materialise α from it with a "
                 "second config that names `artifact: OUT` and a preference or sweep"
             )
     elif has_pref == has_sweep:
@@ -167,13 +178,12 @@ def parse_merge_config(data: Mapping[str, Any], source: str = "config") -> Merge
 
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise MergeConfigError(f"no merge config at {path}")
+    from align.config import ConfigError, read_config
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise MergeConfigError(f"{path} is not valid YAML: {error}") from error
+        data = read_config(path, "merge config")
+    except ConfigError as error:
+        raise MergeConfigError(str(error)) from error
     return parse_merge_config(data, str(path))
 
 
@@ -181,81 +191,8 @@ def run_merge_config(
     config: MergeConfig, out: str | os.PathLike, *, overwrite: bool = False
 ) -> list[Path]:
     """Run a parsed config; returns the folders written (the artifact for ``pareto``)."""
-    from align.merging.adapters import merge_lora_adapters
-    from align.merging.engine import merge_checkpoints
-    from align.merging.pareto import ParetoArtifact, pareto_merge
+    from align.merging.registry import get_merge_method
 
-    method = config.merge_method.strip().lower()
-    if config.artifact is not None:
-        if method != "pareto":
-            raise MergeConfigError(f"`artifact:` is for merge_method pareto, not {method!r}")
-        artifact = ParetoArtifact(config.artifact)
-        if config.preference is not None:
-            return [
-                artifact.materialize(
-                    config.preference,
-                    out,
-                    overwrite=overwrite,
-                    max_shard_size=config.max_shard_size,
-                )
-            ]
-        from align.merging.io import folder_signature, sweep_grid, write_sweep
-
-        def produce(alphas, folders):
-            artifact.write_checkpoints(list(alphas), folders, max_shard_size=config.max_shard_size)
-
-        return write_sweep(
-            out,
-            sweep_grid(config.sweep, artifact.objectives),
-            produce,
-            merge_method="pareto",
-            job={
-                "artifact": [str(artifact.folder), folder_signature(artifact.folder)],
-                "max_shard_size": config.max_shard_size,
-            },
-            overwrite=overwrite,
-            pass_size=config.pass_size,
-        )
-    if method == "pareto":
-        options = dict(config.parameters)
-        if config.dtype is not None:
-            options.setdefault("dtype", config.dtype)
-        return [
-            pareto_merge(
-                config.models,
-                out,
-                base_model=config.base_model,
-                options=options,
-                max_shard_size=config.max_shard_size,
-                overwrite=overwrite,
-            ).folder
-        ]
-    if method in ("lora", "lora_cat"):
-        from align.merging.methods.lora import LoraInterpolation
-
-        lora = LoraInterpolation(**config.parameters)  # validates the options
-        return merge_lora_adapters(
-            config.models,
-            out,
-            preference=config.preference,
-            sweep=config.sweep,
-            output=lora.params["output"],
-            base_model=config.base_model,
-            dtype=config.dtype,
-            max_shard_size=config.max_shard_size,
-            overwrite=overwrite,
-            pass_size=config.pass_size,
-        )
-    return merge_checkpoints(
-        config.models,
-        out,
-        method=method,
-        parameters=config.parameters,
-        base_model=config.base_model,
-        preference=config.preference,
-        sweep=config.sweep,
-        dtype=config.dtype,
-        max_shard_size=config.max_shard_size,
-        overwrite=overwrite,
-        pass_size=config.pass_size,
+    return get_merge_method(config.merge_method, **config.parameters).run(
+        config, Path(out), overwrite=overwrite
     )

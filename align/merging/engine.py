@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from align.io import atomic_directory
+from align.merging.base import MergeMethod
 from align.merging.io import (
     Checkpoint,
     StreamingWriter,
@@ -229,9 +230,10 @@ def merge_checkpoints(
     """
     out = Path(out)
     method = get_merge_method(method, **dict(parameters or {}))
-    if getattr(method, "kind", "tensor") != "tensor" and not hasattr(method, "prepare"):
+    if not isinstance(method, MergeMethod):
         raise ValueError(
-            f"merge method {method.name!r} merges adapters; use align.merging.merge_lora_adapters"
+            f"merge method {method.name!r} does not merge checkpoint tensors; run it from a "
+            f"merge config (align merge, align.merging.run_merge_config)"
         )
     inputs = models if isinstance(models, MergeInputs) else open_inputs(models, base_model)
     if (preference is None) == (sweep is None):

@@ -142,10 +142,10 @@ class ParetoMergeOptions:
             raise ValueError(
                 "entropy_weight > 0 needs prompts (unlabeled texts) to measure entropy on"
             )
-        from align.mograd import get_aggregator
+        from align.mograd import LossAggregator, get_aggregator
 
         aggregator = get_aggregator(self.scalarization, **self.scalarization_options)
-        if aggregator.kind != "loss":
+        if not isinstance(aggregator, LossAggregator):
             raise ValueError(
                 f"scalarization {self.scalarization!r} is a gradient-level method; Pareto merging "
                 f"takes a loss-level one (linear, tchebycheff, smooth_tchebycheff)"

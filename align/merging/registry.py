@@ -1,7 +1,9 @@
-"""One registry of merge methods: ``get_merge_method("ties", density=0.5)``.
+"""One registry of merges: ``get_merge_method("ties", density=0.5)``.
 
 Methods live one per file in :mod:`align.merging.methods` and register themselves with
-:func:`register_merge_method`; the package is imported on first lookup.
+:func:`register_merge_method`; the package is imported on first lookup. Tensor-level methods
+(:class:`~align.merging.base.MergeMethod`) and the merges of their own kind (``lora``,
+``pareto``) are all :class:`~align.merging.base.Merge` and are all found here.
 """
 
 from __future__ import annotations
@@ -9,30 +11,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from align._registry import Registry
-from align.merging.base import MergeMethod
+from align.merging.base import Merge
+from align.registry import Registry
 
-_METHODS = Registry("merge method", ("align.merging.methods",))
+METHODS: Registry = Registry("merge method", ("align.merging.methods",))
 
 
 def register_merge_method(name: str, *aliases: str) -> Callable[[type], type]:
     """Class decorator: make a method available as ``get_merge_method(name)``."""
-    return _METHODS.register(name, *aliases)
+    return METHODS.register(name, *aliases)
 
 
 def available_merge_methods() -> dict[str, str]:
     """Name → first line of the docstring of every registered method (aliases included)."""
-    return {
-        name: (cls.__doc__ or "").strip().splitlines()[0]
-        for name, cls in _METHODS.classes().items()
-    }
+    return METHODS.descriptions()
 
 
-def get_merge_method(name: str | MergeMethod | Any, **options: Any) -> Any:
+def get_merge_method(name: str | Merge, **options: Any) -> Merge:
     """A new instance of the method called ``name`` (options go to its constructor); an
     instance passes through unchanged."""
-    if not isinstance(name, str):
+    if isinstance(name, Merge):
         if options:
             raise ValueError("options can only be given with a method name, not an instance")
         return name
-    return _METHODS.lookup(name)[1](**options)
+    return METHODS.build(name, **options)

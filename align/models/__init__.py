@@ -1,4 +1,4 @@
-"""Models by name (embedded, local, hub) and tiny random models for tests."""
+"""Models by name (embedded, local, hub). Tiny random models for tests: :mod:`align.testing`."""
 
 from align.models.loading import (
     EMBEDDED_MODEL,
@@ -11,7 +11,6 @@ from align.models.loading import (
     load_tokenizer,
     resolve_model_path,
 )
-from align.models.tiny import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -23,7 +22,4 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "resolve_model_path",
-    "tiny_causal_lm",
-    "tiny_reward_model",
-    "tiny_tokenizer",
 ]

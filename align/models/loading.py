@@ -110,7 +110,7 @@ def embedded_model_path(name: str = EMBEDDED_MODEL) -> Path:
         target,
     )
     with atomic_directory(target) as tmp:
-        _convert_gguf(gguf, spec, tmp)
+        convert_gguf(gguf, spec, tmp)
     return target
 
 
@@ -131,7 +131,7 @@ def _gguf_parsed_once():
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
-def _convert_gguf(gguf: Path, spec: EmbeddedModel, out: Path, parse_once: bool = True) -> None:
+def convert_gguf(gguf: Path, spec: EmbeddedModel, out: Path, parse_once: bool = True) -> None:
     with _gguf_parsed_once() if parse_once else contextlib.nullcontext():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(

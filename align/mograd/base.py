@@ -1,6 +1,6 @@
-"""The two interfaces of the multi-gradient core.
+"""The three interfaces of the multi-gradient core.
 
-Every method turns m per-objective losses into one update, in one of two ways:
+Every method turns m per-objective losses into one update, in one of three ways:
 
 * a :class:`LossAggregator` maps the loss vector ``L ∈ R^m`` (and α, for preference-based
   methods) to one scalar; one backward of that scalar gives the update (linear scalarization,
@@ -8,10 +8,16 @@ Every method turns m per-objective losses into one update, in one of two ways:
   FAMO);
 * a :class:`GradientAggregator` maps the m×m Gram matrix ``G = J Jᵀ`` of the per-objective
   gradients to weights ``w``; the update is ``d = Σ w_i g_i = wᵀ J`` (MGDA, PCGrad, CAGrad,
-  IMTL-G, Nash-MTL, UPGrad, EPO, DualProj, Aligned-MTL, ConFIG, GradVac, FairGrad). Needing only G is what makes these cheap to distribute: m²
-  numbers describe the whole conflict between objectives.
+  IMTL-G, Nash-MTL, UPGrad, EPO, DualProj, Aligned-MTL, ConFIG, GradVac, FairGrad). Needing
+  only G is what makes these cheap to distribute: m² numbers describe the whole conflict
+  between objectives;
+* an :class:`UpdateAggregator` maps the Jacobian ``J (m, P)`` itself to the update ``d (P,)``,
+  coordinate by coordinate (the learned optimizers ML2O, GML2O, Gram-L2O of
+  :mod:`align.mograd.learned`, which look at every coordinate of every gradient and at their
+  history); :class:`~align.mograd.engine.MultiObjectiveEngine` runs it like a gradient-level
+  method (m backward passes for J, the update injected as the gradient).
 
-Both are ``torch.nn.Module`` so that their state (loss history, learnable log-variances, FAMO's
+All three are ``torch.nn.Module`` so that their state (loss history, learnable log-variances, FAMO's
 logits) is saved and restored with ``state_dict`` when a training run resumes.
 
 The core knows nothing about transformers: losses, gradients and Gram matrices only.
@@ -39,6 +45,16 @@ def check_losses(losses: Tensor, name: str) -> Tensor:
     return losses
 
 
+def check_jacobian(jacobian: Tensor, name: str) -> None:
+    """A 2-D ``(m, P)`` Jacobian with m >= 1 (one row per objective's gradient), or an error."""
+    if not isinstance(jacobian, Tensor) or jacobian.ndim != 2 or jacobian.shape[0] == 0:
+        shape = tuple(jacobian.shape) if isinstance(jacobian, Tensor) else type(jacobian)
+        raise ValueError(
+            f"{name}: the Jacobian must be a tensor of shape (m, P) with m >= 1 (one row per "
+            f"objective's gradient), got {shape}"
+        )
+
+
 def check_preference(preference: Tensor | None, m: int, name: str, *, required: bool) -> Tensor:
     """α as a float tensor of shape (m,), or a clear error. ``None`` is allowed unless required."""
     if preference is None:
@@ -59,21 +75,31 @@ def check_preference(preference: Tensor | None, m: int, name: str, *, required: 
     return weights
 
 
-class LossAggregator(nn.Module, ABC):
-    """Loss-level method: ``aggregator(losses, preference=α) -> scalar`` (one backward)."""
+class MultiGradientMethod(nn.Module, ABC):
+    """What the three kinds share: flags the engine and the registry read, and the weights of
+    the last call. Its state (loss history, recurrent state) goes through ``state_dict``."""
 
-    kind = "loss"
+    #: "loss", "gradient" or "update": a label for listings; code dispatches on the class.
+    kind = ""
     #: True when the method needs α (it then raises a ``ValueError`` without it).
     uses_preference = False
     #: True when α, if given, changes the update although it is optional (linear
-    #: scalarization); :func:`~align.mograd.registry.preference_aware_aggregators` lists the
-    #: methods with either flag.
+    #: scalarization, UPGrad's pref_vector); :func:`~align.mograd.registry.
+    #: preference_aware_aggregators` lists the methods with either flag.
     preference_aware = False
+    #: True when the method also needs the loss values (EPO, ML2O's guard).
+    uses_losses = False
 
     def __init__(self) -> None:
         super().__init__()
-        #: The effective weight of each loss in the last call (for logging), or None.
+        #: The effective weight of each objective in the last call (for logging), or None.
         self.last_weights: Tensor | None = None
+
+
+class LossAggregator(MultiGradientMethod):
+    """Loss-level method: ``aggregator(losses, preference=α) -> scalar`` (one backward)."""
+
+    kind = "loss"
 
     def forward(self, losses: Tensor, preference: Tensor | None = None) -> Tensor:
         losses = check_losses(losses, type(self).__name__)
@@ -102,7 +128,7 @@ class LossAggregator(nn.Module, ABC):
         self.observe(losses)
 
 
-class GradientAggregator(nn.Module, ABC):
+class GradientAggregator(MultiGradientMethod):
     """Gradient-level method: weights from the Gram matrix, update ``d = wᵀ J``.
 
     Calling it on a Jacobian ``(m, n)`` returns the ``(n,)`` direction, the same convention as
@@ -111,24 +137,11 @@ class GradientAggregator(nn.Module, ABC):
     """
 
     kind = "gradient"
-    uses_preference = False
-    #: True when an optional α changes the update (UPGrad's, DualProj's, ... pref_vector).
-    preference_aware = False
-    #: True when the method also needs the loss values (EPO).
-    uses_losses = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_weights: Tensor | None = None
 
     def forward(
         self, jacobian: Tensor, *, losses: Tensor | None = None, preference: Tensor | None = None
     ) -> Tensor:
-        if jacobian.ndim != 2 or jacobian.shape[0] == 0:
-            raise ValueError(
-                f"{type(self).__name__}: the Jacobian must have shape (m, n) with m >= 1, "
-                f"got {tuple(jacobian.shape)}"
-            )
+        check_jacobian(jacobian, type(self).__name__)
         gram = jacobian @ jacobian.T
         weights = self.weights(gram, losses=losses, preference=preference)
         return weights.to(jacobian.dtype) @ jacobian
@@ -161,4 +174,36 @@ class GradientAggregator(nn.Module, ABC):
         """The (m,) weights; inputs are validated and detached."""
 
 
-Aggregator = LossAggregator | GradientAggregator
+class UpdateAggregator(MultiGradientMethod):
+    """``aggregator(J (m, P), losses=, preference=) -> d (P,)``, the gradient-like update.
+
+    Like the other kinds it is an ``nn.Module``: its recurrent state is saved and restored with
+    ``state_dict``. ``last_weights`` (m,) is set for logging where the method can say what weight
+    each objective had (ML2O: the coefficients of d's projection onto the gradients' span).
+    """
+
+    kind = "update"
+
+    def forward(
+        self, jacobian: Tensor, *, losses: Tensor | None = None, preference: Tensor | None = None
+    ) -> Tensor:
+        name = type(self).__name__
+        check_jacobian(jacobian, name)
+        if not torch.isfinite(jacobian).all():
+            raise ValueError(f"{name}: the Jacobian has non-finite entries (NaN/inf gradients)")
+        m = jacobian.shape[0]
+        alpha = check_preference(preference, m, name, required=self.uses_preference)
+        if losses is not None:
+            losses = check_losses(losses, name).detach()
+        elif self.uses_losses:
+            raise ValueError(f"{name} needs the loss values: pass losses=")
+        return self.compute_update(jacobian.detach(), losses, alpha)
+
+    @abstractmethod
+    def compute_update(
+        self, jacobian: Tensor, losses: Tensor | None, preference: Tensor | None
+    ) -> Tensor:
+        """The (P,) update for a validated, detached Jacobian."""
+
+
+Aggregator = LossAggregator | GradientAggregator | UpdateAggregator  # = MultiGradientMethod

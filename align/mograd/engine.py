@@ -140,7 +140,12 @@ import torch
 from torch import Tensor, nn
 
 from align.mograd import distributed as D
-from align.mograd.base import GradientAggregator, LossAggregator, check_losses
+from align.mograd.base import (
+    GradientAggregator,
+    LossAggregator,
+    UpdateAggregator,
+    check_losses,
+)
 from align.mograd.registry import get_aggregator
 
 _ACCUMULATION = ("micro", "full")
@@ -234,7 +239,7 @@ class MultiObjectiveEngine:
     @property
     def is_update_level(self) -> bool:
         """An update-level method (ML2O): J in, the update out."""
-        return getattr(self.aggregator, "kind", None) == "update"
+        return isinstance(self.aggregator, UpdateAggregator)
 
     @property
     def is_gradient_level(self) -> bool:

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+from align.mograd.base import Aggregator, MultiGradientMethod
+from align.registry import Registry
 
-from align._registry import Registry
-from align.mograd.base import GradientAggregator, LossAggregator
-
-_METHODS = Registry(
+#: Sub-packages (``learned.training``: meta-training) are not scanned: research code stays off
+#: the runtime import path.
+METHODS: Registry = Registry(
     "multi-gradient method",
     ("align.mograd.scalarizations", "align.mograd.aggregators", "align.mograd.learned"),
 )
@@ -24,17 +24,17 @@ _METHODS = Registry(
 
 def register_aggregator(name: str, *aliases: str) -> Callable[[type], type]:
     """Class decorator: make a method available as ``get_aggregator(name)``."""
-    return _METHODS.register(name, *aliases)
+    return METHODS.register(name, *aliases)
 
 
 def aggregator_class(name: str) -> type:
-    """The class registered as ``name`` (aliases accepted), or a ValueError listing them."""
-    return _METHODS.lookup(name)[1]
+    """The class registered as ``name`` (aliases accepted), or an error listing them."""
+    return METHODS.get(name)
 
 
 def canonical_aggregators() -> list[str]:
     """Every registered method once, by its canonical name (aliases dropped), sorted."""
-    return _METHODS.canonical_names()
+    return METHODS.names()
 
 
 def preference_aware_aggregators() -> list[str]:
@@ -44,7 +44,7 @@ def preference_aware_aggregators() -> list[str]:
     return sorted(
         {
             cls.name
-            for cls in _METHODS.classes().values()
+            for cls in METHODS.entries().values()
             if getattr(cls, "uses_preference", False) or getattr(cls, "preference_aware", False)
         }
     )
@@ -53,22 +53,14 @@ def preference_aware_aggregators() -> list[str]:
 def available_aggregators() -> dict[str, str]:
     """Name → kind ("loss", "gradient" or "update") of every registered method (aliases
     included)."""
-    return {name: cls.kind for name, cls in _METHODS.classes().items()}
+    return {name: cls.kind for name, cls in METHODS.entries().items()}
 
 
-def get_aggregator(
-    name: str | LossAggregator | GradientAggregator, **kwargs: Any
-) -> LossAggregator | GradientAggregator:
+def get_aggregator(name: str | Aggregator, **kwargs: Any) -> Aggregator:
     """A new instance of the method called ``name`` (keyword arguments go to its constructor);
     an instance passes through unchanged."""
-    if isinstance(name, LossAggregator | GradientAggregator) or (
-        isinstance(name, nn.Module) and getattr(name, "kind", None) == "update"
-    ):
+    if isinstance(name, MultiGradientMethod):
         if kwargs:
             raise ValueError("options can only be given with a method name, not an instance")
         return name
-    key, cls = _METHODS.lookup(name)
-    try:
-        return cls(**kwargs)
-    except TypeError as error:
-        raise ValueError(f"bad options for {key!r}: {error}") from error
+    return METHODS.build(name, **kwargs)

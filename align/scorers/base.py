@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-_REGISTRY: dict[str, type[Scorer]] = {}
+from align.registry import Registry
+
+SCORERS: Registry = Registry("scorer", ("align.scorers",))
 
 
 class Scorer(ABC):
@@ -58,24 +60,14 @@ class Scorer(ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-def register_scorer(name: str) -> Callable[[type[Scorer]], type[Scorer]]:
+def register_scorer(name: str, *aliases: str) -> Callable[[type[Scorer]], type[Scorer]]:
     """Class decorator: make a scorer available as ``get_scorer(name)``."""
-
-    def decorate(cls: type[Scorer]) -> type[Scorer]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(
-                f"a scorer named {name!r} is already registered ({_REGISTRY[name].__name__})"
-            )
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return SCORERS.register(name, *aliases)
 
 
 def available_scorers() -> dict[str, str]:
     """Registered scorer names and their one-line descriptions."""
-    return {name: cls.description for name, cls in sorted(_REGISTRY.items())}
+    return {cls.name: cls.description for cls in SCORERS.entries().values()}
 
 
 def get_scorer(spec: str, **kwargs: Any) -> Scorer:
@@ -84,8 +76,6 @@ def get_scorer(spec: str, **kwargs: Any) -> Scorer:
     ``get_scorer("positivity")``, ``get_scorer("reward-model:path/to/rm")``.
     """
     name, _, argument = spec.partition(":")
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     if argument:
         kwargs.setdefault("model", argument)
-    return _REGISTRY[name](**kwargs)
+    return SCORERS.build(name, **kwargs)

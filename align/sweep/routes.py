@@ -32,8 +32,9 @@ import torch
 
 from align.merging.io import MERGE_INFO
 from align.preference import Preference
+from align.registry import Registry
 
-ROUTES: dict[str, type[Route]] = {}
+ROUTES: Registry = Registry("route kind", attribute="kind")
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,9 @@ def assemble(
     return answers  # type: ignore[return-value]
 
 
-def register_route(kind: str):
-    def decorate(cls: type[Route]) -> type[Route]:
-        cls.kind = kind
-        ROUTES[kind] = cls
-        return cls
-
-    return decorate
+def register_route(kind: str, *aliases: str):
+    """Class decorator: make a route available as ``kind:`` in sweep configs."""
+    return ROUTES.register(kind, *aliases)
 
 
 class Route(ABC):
@@ -504,7 +501,7 @@ class MergedRoute(Route):
         """A sweep of exact LoRA interpolations whose inputs are unchanged decodes
         ``alphas_per_pass`` α (default: all) per pass (see :meth:`answer_passes`); any other
         merge: one α per pass."""
-        if self._interpolated_sources(base) is None:
+        if self.interpolated_sources(base) is None:
             return super().passes(base, prompts, alphas)
         return guided_route_passes(self.generation, prompts, alphas)
 
@@ -515,7 +512,7 @@ class MergedRoute(Route):
         by its own α_k — Σ_k α_k ΔW_k, the merged adapter's update, with the weights read once
         per step instead of once per α. Any other merge: each α's checkpoint, loaded once for
         the consecutive passes that use it."""
-        sources = self._interpolated_sources(runtime.base_name)
+        sources = self.interpolated_sources(runtime.base_name)
         if sources is None:
             return self._answer_each(runtime, prompts, alphas, passes, progress)
         from align.decoding.guided import guided_generate, mod_guidance
@@ -572,7 +569,7 @@ class MergedRoute(Route):
             _detach(model)
         return results
 
-    def _interpolated_sources(self, base: str) -> dict[str, str] | None:
+    def interpolated_sources(self, base: str) -> dict[str, str] | None:
         """The input adapters, in objective order, when every α's folder is their exact LoRA
         interpolation and they are unchanged since (content digests); else None."""
         records = [json.loads((Path(f) / MERGE_INFO).read_text()) for f in self.sources()]
@@ -638,10 +635,12 @@ def build_route(spec: Mapping[str, Any], objectives: Sequence[str], generation: 
     spec = dict(spec)
     kind = spec.pop("kind", None)
     name = spec.pop("name", kind)
-    if kind not in ROUTES:
-        raise ValueError(f"route {name!r}: kind must be one of {sorted(ROUTES)}, got {kind!r}")
+    try:
+        route_class = ROUTES.get(kind)
+    except ValueError as error:
+        raise ValueError(f"route {name!r}: {error}") from error
     options = {**generation, **spec.pop("generation", {})}
     try:
-        return ROUTES[kind](name, objectives, options, **spec)
+        return route_class(name, objectives, options, **spec)
     except TypeError as error:
         raise ValueError(f"route {name!r} ({kind}): bad fields {sorted(spec)}: {error}") from error

@@ -62,33 +62,11 @@ class SweepConfig:
 
 def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """A :class:`SweepConfig` from YAML, with ``key.sub=value`` overrides."""
-    import yaml
+    from align.config import build_dataclass, read_config
 
-    from align.errors import yaml_problem
-    from align.train import RecipeError, _numbers, apply_overrides
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"evaluation config {str(path)!r} does not exist")
-    try:
-        data = _numbers(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as error:
-        raise ValueError(
-            f"evaluation config {str(path)!r} is not valid YAML: {yaml_problem(error)}"
-        ) from error
-    try:
-        data = apply_overrides(data, overrides)
-    except RecipeError as error:
-        raise ValueError(str(error)) from error
-    known = set(SweepConfig.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown evaluation config fields {unknown}; known: {sorted(known)}")
-    required = {"base", "objectives", "scorers", "routes", "output"}
-    missing = sorted(required - set(data))
-    if missing:
-        raise ValueError(f"evaluation config {path} misses {missing}")
-    return SweepConfig(**data)
+    return build_dataclass(
+        SweepConfig, read_config(path, "evaluation config", overrides), "evaluation config"
+    )
 
 
 def load_sweep_prompts(spec: Mapping[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel
 
 from align.adapters.config import QKV_TARGET_MODULES
 from align.trainers.base import MultiObjectivePreferenceConfig, MultiObjectivePreferenceTrainer
+from align.trainers.registry import register_trainer
 
 
 def attention_targets(model: Any) -> list[str]:
@@ -33,8 +34,11 @@ class ARMConfig(MultiObjectivePreferenceConfig):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
 
 
+@register_trainer("arm")
 class ARMTrainer(MultiObjectivePreferenceTrainer):
     """Trains a GenARM autoregressive reward model for one objective of a preference dataset."""
+
+    config_class = ARMConfig
 
     _name = "ARM"
     conditioned = False

@@ -16,12 +16,15 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from align.adapters import PBLoraConfig, SVDLoraConfig
+import align.adapters  # noqa: F401 — registers the tuners
+from align.adapters.base import ADAPTERS
 from align.trainers.arm import attention_targets
 from align.trainers.base import MultiObjectivePreferenceConfig, MultiObjectivePreferenceTrainer
 from align.trainers.data import select_objectives
+from align.trainers.registry import register_trainer
 
-ADAPTERS = ("svdlora", "pblora")
+#: The preference adapters a policy can get (the lower-case names of the adapter registry).
+ADAPTER_NAMES = tuple(name.lower() for name in ADAPTERS.names())
 
 
 @dataclass
@@ -30,7 +33,7 @@ class PreferenceDPOConfig(MultiObjectivePreferenceConfig):
 
     adapter: str = field(
         default="svdlora",
-        metadata={"help": "Adapter added when the model has none.", "choices": ADAPTERS},
+        metadata={"help": "Adapter added when the model has none.", "choices": ADAPTER_NAMES},
     )
     adapter_rank: int = field(default=8, metadata={"help": "SVD-LoRA rank r, or PBLoRA r1 = r2."})
     lora_alpha: float = field(default=8, metadata={"help": "Adapter scaling numerator."})
@@ -38,12 +41,14 @@ class PreferenceDPOConfig(MultiObjectivePreferenceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.adapter not in ADAPTERS:
-            raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+        ADAPTERS.get(self.adapter)  # an unknown name lists the available ones
 
 
+@register_trainer("dpo")
 class PreferenceDPOTrainer(MultiObjectivePreferenceTrainer):
     """DPO for a policy conditioned on α, one DPO loss per objective."""
+
+    config_class = PreferenceDPOConfig
 
     _name = "PreferenceDPO"
     conditioned = True
@@ -54,23 +59,14 @@ class PreferenceDPOTrainer(MultiObjectivePreferenceTrainer):
         if not isinstance(model, PeftModel) and kwargs.get("peft_config") is None:
             objectives = list(select_objectives(train_dataset, args.objectives))
             targets = attention_targets(model)
-            if args.adapter == "svdlora":
-                config = SVDLoraConfig(
-                    objectives=objectives,
-                    r=args.adapter_rank,
-                    lora_alpha=args.lora_alpha,
-                    target_modules=targets,
-                    task_type="CAUSAL_LM",
-                )
-            else:
-                config = PBLoraConfig(
-                    objectives=objectives,
-                    r1=args.adapter_rank,
-                    r2=args.adapter_rank,
-                    lora_alpha=args.lora_alpha,
-                    target_modules=targets,
-                    task_type="CAUSAL_LM",
-                )
+            config_class = ADAPTERS.get(args.adapter).config_class
+            config = config_class.with_rank(
+                args.adapter_rank,
+                objectives=objectives,
+                lora_alpha=args.lora_alpha,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            )
             kwargs["peft_config"] = config
         super().__init__(model, args, train_dataset, *rest, **kwargs)
 

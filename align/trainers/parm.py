@@ -16,6 +16,7 @@ from align.adapters import PBLoraConfig
 from align.trainers.arm import attention_targets
 from align.trainers.base import MultiObjectivePreferenceConfig, MultiObjectivePreferenceTrainer
 from align.trainers.data import select_objectives
+from align.trainers.registry import register_trainer
 
 
 @dataclass
@@ -53,8 +54,11 @@ class PARMConfig(MultiObjectivePreferenceConfig):
             raise ValueError(f"alpha_path_lr_ratio must be > 0, got {self.alpha_path_lr_ratio}")
 
 
+@register_trainer("parm")
 class PARMTrainer(MultiObjectivePreferenceTrainer):
     """Trains a preference-aware ARM on all objectives of a preference dataset at once."""
+
+    config_class = PARMConfig
 
     _name = "PARM"
     conditioned = True

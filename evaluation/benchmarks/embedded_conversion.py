@@ -18,12 +18,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from align.models.loading import EMBEDDED_MODEL, EMBEDDED_MODELS, _convert_gguf, embedded_gguf_path
+from align.models.loading import EMBEDDED_MODEL, EMBEDDED_MODELS, convert_gguf, embedded_gguf_path
 
 
 def convert(parse_once: bool, out: Path) -> float:
     started = time.perf_counter()
-    _convert_gguf(embedded_gguf_path(), EMBEDDED_MODELS[EMBEDDED_MODEL], out, parse_once)
+    convert_gguf(embedded_gguf_path(), EMBEDDED_MODELS[EMBEDDED_MODEL], out, parse_once)
     return time.perf_counter() - started
 
 

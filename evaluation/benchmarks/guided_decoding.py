@@ -17,10 +17,10 @@ Rows, each generating exactly ``--new-tokens`` tokens per prompt (EOS ignored) w
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from peft import get_peft_model
+from timing import timed
 
 from align.adapters import PBLoraConfig
 from align.chat import encode_prompts
@@ -29,44 +29,58 @@ from align.decoding import genarm_guidance, guided_decode, parm_guidance
 from align.models import load_model
 
 
-def make_parm(num_objectives: int):
-    model, _ = load_model()
+def make_parm(num_objectives: int, model=None):
+    """A PBLoRA PARM with random (nonzero) factors on ``model`` (default: the embedded model)."""
+    if model is None:
+        model, _ = load_model()
     objectives = [f"objective_{i}" for i in range(num_objectives)]
     config = PBLoraConfig(objectives=objectives, init_weights=False, lora_dropout=0.0)
     return get_peft_model(model, config).eval(), objectives
 
 
-def timed_guided(base, tokenizer, guidance, prompts, alpha, new_tokens) -> float:
+def timed_guided(
+    base, tokenizer, guidance, prompts, alpha, new_tokens, device=None, vocab_size=None
+) -> float:
+    """Tokens/s of ``guided_decode`` (synchronised on ``device``; ``vocab_size``: the scored
+    vocabulary, default the tokenizer's)."""
     batch = encode_prompts(tokenizer, prompts)
-    start = time.perf_counter()
-    out = guided_decode(
-        base,
-        guidance,
-        batch["input_ids"],
-        batch["attention_mask"],
-        alpha,
-        max_new_tokens=new_tokens,
-        eos_token_id=None,
-        pad_token_id=tokenizer.pad_token_id,
-        vocab_size=len(tokenizer),
+    if device is not None:
+        batch = batch.to(device)
+    elapsed, out = timed(
+        lambda: guided_decode(
+            base,
+            guidance,
+            batch["input_ids"],
+            batch["attention_mask"],
+            alpha,
+            max_new_tokens=new_tokens,
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
+            vocab_size=vocab_size or len(tokenizer),
+        ),
+        device,
     )
-    elapsed = time.perf_counter() - start
     assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
     return len(prompts) * new_tokens / elapsed
 
 
-def timed_base(base, tokenizer, prompts, new_tokens) -> float:
+def timed_base(base, tokenizer, prompts, new_tokens, device=None) -> float:
+    """Tokens/s of transformers ``generate`` (greedy, EOS ignored), synchronised on ``device``."""
     batch = encode_prompts(tokenizer, prompts)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = base.generate(
-            **batch,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    elapsed = time.perf_counter() - start
+    if device is not None:
+        batch = batch.to(device)
+
+    def generate():
+        with torch.inference_mode():
+            return base.generate(
+                **batch,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+
+    elapsed, out = timed(generate, device)
     assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
     return len(prompts) * new_tokens / elapsed
 

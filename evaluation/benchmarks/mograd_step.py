@@ -88,8 +88,11 @@ def peak_above(base: int | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------- setup
-def build_model(targets: str = "qkv"):
-    base, tokenizer = load_model("smollm2-135m-instruct")
+def build_model(targets: str = "qkv", base=None, tokenizer=None):
+    """PBLoRA (m = 3 objectives, α = 1/3 each, random factors) on ``base`` (default: the
+    embedded model), in training mode."""
+    if base is None:
+        base, tokenizer = load_model("smollm2-135m-instruct")
     config = PBLoraConfig(
         objectives=OBJECTIVE_NAMES,
         lora_dropout=0.0,

@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
+from timing import timed
 
 
-def make_pairs(tokenizer, n: int, response_tokens: int):
-    """Shipped prompts with two answers of about ``response_tokens`` tokens each; labels mixed."""
+def make_pairs(tokenizer, n: int, response_tokens: int, learnable: bool = False):
+    """Shipped prompts with two answers of about ``response_tokens`` tokens each (the same two
+    for every prompt); labels mixed, the second objective preferring the other answer of every
+    pair (``learnable``: both objectives prefer the first answer everywhere, a loss any model
+    lowers within a few steps)."""
     from align.data import load_prompts, make_preference_dataset
 
     prompts = [r["prompt"] for r in load_prompts(limit=n)]
@@ -29,18 +32,70 @@ def make_pairs(tokenizer, n: int, response_tokens: int):
     words = (filler * 20).split()
     first = [" ".join(words[: response_tokens - 8]) for _ in prompts]
     second = [" ".join(words[3 : response_tokens - 5]) for _ in prompts]
-    labels = [i % 2 for i in range(n)]
-    return make_preference_dataset(
-        prompts, first, second, {"helpful": labels, "harmless": labels[::-1]}
+    if learnable:
+        labels = {"helpful": [0] * n, "harmless": [0] * n}
+    else:
+        mixed = [i % 2 for i in range(n)]
+        labels = {"helpful": mixed, "harmless": mixed[::-1]}
+    return make_preference_dataset(prompts, first, second, labels)
+
+
+def trainer_options(pairs: int, device: str = "cpu", bf16: bool = False) -> dict:
+    """The config fields every trainer of these benchmarks shares (one batch of ``pairs``)."""
+    return dict(
+        output_dir="/tmp/align-bench",
+        per_device_train_batch_size=pairs,
+        bf16=bf16,
+        activation_checkpointing=False,
+        use_cpu=torch.device(device).type == "cpu",
+        report_to="none",
+        disable_dropout=True,
+        max_length=256,
+        max_prompt_length=96,
     )
 
 
-def step_time(trainer, batch) -> float:
-    start = time.perf_counter()
-    trainer.training_step(trainer.model, batch)
+def prepare(trainer):
+    """Make ``trainer`` ready for bare ``step_time`` calls; returns its first batch."""
+    trainer.create_optimizer()
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); needed by training_step
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def parm_and_arm(model, tokenizer, pairs, aggregator: str = "linear", **options):
+    """``{"PARM": (trainer, batch), "ARM": (trainer, batch)}`` on copies of ``model``: PBLoRA
+    r1 = r2 = 4 against a LoRA of the same total rank, r = 8, both on q/k/v."""
+    from align.trainers import ARMConfig, ARMTrainer, PARMConfig, PARMTrainer
+
+    parm = PARMTrainer(
+        copy.deepcopy(model),
+        PARMConfig(aggregator=aggregator, lora_dropout=0.0, **options),
+        pairs,
+        processing_class=tokenizer,
+    )
+    arm = ARMTrainer(
+        copy.deepcopy(model),
+        ARMConfig(objectives=["helpful"], lora_r=8, lora_dropout=0.0, **options),
+        pairs,
+        processing_class=tokenizer,
+    )
+    return {name: (trainer, prepare(trainer)) for name, trainer in (("PARM", parm), ("ARM", arm))}
+
+
+def step_time(trainer, batch, device=None) -> float:
+    """One optimizer step (TRL's training_step, then AdamW), synchronised on ``device``."""
+    seconds, _ = timed(lambda: optimizer_step(trainer, batch), device)
+    return seconds
+
+
+def optimizer_step(trainer, batch):
+    """TRL's training_step (forward, losses, aggregation, backward), then the optimizer; the
+    step's loss (a tensor: reading it would synchronise)."""
+    loss = trainer.training_step(trainer.model, batch)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return loss
 
 
 def main() -> None:
@@ -56,42 +111,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from align.models import load_model
-    from align.trainers import ARMConfig, ARMTrainer, PARMConfig, PARMTrainer
 
     model, tokenizer = load_model(args.model)
     pairs = make_pairs(tokenizer, args.pairs, args.response_tokens)
-    common = dict(
-        output_dir="/tmp/align-bench",
-        per_device_train_batch_size=args.pairs,
-        bf16=False,
-        activation_checkpointing=False,
-        use_cpu=True,
-        report_to="none",
-        disable_dropout=True,
-        max_length=256,
-        max_prompt_length=96,
-    )
-    parm = PARMTrainer(
-        copy.deepcopy(model),
-        PARMConfig(aggregator=args.aggregator, lora_dropout=0.0, **common),
-        pairs,
-        processing_class=tokenizer,
-    )
-    arm = ARMTrainer(
-        copy.deepcopy(model),
-        ARMConfig(objectives=["helpful"], lora_r=8, lora_dropout=0.0, **common),
-        pairs,
-        processing_class=tokenizer,
-    )
+    trainers = parm_and_arm(model, tokenizer, pairs, args.aggregator, **trainer_options(args.pairs))
+    parm, arm = trainers["PARM"][0], trainers["ARM"][0]
+    batches = {name: batch for name, (_, batch) in trainers.items()}
     timings: dict[str, list[float]] = {"PARM": [], "ARM": []}
-    for trainer in (parm, arm):
-        trainer.create_optimizer()
-        trainer.model.train()
-        trainer.current_gradient_accumulation_steps = 1  # set by train(); needed by training_step
-    batches = {
-        name: trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-        for name, trainer in (("PARM", parm), ("ARM", arm))
-    }
     for name, trainer in (("PARM", parm), ("ARM", arm)):  # warm-up
         step_time(trainer, batches[name])
     for _ in range(args.repeats):

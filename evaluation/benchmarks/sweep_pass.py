@@ -119,7 +119,7 @@ def soup(args, prompts: list[str]) -> None:
     route = MergedRoute("soup", ["positive", "brief"], generation, path=args.soup)
     runtime = Runtime("smollm2-135m-instruct")
     alphas = route.alphas(simplex_grid(2, args.grid).numpy())
-    if route._interpolated_sources(runtime.base_name) is None:
+    if route.interpolated_sources(runtime.base_name) is None:
         raise SystemExit(f"{args.soup}: not a LoRA interpolation whose inputs are unchanged")
     baseline, reference = None, None
     for label, answer_all in (

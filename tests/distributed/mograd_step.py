@@ -34,7 +34,7 @@ def build_model():
     from peft import get_peft_model
 
     from align.adapters import PBLoraConfig, set_preference
-    from align.models import tiny_causal_lm
+    from align.testing import tiny_causal_lm
 
     model, _ = tiny_causal_lm(seed=0)
     config = PBLoraConfig(

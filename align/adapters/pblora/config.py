@@ -19,6 +19,11 @@ class PBLoraConfig(PreferenceAdapterConfig):
     adapter starts as the identity).
     """
 
+    @classmethod
+    def with_rank(cls, rank: int, **options) -> PBLoraConfig:
+        """Both blocks of rank ``rank`` (r1 = r2), as for a policy trained by preference DPO."""
+        return cls(r1=rank, r2=rank, **options)
+
     r1: int = field(
         default=4, metadata={"help": "Rank of the preference-agnostic block (may be 0)."}
     )

@@ -18,6 +18,11 @@ class SVDLoraConfig(PreferenceAdapterConfig):
     U, V ~ N(0, init_std) and σ = s = 0 at start, so ΔW starts at 0.
     """
 
+    @classmethod
+    def with_rank(cls, rank: int, **options) -> SVDLoraConfig:
+        """Rank ``rank``, as for a policy trained by preference DPO."""
+        return cls(r=rank, **options)
+
     r: int = field(
         default=8, metadata={"help": "Preference-agnostic singular values (rank r + m)."}
     )

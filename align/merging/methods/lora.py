@@ -21,34 +21,44 @@ the base weights as one dense ΔW per matrix, giving a plain checkpoint; see
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from align.merging.base import Merge
 from align.merging.registry import register_merge_method
 
 
 @register_merge_method("lora", "lora_cat")
-class LoraInterpolation:
+class LoraInterpolation(Merge):
     """Σ_k α_k ΔW_k of PEFT LoRA adapters, exactly: ranks concatenated (or dense ΔW folded)."""
 
-    kind = "adapter"
-    needs_base = False
     options = {"output": "adapter"}
 
-    def __init__(self, **options) -> None:
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            raise ValueError(f"merge method 'lora' does not take {unknown}; its option is: output")
-        self.params = {**self.options, **options}
+    def check_options(self) -> None:
         if self.params["output"] not in ("adapter", "checkpoint"):
             raise ValueError(
                 f"lora output must be 'adapter' (concatenated-rank LoRA) or 'checkpoint' "
                 f"(ΔW folded into the base weights), got {self.params['output']!r}"
             )
 
-    def __repr__(self) -> str:
-        return f"LoraInterpolation(output={self.params['output']!r})"
+    def run(self, config: Any, out: Path, *, overwrite: bool = False) -> list[Path]:
+        from align.merging.adapters import merge_lora_adapters
+
+        return merge_lora_adapters(
+            config.models,
+            out,
+            preference=config.preference,
+            sweep=config.sweep,
+            output=self.params["output"],
+            base_model=config.base_model,
+            dtype=config.dtype,
+            max_shard_size=config.max_shard_size,
+            overwrite=overwrite,
+            pass_size=config.pass_size,
+        )
 
     @staticmethod
     def concatenate(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from align.mograd.aggregators._solvers import as_float64, dual_cone_weights, to_weights
+from align.mograd.aggregators.solvers import as_float64, dual_cone_weights, to_weights
 from align.mograd.base import GradientAggregator
 from align.mograd.registry import register_aggregator
 

@@ -10,7 +10,7 @@ import numpy as np
 from scipy.optimize import linprog
 from torch import Tensor
 
-from align.mograd.aggregators._solvers import as_float64, min_norm_weights, normalised, to_weights
+from align.mograd.aggregators.solvers import as_float64, min_norm_weights, normalised, to_weights
 from align.mograd.base import GradientAggregator
 from align.mograd.registry import register_aggregator
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from align.mograd.aggregators._solvers import as_float64, to_weights
+from align.mograd.aggregators.solvers import as_float64, definite_part, to_weights
 from align.mograd.base import GradientAggregator
 from align.mograd.registry import register_aggregator
 
@@ -60,14 +60,10 @@ class FairGrad(GradientAggregator):
         if self.alpha == 0.0:
             return to_weights(np.full(m, 1.0 / m), gram)
         weights = np.zeros(m)
-        alive = np.diag(g) > 0
-        frobenius = np.linalg.norm(g)
-        if not alive.any() or frobenius == 0:
+        part = definite_part(g, self.reg_eps)  # f is then strictly convex
+        if part is None:
             return to_weights(weights, gram)
-        # The PSD part of the normalised Gram plus a ridge: f is then strictly convex.
-        eigenvalues, eigenvectors = np.linalg.eigh(g[np.ix_(alive, alive)] / frobenius)
-        h = (eigenvectors * np.clip(eigenvalues, 0.0, None)) @ eigenvectors.T
-        h = 0.5 * (h + h.T) + self.reg_eps * np.eye(int(alive.sum()))
+        alive, h, frobenius = part
         weights[alive] = self._solve(h) * frobenius ** (-self.alpha / (self.alpha + 1.0))
         return to_weights(weights, gram)
 

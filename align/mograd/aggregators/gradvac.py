@@ -12,7 +12,7 @@ from torch import Tensor
 
 from align.mograd.base import GradientAggregator
 from align.mograd.registry import register_aggregator
-from align.mograd.scalarizations._state import ObjectiveState
+from align.mograd.state import ObjectiveState
 
 
 @register_aggregator("gradvac")

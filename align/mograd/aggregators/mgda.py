@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from align.mograd.aggregators._solvers import (
+from align.mograd.aggregators.solvers import (
     as_float64,
     frank_wolfe_min_norm,
     min_norm_weights,

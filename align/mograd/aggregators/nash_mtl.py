@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from align.mograd.aggregators._solvers import as_float64, to_weights
+from align.mograd.aggregators.solvers import as_float64, definite_part, to_weights
 from align.mograd.base import GradientAggregator
 from align.mograd.registry import register_aggregator
 
@@ -70,16 +70,11 @@ class NashMTL(GradientAggregator):
         g = as_float64(gram)
         m = g.shape[0]
         weights = np.zeros(m)
-        # A zero gradient decouples (its row and column of G are zero): leave it out.
-        alive = np.diag(g) > 0
-        frobenius = np.linalg.norm(g)
-        if not alive.any() or frobenius == 0:
+        # An indefinite G would leave f unbounded below: its PSD part plus a ridge instead.
+        part = definite_part(g, self.reg_eps)
+        if part is None:
             return to_weights(weights, gram)
-        # Rounding (a float32 Gram) can leave G slightly indefinite, and f would then be
-        # unbounded below: keep its PSD part, so that G + reg_eps·I is positive definite.
-        eigenvalues, eigenvectors = np.linalg.eigh(g[np.ix_(alive, alive)] / frobenius)
-        h = (eigenvectors * np.clip(eigenvalues, 0.0, None)) @ eigenvectors.T
-        h = 0.5 * (h + h.T) + self.reg_eps * np.eye(int(alive.sum()))
+        alive, h, frobenius = part
         weights[alive] = self._solve(h) / np.sqrt(frobenius)
         if self.max_norm is not None:
             norm = float(np.sqrt(max(weights @ g @ weights, 0.0)))

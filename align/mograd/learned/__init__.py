@@ -2,7 +2,7 @@
 
 Yang, Tang & Yang, "Learning to optimize by multi-gradient for multi-objective optimization"
 (arXiv 2311.00559). A third kind of method (``kind = "update"``,
-:class:`~align.mograd.learned.base.UpdateAggregator`): the Jacobian ``J (m, P)`` in, the
+:class:`~align.mograd.base.UpdateAggregator`): the Jacobian ``J (m, P)`` in, the
 update ``d (P,)`` out, coordinate by coordinate, with per-coordinate recurrent state.
 
 * :mod:`~align.mograd.learned.network` — the coordinate-wise LSTM network and its scale-free
@@ -16,9 +16,9 @@ update ``d (P,)`` out, coordinate by coordinate, with per-coordinate recurrent s
   Gram matrix, the losses and a short history to simplex weights w, ``d = wᵀJ``, guarded by
   GML2O's test written on the Gram; it runs wherever MGDA runs (DDP, ZeRO-0/1/2/3,
   feature-level), with m × 19 numbers of state;
-* :mod:`~align.mograd.learned.problems` and :mod:`~align.mograd.learned.meta` — the training
-  problem distribution and the truncated-BPTT meta-trainer (:mod:`~.gram_meta`: Gram-L2O's);
-  ``python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml`` (or
+* :mod:`~align.mograd.learned.training` — meta-training (the problem distribution and the
+  truncated-BPTT meta-trainers), off the runtime import path:
+  ``python -m align.mograd.learned.training recipes/ml2o_meta.yaml`` (or
   ``recipes/gram_l2o_meta.yaml``) retrains the weights.
 
 The design choices the paper leaves open, and measured results, are in ``README.md`` here.

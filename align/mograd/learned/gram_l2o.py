@@ -46,17 +46,15 @@ after a rejection the network sees MGDA's weights as the previous ones). Under
 ``accumulation="micro"`` with k micro-batches per optimizer step it advances k times per step.
 A call with another m starts a fresh history, with a warning.
 
-Meta-trained like ML2O (:mod:`~align.mograd.learned.gram_meta`, the same problems and
+Meta-trained like ML2O (:mod:`~align.mograd.learned.training.gram_meta`, the same problems and
 meta-loss, without the guard); default weights ship in ``weights/gram_l2o_default.safetensors``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +62,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from align.mograd.aggregators._solvers import as_float64, min_norm_weights, to_weights
+from align.mograd.aggregators.solvers import as_float64, min_norm_weights, to_weights
 from align.mograd.base import GradientAggregator
+from align.mograd.learned.weights_file import (
+    load_weights,
+    save_weights,
+    shipped_weights,
+    weights_info,
+)
 from align.mograd.registry import register_aggregator
 
 DEFAULT_WEIGHTS = "gram_l2o_default.safetensors"
@@ -78,7 +82,7 @@ EXTRA = 3
 
 def default_weights_path() -> Path:
     """The shipped weights (``align/mograd/learned/weights/gram_l2o_default.safetensors``)."""
-    return Path(str(resources.files("align.mograd.learned").joinpath("weights", DEFAULT_WEIGHTS)))
+    return shipped_weights(DEFAULT_WEIGHTS)
 
 
 def gram_features(
@@ -203,54 +207,24 @@ class GramL2ONet(nn.Module):
 
 def save_gram_network(net: GramL2ONet, path: str | os.PathLike, **info: Any) -> Path:
     """Write ``net`` as safetensors; its config and ``info`` (JSON-able) go in the metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
-    metadata = {
-        "config": json.dumps(net.config()),
-        "info": json.dumps(info),
-        "network": "GramL2ONet",
-    }
-    tmp = path.with_suffix(path.suffix + ".partial")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return save_weights(net, path, **info)
 
 
 def load_gram_network(source: str | os.PathLike | GramL2ONet | None = "default") -> GramL2ONet:
     """A :class:`GramL2ONet`: ``"default"`` (shipped), a path written by
     :func:`save_gram_network`, a network (returned as is), or None (untrained)."""
-    if isinstance(source, GramL2ONet):
-        return source
-    if source is None:
-        return GramL2ONet()
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = default_weights_path() if source == "default" else Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Gram-L2O weights not found at {path}; train them with `python -m "
-            f"align.mograd.learned.meta_train recipes/gram_l2o_meta.yaml` or pass weights=None "
-            f"(untrained)"
-        )
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    net = GramL2ONet(**json.loads(metadata.get("config", "{}")))
-    net.load_state_dict(load_file(str(path)))
-    return net
+    return load_weights(
+        GramL2ONet,
+        source,
+        default_weights_path(),
+        "train them with `python -m align.mograd.learned.training recipes/gram_l2o_meta.yaml` "
+        "or pass weights=None (untrained)",
+    )
 
 
 def gram_network_info(source: str | os.PathLike = "default") -> dict[str, Any]:
     """The ``info`` metadata stored with the weights."""
-    from safetensors import safe_open
-
-    path = default_weights_path() if source == "default" else Path(source)
-    with safe_open(str(path), framework="pt") as handle:
-        return json.loads((handle.metadata() or {}).get("info", "{}"))
+    return weights_info(source, default_weights_path())
 
 
 def gram_accepts(

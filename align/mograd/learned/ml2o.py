@@ -16,19 +16,23 @@ sizes over time matter.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from align.mograd.learned.base import UpdateAggregator
+from align.mograd.base import UpdateAggregator
 from align.mograd.learned.network import ML2ONet, network_inputs
+from align.mograd.learned.weights_file import (
+    load_weights,
+    save_weights,
+    shipped_weights,
+    weights_info,
+)
 from align.mograd.registry import register_aggregator
 
 DEFAULT_WEIGHTS = "ml2o_default.safetensors"
@@ -37,55 +41,29 @@ _STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 def default_weights_path() -> Path:
     """The shipped weights (``align/mograd/learned/weights/ml2o_default.safetensors``)."""
-    return Path(str(resources.files("align.mograd.learned").joinpath("weights", DEFAULT_WEIGHTS)))
+    return shipped_weights(DEFAULT_WEIGHTS)
 
 
 def save_network(net: ML2ONet, path: str | os.PathLike, **info: Any) -> Path:
     """Write ``net`` as safetensors; its config and ``info`` (JSON-able) go in the metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
-    metadata = {"config": json.dumps(net.config()), "info": json.dumps(info)}
-    tmp = path.with_suffix(path.suffix + ".partial")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # the writer leaves 0600; the weights are meant to ship
-    os.replace(tmp, path)
-    return path
+    return save_weights(net, path, **info)
 
 
 def load_network(source: str | os.PathLike | ML2ONet | None = "default") -> ML2ONet:
     """An :class:`ML2ONet`: ``"default"`` (the shipped weights), a safetensors path written by
     :func:`save_network`, a network (returned as is), or None (untrained: exactly MGDA)."""
-    if isinstance(source, ML2ONet):
-        return source
-    if source is None:
-        return ML2ONet()
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = default_weights_path() if source == "default" else Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ML2O weights not found at {path}; train them with "
-            f"`python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml` or pass "
-            f"weights=None for the untrained (MGDA-equivalent) network"
-        )
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    net = ML2ONet(**json.loads(metadata.get("config", "{}")))
-    net.load_state_dict(load_file(str(path)))
-    return net
+    return load_weights(
+        ML2ONet,
+        source,
+        default_weights_path(),
+        "train them with `python -m align.mograd.learned.training recipes/ml2o_meta.yaml` or "
+        "pass weights=None for the untrained (MGDA-equivalent) network",
+    )
 
 
 def network_info(source: str | os.PathLike = "default") -> dict[str, Any]:
     """The ``info`` metadata stored with the weights (what they were trained on, how long)."""
-    from safetensors import safe_open
-
-    path = default_weights_path() if source == "default" else Path(source)
-    with safe_open(str(path), framework="pt") as handle:
-        return json.loads((handle.metadata() or {}).get("info", "{}"))
+    return weights_info(source, default_weights_path())
 
 
 def span_weights(jacobian: Tensor, gram: Tensor, direction: Tensor) -> Tensor:

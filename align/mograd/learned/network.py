@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from align.mograd.aggregators._solvers import as_float64, min_norm_weights
+from align.mograd.aggregators.solvers import as_float64, min_norm_weights
 
 #: Andrychowicz et al.'s preprocessing constant: magnitudes below e^{-p} are "zero".
 LOG_P = 10.0

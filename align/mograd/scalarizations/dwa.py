@@ -21,7 +21,7 @@ from torch import Tensor
 
 from align.mograd.base import LossAggregator
 from align.mograd.registry import register_aggregator
-from align.mograd.scalarizations._state import ObjectiveState
+from align.mograd.state import ObjectiveState
 
 
 @register_aggregator("dwa")

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from align.mograd.base import LossAggregator
 from align.mograd.registry import register_aggregator
-from align.mograd.scalarizations._state import ObjectiveState
+from align.mograd.state import ObjectiveState
 
 _BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8

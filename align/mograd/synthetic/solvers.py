@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from align.metrics import hypervolume
-from align.mograd.base import GradientAggregator, LossAggregator
+from align.mograd.base import GradientAggregator, LossAggregator, UpdateAggregator
 from align.mograd.registry import aggregator_class, canonical_aggregators
 from align.preference import sample_preferences, simplex_grid, validate_weights
 
@@ -93,7 +93,7 @@ def responds_to_preference(name: str, num_objectives: int, **options: Any) -> bo
     for alpha, method in zip(alphas, (first, make_method(name, m, **options))):
         if isinstance(method, GradientAggregator):
             out = method.weights(jacobian @ jacobian.T, losses=losses, preference=alpha)
-        elif getattr(method, "kind", None) == "update":
+        elif isinstance(method, UpdateAggregator):
             out = method(jacobian, losses=losses, preference=alpha)
         else:
             out = method(losses, alpha)
@@ -205,7 +205,7 @@ def solve_finite_set(
     alphas = _check_preferences(preferences, m)
     methods = [make_method(method, m, seed + k, **(method_options or {})) for k in range(len(x))]
     # Update-level methods (ML2O, GML2O) map the Jacobian to the direction themselves.
-    update_level = getattr(methods[0], "kind", None) == "update"
+    update_level = isinstance(methods[0], UpdateAggregator)
     gradient_level = update_level or isinstance(methods[0], GradientAggregator)
     preference_based = responds_to_preference(method, m, **(method_options or {}))
     optimizer = _optimizer(optimizer, [x, *_method_parameters(methods)], lr)

@@ -14,7 +14,7 @@ can back-propagate through the trajectory. Four families:
   (or mixture-of-Gaussians) inputs; each call draws a mini-batch (with replacement; the whole
   data set once ``batch`` reaches its size).
 * :class:`TinyLMAdapter` — a low-rank adapter on the q/v (or other) projections of a frozen tiny
-  random Llama (:func:`align.models.tiny.tiny_causal_lm`); objective i is the language-model loss
+  random Llama (:func:`align.testing.tiny_causal_lm`); objective i is the language-model loss
   on prompts of one category of ``align/resources/prompts.jsonl``; mini-batches.
 
 ``meta_distribution`` draws the meta-training problems; ``heldout_problems`` builds the
@@ -226,7 +226,7 @@ def _category_texts() -> dict[str, list[str]]:
 
 @cache
 def _tiny_lm(seed: int, layers: int, hidden: int):
-    from align.models.tiny import tiny_causal_lm, tiny_tokenizer
+    from align.testing import tiny_causal_lm, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     model, _ = tiny_causal_lm(

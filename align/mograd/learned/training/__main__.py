@@ -1,12 +1,12 @@
 """Meta-train ML2O (or Gram-L2O) from a recipe and write the weights.
 
-    python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml
-    python -m align.mograd.learned.meta_train recipes/gram_l2o_meta.yaml   # method: gram_l2o
-    python -m align.mograd.learned.meta_train recipes/ml2o_meta.yaml --output /tmp/ml2o.safetensors \\
+    python -m align.mograd.learned.training recipes/ml2o_meta.yaml
+    python -m align.mograd.learned.training recipes/gram_l2o_meta.yaml   # method: gram_l2o
+    python -m align.mograd.learned.training recipes/ml2o_meta.yaml --output /tmp/ml2o.safetensors \\
         --set max_minutes=1 --set iterations=50
 
-The recipe's ``meta:`` block holds the fields of :class:`~align.mograd.learned.meta.MetaConfig`;
-``method:`` is ``ml2o`` (default) or ``gram_l2o`` (:mod:`~align.mograd.learned.gram_meta`);
+The recipe's ``meta:`` block holds the fields of :class:`~align.mograd.learned.training.meta.MetaConfig`;
+``method:`` is ``ml2o`` (default) or ``gram_l2o`` (:mod:`~align.mograd.learned.training.gram_meta`);
 ``output:`` is where the weights go (relative paths from the current directory). The weights
 file carries the network config and a summary of the run (settings, wall time, validation of
 the untrained = MGDA network and of the trained one) in its metadata
@@ -20,11 +20,9 @@ import platform
 import sys
 from pathlib import Path
 
-import yaml
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m align.mograd.learned.meta_train")
+    parser = argparse.ArgumentParser(prog="python -m align.mograd.learned.training")
     parser.add_argument("recipe", help="a YAML recipe (recipes/ml2o_meta.yaml)")
     parser.add_argument("--output", help="where to write the weights (default: the recipe's)")
     parser.add_argument(
@@ -34,24 +32,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    from align.config import build_dataclass, check_fields, read_config
+
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set needs FIELD=VALUE, got {item!r}")
+    recipe = read_config(args.recipe, "meta-training recipe", [f"meta.{i}" for i in args.set])
+    check_fields(recipe, {"method", "meta", "output"}, "meta-training recipe")
     method = str(recipe.get("method", "ml2o")).lower()
     if method == "gram_l2o":
         from align.mograd.learned.gram_l2o import save_gram_network as save_network
-        from align.mograd.learned.gram_meta import GramMetaConfig as MetaConfig
-        from align.mograd.learned.gram_meta import meta_train_gram as meta_train
+        from align.mograd.learned.training.gram_meta import GramMetaConfig as MetaConfig
+        from align.mograd.learned.training.gram_meta import meta_train_gram as meta_train
     elif method == "ml2o":
-        from align.mograd.learned.meta import MetaConfig, meta_train
         from align.mograd.learned.ml2o import save_network
+        from align.mograd.learned.training.meta import MetaConfig, meta_train
     else:
         parser.error(f"method must be ml2o or gram_l2o, got {method!r}")
-    fields = dict(recipe.get("meta") or {})
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set needs FIELD=VALUE, got {item!r}")
-        fields[key.strip()] = yaml.safe_load(value)
-    config = MetaConfig(**fields)
+    config = build_dataclass(MetaConfig, recipe.get("meta") or {}, "meta-training recipe 'meta'")
     output = Path(args.output or recipe.get("output") or f"{method}.safetensors")
     net, summary = meta_train(config, log=lambda line: print(line, flush=True))
     summary.update(
@@ -65,4 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from align.errors import describe, user_error_types
+
+    try:
+        sys.exit(main())
+    except user_error_types() as error:
+        sys.exit(f"error: {describe(error)}")

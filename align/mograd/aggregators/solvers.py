@@ -50,6 +50,22 @@ def normalised(gram: np.ndarray) -> tuple[np.ndarray, float]:
     return gram / trace, trace
 
 
+def definite_part(g: np.ndarray, reg_eps: float) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """``(alive, H, ‖G‖_F)`` with H the Gram of the non-zero gradients (``alive``), divided by
+    its Frobenius norm, reduced to its PSD part plus ``reg_eps·I``: positive definite, so the
+    convex programs of Nash-MTL and FairGrad on it have one solution. A zero gradient decouples
+    (its row and column of G are zero) and is left out; rounding (a float32 Gram) can leave G
+    slightly indefinite. None when every gradient is zero."""
+    alive = np.diag(g) > 0
+    frobenius = float(np.linalg.norm(g))
+    if not alive.any() or frobenius == 0:
+        return None
+    eigenvalues, eigenvectors = np.linalg.eigh(g[np.ix_(alive, alive)] / frobenius)
+    h = (eigenvectors * np.clip(eigenvalues, 0.0, None)) @ eigenvectors.T
+    h = 0.5 * (h + h.T) + reg_eps * np.eye(int(alive.sum()))
+    return alive, h, frobenius
+
+
 def nonneg_qp(
     q: np.ndarray, p: np.ndarray, *, tol: float = QP_TOL, max_iters: int | None = None
 ) -> np.ndarray:

@@ -31,13 +31,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from align.mograd.learned.network import ML2ONet, network_inputs
-from align.mograd.learned.problems import FAMILIES, Problem, sample_problem
+from align.mograd.learned.training.problems import FAMILIES, Problem, sample_problem
 
 
 @dataclass
@@ -105,16 +106,28 @@ def learned_step(
     return inputs["scale"] * out, state, inputs
 
 
+@dataclass
+class Learner:
+    """What meta-training needs of a learned method: its network, one step (differentiable in
+    the network's weights) from the Jacobian, the losses and the recurrent state to the
+    direction and the new state, a fresh state per problem, and a line for the log."""
+
+    net: torch.nn.Module
+    step: Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]]
+    fresh_state: Callable[[Problem], Any]
+    describe: Callable[[], str]
+
+
 def run_segment(
-    net: ML2ONet,
+    learner: Learner,
     problem: Problem,
     x: Tensor,
-    state: Tensor | None,
+    state: Any,
     steps: int,
     start: Tensor,
     generator: torch.Generator,
     epsilon: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Any]:
     """``steps`` learned steps from x; returns (segment meta-loss, last x, last state)."""
     x = x.detach().requires_grad_(True)
     total = x.new_zeros(())
@@ -122,7 +135,7 @@ def run_segment(
         values = problem.losses(x, generator)
         if t > 0:
             total = total + progress(values, start, epsilon)
-        direction, state, _ = learned_step(net, jacobian_at(values, x), state)
+        direction, state = learner.step(jacobian_at(values, x), values, state)
         x = problem.project(x - problem.lr * direction)
     total = total + progress(problem.losses(x, generator), start, epsilon)
     return total / steps, x, state
@@ -134,7 +147,7 @@ def full_losses(problem: Problem, x: Tensor) -> Tensor:
 
 
 def validate(
-    net: ML2ONet, problems: list[Problem], unroll: int, epsilon: float, seed: int
+    learner: Learner, problems: list[Problem], unroll: int, epsilon: float, seed: int
 ) -> dict[str, float]:
     """Mean final ``progress`` (full-data objectives after ``unroll`` learned steps) per
     problem family name prefix; lower is better."""
@@ -142,12 +155,13 @@ def validate(
     for k, problem in enumerate(problems):
         generator = torch.Generator().manual_seed(seed + k)
         x = problem.initial(generator)
-        start, state = full_losses(problem, x), None
+        start, state = full_losses(problem, x), learner.fresh_state(problem)
         for _ in range(unroll):
             xg = x.detach().requires_grad_(True)
-            jacobian = jacobian_at(problem.losses(xg, generator), xg)
+            values = problem.losses(xg, generator)
+            jacobian = jacobian_at(values, xg)
             with torch.no_grad():
-                direction, state, _ = learned_step(net, jacobian, state)
+                direction, state = learner.step(jacobian, values, state)
                 x = problem.project(x - problem.lr * direction)
         final = float(progress(full_losses(problem, x), start, epsilon))
         scores[problem.name.split("(")[0]].append(final if math.isfinite(final) else 10.0)
@@ -160,14 +174,34 @@ def meta_train(
     """Train an :class:`ML2ONet`; returns it and a summary (settings, wall time, validation of
     the untrained network — exactly MGDA — and of the trained one)."""
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     net = ML2ONet(
         config.specific_hidden,
         config.shared_hidden,
         tie_specific=config.tie_specific,
         num_objectives=None if config.tie_specific else 2,
     )
+    learner = Learner(
+        net,
+        step=lambda jacobian, losses, state: learned_step(net, jacobian, state)[:2],
+        fresh_state=lambda problem: None,
+        describe=lambda: f"gains a={net.gains[0].item():.3f} b={net.gains[1].item():.3f}",
+    )
+    return net, train_network(learner, config, untrained="untrained_mgda", log=log)
+
+
+def train_network(
+    learner: Learner,
+    config: MetaConfig,
+    *,
+    untrained: str,
+    log: Callable[[str], None] = print,
+) -> dict[str, object]:
+    """The meta-training loop of every learned method: sample a problem, unroll the network on
+    it in truncated segments, one Adam step on each segment's meta-loss; validate before and
+    after (``untrained`` names the first validation in the summary). Returns the summary."""
+    net = learner.net
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(config.iterations, 1))
     names = [n for n, w in config.families.items() if w > 0]
@@ -179,8 +213,8 @@ def meta_train(
         for name in names
         for _ in range(config.validation_per_family)
     ]
-    before = validate(net, validation, config.unroll, config.epsilon, config.seed)
-    log(f"validation before (untrained = MGDA): {before}")
+    before = validate(learner, validation, config.unroll, config.epsilon, config.seed)
+    log(f"validation before ({untrained.replace('_', ' = ')}): {before}")
 
     began = time.perf_counter()
     iteration, trajectories, dropped = 0, 0, 0
@@ -190,11 +224,11 @@ def meta_train(
         family = names[int(rng.choice(len(names), p=probabilities))]
         problem = sample_problem(family, rng)
         x = problem.initial(generator)
-        start, state = full_losses(problem, x), None
+        start, state = full_losses(problem, x), learner.fresh_state(problem)
         trajectories += 1
         for _ in range(segments):
             loss, x, state = run_segment(
-                net, problem, x, state, config.truncation, start, generator, config.epsilon
+                learner, problem, x, state, config.truncation, start, generator, config.epsilon
             )
             if not torch.isfinite(loss) or not torch.isfinite(x).all():
                 dropped += 1
@@ -211,22 +245,20 @@ def meta_train(
                 summary = {k: round(float(np.mean(v[-20:])), 3) for k, v in recent.items()}
                 log(
                     f"meta-step {iteration}  {time.perf_counter() - began:6.1f}s  "
-                    f"gains a={net.gains[0].item():.3f} b={net.gains[1].item():.3f}  "
-                    f"segment loss by family {summary}"
+                    f"{learner.describe()}  segment loss by family {summary}"
                 )
             if iteration >= config.iterations:
                 break
     seconds = time.perf_counter() - began
-    after = validate(net, validation, config.unroll, config.epsilon, config.seed)
+    after = validate(learner, validation, config.unroll, config.epsilon, config.seed)
     log(f"validation after: {after}  ({seconds:.0f}s, {iteration} meta-steps)")
-    summary = {
+    return {
         "config": asdict(config),
         "meta_steps": iteration,
         "trajectories": trajectories,
         "dropped_trajectories": dropped,
         "wall_seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(),
-        "validation_untrained_mgda": before,
+        f"validation_{untrained}": before,
         "validation_trained": after,
     }
-    return net, summary

@@ -1,4 +1,4 @@
-"""Tiny random models with a real tokenizer, for fast tests and examples.
+"""Tiny random models with a real tokenizer, for tests and examples (not imported by align itself).
 
 The tokenizer is a real byte-level BPE trained locally (milliseconds) on text align ships, with
 the same ChatML special tokens and chat template style as SmolLM2, so code paths that format

@@ -120,9 +120,11 @@ def demo(
         bool, typer.Option("--soup/--no-soup", help="Sweep rewarded soups of the two ARMs.")
     ] = True,
     eval_prompts: Annotated[
-        int, typer.Option(min=1, help="Held-out prompts answered.")
+        int, typer.Option(min=1, max=30, help="Held-out prompts answered (30: all of them).")
     ] = DemoConfig.eval_prompts,
-    grid: Annotated[int, typer.Option(min=1, help="Simplex divisions (10: 11 α points).")] = 10,
+    grid: Annotated[
+        int, typer.Option(min=1, help="Simplex divisions (5: 6 α points).")
+    ] = DemoConfig.grid,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 48,
     beta: Annotated[float, typer.Option(help="Guidance β (reward weighted 1/β).")] = 1.0,
     data: Annotated[
@@ -145,8 +147,9 @@ def demo(
     ] = None,
 ) -> None:
     """Multi-objective alignment end to end: train a PARM and GenARM ARMs on the shipped
-    positive/brief dataset (or any dataset with --objective NAME=SCORER), merge rewarded soups, sweep 11 α through every route, and write a
-    report (Pareto fronts, hypervolume, MIP). Stages are cached: a re-run reuses them."""
+    positive/brief dataset (or any dataset with --objective NAME=SCORER), merge rewarded soups,
+    sweep 6 α through every route, and write a report (Pareto fronts, hypervolume, MIP). Stages
+    are cached: a re-run reuses them."""
     from rich.markdown import Markdown
 
     from align.demo import DemoConfig, run_demo

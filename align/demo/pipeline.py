@@ -10,7 +10,7 @@ Stages, each cached in the output folder and reused on a re-run when its setting
    (``recipes/dpo_cpu.yaml``);
 5. **soup** — rewarded soups: the single-objective ARMs, used as policies, merged exactly
    along α (``align.merging``, LoRA interpolation) into one adapter per α;
-6. **sweep** — the 11-point α grid through every route (base, PARM-guided, GenARM-guided,
+6. **sweep** — the 6-point α grid through every route (base, PARM-guided, GenARM-guided,
    soup, policy) on held-out prompts, every answer scored;
 7. **report** — ``front.png``, ``report.json`` and ``summary.md`` (hypervolume, MIP,
    Spearman ρ of each objective's score against its α).
@@ -58,8 +58,11 @@ class DemoConfig:
     dpo_steps: int = 30
     with_dpo: bool = False
     soup: bool = True
-    eval_prompts: int = 16
-    grid: int = 10
+    # Every held-out prompt (30) at 6 α rather than 16 at 11: the same rows to decode, and a
+    # mean per α steady enough to rank (the soups' ρ(positive) was 0.73 on 16 prompts, 0.85 on
+    # all 30 at the same α).
+    eval_prompts: int = 300 - EVAL_PROMPT_OFFSET
+    grid: int = 5
     max_new_tokens: int = 48
     batch_size: int = 24
     beta: float = 1.0

@@ -446,6 +446,10 @@ def serve(
     ] = 256,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: auto).")] = None,
     dtype: Annotated[str, typer.Option(help="Weights dtype.")] = "float32",
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="CPU threads of the model (default: torch's, one per core)."),
+    ] = None,
 ) -> None:
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models,
     /health): a frozen base guided by a PARM, GenARM ARMs or MOD policies, or a
@@ -464,6 +468,10 @@ def serve(
     from align.serve import serve as run_server
 
     spec = _route_spec(route)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     with console.status(f"loading {base} and the {spec.get('kind')} route ..."):
         served = ServedModel(
             spec,

@@ -66,14 +66,18 @@ def create_app(served: Any, max_batch: int = 16) -> FastAPI:
         return JSONResponse(body, status_code=500)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        """200 while the model's worker thread runs (503 if it died), with what the batching
+        did so far."""
+        alive = scheduler.alive
+        body = {
+            "status": "ok" if alive else "error: the model worker is not running",
             "model": served.name,
             "max_batch": scheduler.max_batch,
             "waiting": scheduler.waiting,
             **asdict(scheduler.stats),
         }
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     def model_card() -> dict[str, Any]:
         return {

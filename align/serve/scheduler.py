@@ -157,6 +157,11 @@ class Scheduler:
         self._keys = iter(range(1, 2**62))
         self._thread: threading.Thread | None = None
 
+    @property
+    def alive(self) -> bool:
+        """Whether the model's worker thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="align-serve-model", daemon=True)
@@ -187,84 +192,30 @@ class Scheduler:
             self._loop()
 
     def _loop(self) -> None:
-        batch = self.served.new_batch()
-        jobs: dict[int, Job] = {}
-        stopping = False
+        self._batch = self.served.new_batch()
+        self._jobs: dict[int, Job] = {}
         try:
-            while not stopping:
-                incoming: list[Job] = []
-                if not jobs:
-                    item = self._queue.get()
-                    if item is _STOP:
-                        break
-                    incoming.append(item)
-                while len(jobs) + len(incoming) < self.max_batch:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stopping = True
-                        break
-                    incoming.append(item)
+            while True:
+                incoming, stopping = self._take()
                 if stopping:
                     for job in incoming:
                         job.fail("the server is shutting down")
                     break
-                gone = [key for key, job in jobs.items() if job.cancelled]
-                if gone:
-                    batch.remove(gone)
-                    for key in gone:
-                        jobs.pop(key)
-                    self.stats.cancelled += len(gone)
-                    self.stats.decoding = len(jobs)
-                self.stats.cancelled += sum(job.cancelled for job in incoming)
-                incoming = [job for job in incoming if not job.cancelled]
                 try:
-                    if incoming:
-                        running = len(jobs)
-                        objectives = self.served.objectives
-                        alpha = torch.stack([j.generation.preference.weights for j in incoming])
-                        batch.add(
-                            [job.key for job in incoming],
-                            [job.generation.prompt_ids for job in incoming],
-                            Preference(alpha, objectives),
-                        )
-                        jobs.update((job.key, job) for job in incoming)
-                        if running:
-                            self.stats.joined_running += len(incoming)
-                    if not jobs:
-                        continue
-                    self.stats.peak_rows = max(self.stats.peak_rows, len(jobs))
-                    self.stats.decoding = len(jobs)
-                    scores = batch.step()
-                    tokens = choose_tokens(scores, [jobs[key].sampler for key in batch.keys])
-                    batch.feed(tokens)
-                    self.stats.steps += 1
-                    finished = [
-                        key
-                        for key, token in zip(list(batch.keys), tokens.tolist())
-                        if jobs[key].push(int(token))
-                    ]
+                    self._advance(incoming)
                 except Exception as error:  # a bug or out of memory: fail what is in flight
                     log.error("decoding failed:\n%s", traceback.format_exc())
-                    affected = {job.key: job for job in [*jobs.values(), *incoming]}
+                    affected = {job.key: job for job in [*self._jobs.values(), *incoming]}
                     for job in affected.values():
                         if not job.done:
                             job.fail(f"decoding failed: {type(error).__name__}: {error}")
                     self.stats.failed += len(affected)
-                    jobs.clear()
-                    batch.close()
-                    batch = self.served.new_batch()
-                    continue
-                if finished:
-                    batch.remove(finished)
-                    for key in finished:
-                        jobs.pop(key)
-                    self.stats.finished += len(finished)
-                self.stats.decoding = len(jobs)
+                    self._jobs.clear()
+                    self._batch.close()
+                    self._batch = self.served.new_batch()
+                self.stats.decoding = len(self._jobs)
         finally:
-            for job in jobs.values():
+            for job in self._jobs.values():
                 if not job.done:
                     job.fail("the server is shutting down")
             while True:
@@ -275,4 +226,61 @@ class Scheduler:
                 if item is not _STOP:
                     item.fail("the server is shutting down")
             self.stats.decoding = 0
-            batch.close()
+            self._batch.close()
+
+    def _take(self) -> tuple[list[Job], bool]:
+        """The requests that join at this step boundary (blocking while nothing decodes), and
+        whether the server is stopping."""
+        incoming: list[Job] = []
+        if not self._jobs:
+            item = self._queue.get()
+            if item is _STOP:
+                return incoming, True
+            incoming.append(item)
+        while len(self._jobs) + len(incoming) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return incoming, True
+            incoming.append(item)
+        return incoming, False
+
+    def _advance(self, incoming: list[Job]) -> None:
+        """One step boundary: cancelled rows leave, ``incoming`` rows join, one token for
+        every row, finished rows leave."""
+        batch, jobs = self._batch, self._jobs
+        gone = [key for key, job in jobs.items() if job.cancelled]
+        if gone:
+            batch.remove(gone)
+            for key in gone:
+                jobs.pop(key)
+        self.stats.cancelled += len(gone) + sum(job.cancelled for job in incoming)
+        incoming = [job for job in incoming if not job.cancelled]
+        if incoming:
+            running = len(jobs)
+            alpha = torch.stack([job.generation.preference.weights for job in incoming])
+            batch.add(
+                [job.key for job in incoming],
+                [job.generation.prompt_ids for job in incoming],
+                Preference(alpha, self.served.objectives),
+            )
+            jobs.update((job.key, job) for job in incoming)
+            if running:
+                self.stats.joined_running += len(incoming)
+        if not jobs:
+            return
+        self.stats.peak_rows = max(self.stats.peak_rows, len(jobs))
+        self.stats.decoding = len(jobs)
+        scores = batch.step()
+        tokens = choose_tokens(scores, [jobs[key].sampler for key in batch.keys])
+        batch.feed(tokens)
+        self.stats.steps += 1
+        keys = list(batch.keys)
+        finished = [key for key, token in zip(keys, tokens.tolist()) if jobs[key].push(token)]
+        if finished:
+            batch.remove(finished)
+            for key in finished:
+                jobs.pop(key)
+            self.stats.finished += len(finished)

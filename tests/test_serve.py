@@ -548,6 +548,49 @@ def test_a_client_that_goes_away_leaves_the_batch(server):
     assert health["steps"] - before["steps"] < 300
 
 
+@pytest.mark.parametrize("kind", ["genarm", "mod", "policy"])
+def test_every_kind_of_served_route_answers_as_the_sweep_builds_it(model_folders, kind):
+    """GenARM ARMs, MOD policies and a preference-adapter policy are served from their sweep
+    route specs; a policy's greedy answer equals the sweep's own answer for that route."""
+    from align.serve import ServedModel, create_app
+    from align.sweep import build_route
+    from align.sweep.routes import Runtime
+
+    for name, seed in (("helpful", 3), ("harmless", 4)):
+        if not (model_folders / name).exists():
+            tiny(seed).save_pretrained(model_folders / name)
+            tiny_causal_lm(seed=0)[1].save_pretrained(model_folders / name)
+    arms = {o: str(model_folders / o) for o in OBJECTIVES}
+    spec = {
+        "genarm": {"kind": "genarm", "arms": arms, "beta": 1.0},
+        "mod": {"kind": "mod", "arms": arms},
+        "policy": {"kind": "policy", "adapter": str(model_folders / "parm")},
+    }[kind]
+    served = ServedModel(spec, base=str(model_folders / "base"))
+    assert served.objectives == OBJECTIVES and served.name == f"align-{kind}"
+    with LiveServer(create_app(served)) as live:
+        client = live.client()
+        answers = {}
+        for alpha in ([0.8, 0.2], [0.0, 1.0]):
+            answer = client.chat.completions.create(
+                model=f"align-{kind}",
+                messages=[{"role": "user", "content": PROMPTS[0]}],
+                max_tokens=10,
+                temperature=0,
+                extra_body={"preference": alpha, "return_token_ids": True},
+            )
+            answers[tuple(alpha)] = answer.choices[0]
+        assert answers[(0.8, 0.2)].token_ids != answers[(0.0, 1.0)].token_ids
+    served.close()
+    if kind == "policy":
+        route = build_route(spec, OBJECTIVES, {"max_new_tokens": 10})
+        runtime = Runtime(str(model_folders / "base"))
+        for alpha, choice in answers.items():
+            swept = route.answer(runtime, [PROMPTS[0]], torch.tensor(alpha))[0]
+            assert swept == choice.message.content.strip()
+        route.close()
+
+
 def test_serve_command_bad_input_is_one_error_line(model_folders):
     from typer.testing import CliRunner
 

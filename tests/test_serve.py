@@ -26,7 +26,7 @@ from align.chat import format_prompt
 from align.decoding import genarm_guidance, guided_decode, mod_guidance, parm_guidance
 from align.decoding.batch import DecodingBatch, Sampler, choose_tokens
 from align.decoding.guided import policy_guidance
-from align.models import tiny_causal_lm
+from align.testing import tiny_causal_lm
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -602,7 +602,7 @@ def test_serve_command_bad_input_is_one_error_line(model_folders):
         (["--route", "[1, 2]"], "--route must be a mapping"),
         (["--route", "{kind: base}", "--objectives", "a,b"], "cannot decode an arbitrary α"),
         (["--route", "{kind: telepathy}"], "a served route is parm or policy"),
-        (["--route", "{kind: telepathy}", "--objectives", "a,b"], "kind must be one of"),
+        (["--route", "{kind: telepathy}", "--objectives", "a,b"], "unknown route kind"),
         (["--route", str(model_folders / "missing.yaml")], "no such route file"),
         (
             [

@@ -10,6 +10,7 @@ is loaded once by the sweep's :class:`~align.sweep.routes.Runtime`; the route ha
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ class ServedModel:
         )
         self.objectives = self.guidance.objectives
         self.tokenizer = self.runtime.tokenizer
+        # The event loop encodes while the model thread decodes: a fast tokenizer's Rust
+        # object must not be borrowed by both at once ("Already borrowed").
+        self._tokenizer_lock = threading.Lock()
         for index, other in enumerate(self.guidance.tokenizers):
             if other is not None:
                 check_same_tokenizer(self.tokenizer, other, f"guiding model {index}")
@@ -96,17 +100,20 @@ class ServedModel:
             text = self.tokenizer.apply_chat_template(
                 turns, tokenize=False, add_generation_prompt=True
             )
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            with self._tokenizer_lock:
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.encode_text("\n".join(t["content"] for t in turns))
 
     def encode_text(self, prompt: str) -> list[int]:
         """Token ids of a raw completion prompt (no chat template)."""
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        with self._tokenizer_lock:
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(
-            list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(
+                list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
 
     # --- decoding --------------------------------------------------------------------------
     def new_batch(self) -> DecodingBatch:

@@ -591,6 +591,26 @@ def test_every_kind_of_served_route_answers_as_the_sweep_builds_it(model_folders
         route.close()
 
 
+def test_without_its_model_thread_the_server_says_so(model_folders):
+    """/health is a 503 and a request a 503 JSON error (not a hang) once the worker is gone."""
+    from align.serve import ServedModel, create_app
+
+    served = ServedModel(
+        {"kind": "parm", "adapter": str(model_folders / "parm")}, base=str(model_folders / "base")
+    )
+    app = create_app(served)
+    with LiveServer(app) as live:
+        assert live.health()["status"] == "ok"
+        app.state.scheduler.stop()
+        connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        assert response.status == 503 and "not running" in json.loads(response.read())["status"]
+        status, body = live.post("/v1/completions", b'{"prompt": "Hi", "max_tokens": 2}')
+        assert status == 503 and "not running" in body["error"]["message"]
+    served.close()
+
+
 def test_serve_command_bad_input_is_one_error_line(model_folders):
     from typer.testing import CliRunner
 

@@ -65,6 +65,15 @@ def create_app(served: Any, max_batch: int = 16) -> FastAPI:
         ).body()
         return JSONResponse(body, status_code=500)
 
+    def submit(generation: Any) -> Job:
+        if not scheduler.alive:
+            raise RequestError(
+                "the model worker is not running; restart the server",
+                status=503,
+                kind="server_error",
+            )
+        return scheduler.submit(generation)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         """200 while the model's worker thread runs (503 if it died), with what the batching
@@ -108,7 +117,7 @@ def create_app(served: Any, max_batch: int = 16) -> FastAPI:
     async def chat_completions(request: Request):
         body = parse_body(await request.body(), ChatCompletionRequest)
         generation = to_generation(body, served, served.encode_chat(body.messages))
-        job = scheduler.submit(generation)
+        job = submit(generation)
         reply = _Reply("chat.completion", "chatcmpl", served.name, body)
         if body.stream:
             return _event_stream(reply.stream(job))
@@ -126,7 +135,7 @@ def create_app(served: Any, max_batch: int = 16) -> FastAPI:
                 )
             prompt = prompt[0]
         generation = to_generation(body, served, served.encode_text(prompt))
-        job = scheduler.submit(generation)
+        job = submit(generation)
         reply = _Reply("text_completion", "cmpl", served.name, body)
         if body.stream:
             return _event_stream(reply.stream(job))

@@ -448,6 +448,109 @@ def generate(
     console.print(f"wrote {len(rows)} rows to {output}")
 
 
+def _route_spec(text: str) -> dict:
+    """A route spec: inline YAML (``{kind: parm, adapter: ..., beta: 1}``) or a YAML file."""
+    import yaml
+
+    path = Path(text).expanduser()
+    is_file = path.suffix in (".yaml", ".yml", ".json") or path.is_file()
+    if is_file and not path.is_file():
+        raise FileNotFoundError(f"no such route file: {path}")
+    spec = yaml.safe_load(path.read_text(encoding="utf-8") if is_file else text)
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"--route must be a mapping such as '{{kind: parm, adapter: FOLDER, beta: 1}}' "
+            f"(or a YAML file holding one), got {spec!r}"
+        )
+    return spec
+
+
+@app.command()
+def serve(
+    route: Annotated[
+        str,
+        typer.Option(
+            help="What to serve, as a route of an evaluate config: inline YAML such as "
+            "'{kind: parm, adapter: demo/parm, beta: 1}' (kinds: parm, genarm, mod, policy) "
+            "or a YAML file holding it."
+        ),
+    ],
+    base: Annotated[
+        str, typer.Option(help="The frozen base model (name, folder or hub id).")
+    ] = "smollm2-135m-instruct",
+    objectives: Annotated[
+        str | None,
+        typer.Option(help="Objective names, comma-separated (default: those of the route)."),
+    ] = None,
+    preference: Annotated[
+        str | None,
+        typer.Option(help="α of requests that give none, e.g. helpful=0.7,harmless=0.3."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Requests decoded together at most (continuous batching).")
+    ] = 16,
+    name: Annotated[
+        str | None, typer.Option(help="The model id clients ask for (default: align-KIND).")
+    ] = None,
+    max_context: Annotated[
+        int | None, typer.Option(min=2, help="Prompt + new tokens at most (default: the model's).")
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, help="New tokens of a request that sets no max_tokens.")
+    ] = 256,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: auto).")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights dtype.")] = "float32",
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="CPU threads of the model (default: torch's, one per core)."),
+    ] = None,
+) -> None:
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models,
+    /health): a frozen base guided by a PARM, GenARM ARMs or MOD policies, or a
+    preference-adapter policy; each request brings its own α (`preference` in the body) and
+    concurrent requests decode together."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        typer.echo(
+            f"error: align serve needs the serve extra (pip install 'align[serve]'): {error}",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    from align.serve import ServedModel
+    from align.serve import serve as run_server
+
+    spec = _route_spec(route)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    with console.status(f"loading {base} and the {spec.get('kind')} route ..."):
+        served = ServedModel(
+            spec,
+            base=base,
+            objectives=_split(objectives) if objectives else None,
+            preference=preference,
+            name=name,
+            device=device,
+            dtype=dtype,
+            max_context=max_context,
+            default_max_tokens=max_tokens,
+        )
+    console.print(
+        f"serving {served.name} ({served.route.kind} on {base}; objectives "
+        f"{', '.join(served.objectives)}; default α {served.default_preference}) at "
+        f"http://{host}:{port}/v1, up to {max_batch} requests decoded together"
+    )
+    try:
+        run_server(served, host=host, port=port, max_batch=max_batch, log_level="warning")
+    finally:
+        served.close()
+
+
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).")],

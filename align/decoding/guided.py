@@ -5,13 +5,15 @@ At every step each model scores the next token and the scores are mixed per row:
     PARM:    log π(y|·) = log π_base + (1/β) · log π_PARM(y | ·, α)          (α injected into PARM)
     GenARM:  log π(y|·) = log π_base + (1/β) · Σ_j α_j · log π_ARM_j
     MOD:     log π(y|·) = Σ_j α_j · log π_j                                   (m policies, no base)
+    policy:  log π(y|·) = log π_policy(y | ·, α)         (one policy with a preference adapter)
 
 then renormalised. MOD's other f-divergence forms (forward KL, Jensen-Shannon, α-divergences)
 mix the policies' probabilities through the base as the reference policy π_ref, with a normaliser
 solved for at every step (:mod:`align.decoding.divergences`). All prompts of a batch decode together (left padding), each row may carry its
 own α, and every model keeps its own KV cache advanced one token at a time — the reference
 implementations decode one prompt at a time, which :mod:`evaluation.benchmarks.guided_decoding`
-measures against.
+measures against. :class:`align.decoding.batch.DecodingBatch` runs the same models and formula
+step by step on rows that join and leave between steps (continuous batching, ``align serve``).
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ from transformers.generation.logits_process import (
 
 from align.preference import Preference, PreferenceLike
 
-Mode = Literal["parm", "genarm", "mod"]
+Mode = Literal["parm", "genarm", "mod", "policy"]
+MODES = ("parm", "genarm", "mod", "policy")
 
 
 @dataclass
 class Guidance:
     """Which models guide the base, and how their scores are weighted by α.
 
-    Build one with :func:`parm_guidance`, :func:`genarm_guidance` or :func:`mod_guidance`.
+    Build one with :func:`parm_guidance`, :func:`genarm_guidance`, :func:`mod_guidance` or
+    :func:`policy_guidance`.
     """
 
     mode: Mode
@@ -54,8 +58,8 @@ class Guidance:
     def __post_init__(self) -> None:
         from align.decoding.divergences import check_divergence
 
-        if self.mode not in ("parm", "genarm", "mod"):
-            raise ValueError(f"guidance mode must be 'parm', 'genarm' or 'mod', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"guidance mode must be one of {MODES}, got {self.mode!r}")
         self.divergence_alpha = check_divergence(self.divergence, self.divergence_alpha)
         if self.mode != "mod" and self.divergence != "reverse_kl":
             raise ValueError(
@@ -64,7 +68,7 @@ class Guidance:
             )
         if not self.beta > 0:  # also rejects NaN; inf means no guidance
             raise ValueError(f"beta must be > 0 (or inf for no guidance), got {self.beta}")
-        expected = 1 if self.mode == "parm" else len(self.objectives)
+        expected = 1 if self.mode in ("parm", "policy") else len(self.objectives)
         if len(self.models) != expected:
             raise ValueError(
                 f"{self.mode} guidance needs {expected} model(s), got {len(self.models)}"
@@ -73,8 +77,11 @@ class Guidance:
     @property
     def needs_base(self) -> bool:
         """Whether decoding needs the base model: as the model guided (PARM, GenARM), or as
-        MOD's reference policy (every form but the reverse KL, where π_ref cancels)."""
-        return self.mode != "mod" or self.divergence != "reverse_kl"
+        MOD's reference policy (every form but the reverse KL, where π_ref cancels); a policy
+        decodes alone."""
+        return self.mode in ("parm", "genarm") or (
+            self.mode == "mod" and self.divergence != "reverse_kl"
+        )
 
 
 def parm_guidance(arm: nn.Module, beta: float = 1.0, tokenizer: Any = None) -> Guidance:
@@ -111,6 +118,16 @@ def mod_guidance(
         list(tokenizers),
         divergence=divergence,
         divergence_alpha=divergence_alpha,
+    )
+
+
+def policy_guidance(policy: nn.Module, tokenizer: Any = None) -> Guidance:
+    """A policy with a preference adapter (SVD-LoRA / PBLoRA) decoding on its own, α injected
+    per row: plain decoding, with each row at its own α."""
+    from align.adapters import objectives_of
+
+    return Guidance(
+        "policy", [policy], objectives_of(policy), 1.0, [tokenizer] if tokenizer is not None else []
     )
 
 
@@ -193,13 +210,15 @@ def sampling_processors(
 
 @dataclass
 class _Copy:
-    """One weighting of a model's scores: ``coefficient`` per active row; ``gate`` switches a
+    """One weighting of a model's scores: ``weight`` maps rows of α ``(R, m)`` to their
+    coefficients ``(R,)``, ``coefficient`` holds them per active row; ``gate`` switches a
     shared-base PARM's adapter off (0) or on (1) for these rows; ``uses_alpha``: its scores
     depend on α during the prompt (PARM rows), so its prefill cannot be shared across α."""
 
-    coefficient: torch.Tensor
+    weight: Callable[[torch.Tensor], torch.Tensor]
     gate: float | None = None
     uses_alpha: bool = False
+    coefficient: torch.Tensor | None = None
     #: MOD's reference policy π_ref (f-divergence forms): its scores are not weighted by α.
     reference: bool = False
 
@@ -216,7 +235,7 @@ class _Group:
 
     def _configure(self, copies: Sequence[_Copy], rows: int, alpha: Preference | None) -> None:
         """Set the PARM's α and row gate for a forward over ``copies`` × ``rows`` rows."""
-        if self.arm is None:
+        if self.arm is None or alpha is None or rows == 0:
             return
         from align.adapters import preference_tuner, set_preference
 
@@ -267,17 +286,117 @@ class _Group:
     def keep(self, rows: torch.Tensor, active: int) -> None:
         """Keep only ``rows`` (indices into the ``active`` current rows): finished rows leave
         the batch and every copy's cache."""
-        index = torch.cat([rows + c * active for c in range(len(self.copies))])
-        self.scorer.cache.batch_select_indices(index.to(self.scorer_device))
+        if _cache_width(self.scorer.cache) is not None:
+            index = torch.cat([rows + c * active for c in range(len(self.copies))])
+            self.scorer.cache.batch_select_indices(index.to(self.scorer_device))
         for copy in self.copies:
-            copy.coefficient = copy.coefficient[rows]
+            copy.coefficient = copy.coefficient[rows.to(copy.coefficient.device)]
         if self.alpha is not None:
             self.alpha = Preference(self.alpha.weights[rows.cpu()], self.alpha.objectives)
         self._configure(self.copies, len(rows), self.alpha)
 
+    def extend(
+        self, inputs: tuple[torch.Tensor, ...], alpha: Preference, active: int, width: int
+    ) -> None:
+        """Add rows after the ``active`` current ones: read their left-padded prompts
+        ``inputs`` (ids, mask, positions; possibly 0 columns wide) into a cache of their own
+        and merge it into this group's, whose ``width`` columns the rows already have (the
+        shorter of the two is padded on the left, those columns masked by the caller)."""
+        added = inputs[0].shape[0]
+        device = inputs[0].device
+        weights = alpha.to_tensor(torch.float32)
+        for copy in self.copies:
+            new = copy.weight(weights).to(device)[:, None]
+            copy.coefficient = (
+                new if copy.coefficient is None else torch.cat([copy.coefficient, new])
+            )
+        copies = len(self.copies)
+        prompt_cache = None
+        if inputs[0].shape[1]:
+            self._configure(self.copies, added, alpha)
+            running = self.scorer.cache
+            self.scorer.cache = DynamicCache()
+            self.scorer(*(t.repeat(copies, 1) for t in inputs))
+            prompt_cache, self.scorer.cache = self.scorer.cache, running
+        self.scorer.cache = _merge_caches(
+            self.scorer.cache if active else None, active, width, prompt_cache, added, copies
+        )
+        if self.arm is not None:
+            self.alpha = (
+                alpha
+                if self.alpha is None or not active
+                else Preference(torch.cat([self.alpha.weights, alpha.weights]), alpha.objectives)
+            )
+        self._configure(self.copies, active + added, self.alpha)
+
+    def reset(self) -> None:
+        """No rows: an empty cache, no coefficients."""
+        self.scorer.cache = DynamicCache()
+        for copy in self.copies:
+            copy.coefficient = None
+        self.alpha = None
+
+    def trim(self, columns: int) -> None:
+        """Drop the first ``columns`` cache columns (padding for every row still decoding)."""
+        if columns and _cache_width(self.scorer.cache):
+            for layer in self.scorer.cache.layers:
+                layer.keys = layer.keys[..., columns:, :]
+                layer.values = layer.values[..., columns:, :]
+
     @property
     def scorer_device(self) -> torch.device:
         return self.scorer.cache.layers[0].keys.device
+
+
+def _cache_width(cache: DynamicCache | None) -> int | None:
+    """The cached columns, or None for a cache holding nothing yet."""
+    if cache is None or not cache.layers or not getattr(cache.layers[0], "is_initialized", False):
+        return None
+    return cache.layers[0].keys.shape[-2]
+
+
+def _merge_caches(
+    running: DynamicCache | None,
+    active: int,
+    width: int,
+    added: DynamicCache | None,
+    rows: int,
+    copies: int,
+) -> DynamicCache | None:
+    """One cache of ``copies`` stacked blocks: each block the ``active`` running rows, then the
+    ``rows`` added ones; the narrower side is left-padded with zeros (masked columns) to the
+    wider one's width. ``running`` holds ``width`` columns (None: no rows, or none cached yet)."""
+    if _cache_width(running) is None:
+        running = None
+    if _cache_width(added) is None:
+        added = None
+    if running is None and added is None:
+        return None
+    template = running if running is not None else added
+    total = max(width, _cache_width(added) or 0)
+
+    def blocks(cache: DynamicCache | None, count: int, like: torch.Tensor, index: int, keys: bool):
+        """``copies`` blocks of ``count`` rows, ``total`` columns wide."""
+        if count == 0:
+            return [like[:0]] * copies
+        if cache is None:  # nothing cached for these rows: all padding
+            return [like.new_zeros((count, like.shape[1], total, like.shape[3]))] * copies
+        layer = cache.layers[index]
+        tensor = layer.keys if keys else layer.values
+        pad = total - tensor.shape[-2]
+        if pad:
+            tensor = torch.nn.functional.pad(tensor, (0, 0, pad, 0))
+        return list(tensor.split(count))
+
+    merged = DynamicCache()
+    for index, layer in enumerate(template.layers):
+        stacked = []
+        for keys, like in ((True, layer.keys), (False, layer.values)):
+            old = blocks(running, active, like, index, keys)
+            new = blocks(added, rows, like, index, keys)
+            stacked.append(torch.cat([t for c in range(copies) for t in (old[c], new[c])]))
+        merged.update(stacked[0], stacked[1], index)
+    return merged
 
 
 def _stack_caches(caches: Sequence[DynamicCache]) -> DynamicCache:
@@ -290,50 +409,83 @@ def _stack_caches(caches: Sequence[DynamicCache]) -> DynamicCache:
     return stacked
 
 
-def _plan(base: nn.Module | None, guidance: Guidance, preference: Preference, vocab_size: int):
+def _ones(alpha: torch.Tensor) -> torch.Tensor:
+    return torch.ones(alpha.shape[0])
+
+
+def _constant(value: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda alpha: torch.full((alpha.shape[0],), value)
+
+
+def _column(index: int, scale: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda alpha: alpha[:, index] * scale
+
+
+def _plan(
+    base: nn.Module | None,
+    guidance: Guidance,
+    preference: Preference | None,
+    vocab_size: int,
+):
     """The forwards each step needs, and a function restoring the guides' state afterwards.
 
     Models whose coefficient is 0 on every row are skipped. When the PARM is the base model plus
     its adapter (the same module object), base and PARM rows run as one batched forward with
     the adapter gated off on the base rows: the weights are read once per step, not twice.
+    ``preference`` None plans for rows that are not there yet (:class:`DecodingBatch`): every
+    model is kept, the coefficients are computed as rows join.
     """
-    alpha = preference.to_tensor(torch.float32)
-    rows = alpha.shape[0]
     inverse_beta = 0.0 if guidance.beta == float("inf") else 1.0 / guidance.beta
-    ones = torch.ones(rows)
-    if guidance.mode == "parm":
+    if guidance.mode in ("parm", "policy"):
         from align.adapters import get_preference, preference_tuner, set_preference
 
         arm = guidance.models[0]
         tuner = preference_tuner(arm)
         previous = get_preference(arm)
-        guide = _Copy(torch.full((rows,), inverse_beta), uses_alpha=True)
-        if base is not None and arm.get_base_model() is base:
-            copies = [_Copy(ones, gate=0.0)] + ([replace(guide, gate=1.0)] if inverse_beta else [])
-            groups = [_Group(arm, vocab_size, copies, arm=arm)]
+        if guidance.mode == "policy":
+            groups = [_Group(arm, vocab_size, [_Copy(_ones, uses_alpha=True)], arm=arm)]
         else:
-            groups = [_Group(base, vocab_size, [_Copy(ones)])]
-            if inverse_beta:
-                groups.append(_Group(arm, vocab_size, [guide], arm=arm))
-        for group in groups:
-            if group.arm is not None:
-                group.alpha = preference
+            guide = _Copy(_constant(inverse_beta), uses_alpha=True)
+            if base is not None and arm.get_base_model() is base:
+                copies = [_Copy(_ones, gate=0.0)]
+                copies += [replace(guide, gate=1.0)] if inverse_beta else []
+                groups = [_Group(arm, vocab_size, copies, arm=arm)]
+            else:
+                groups = [_Group(base, vocab_size, [_Copy(_ones)])]
+                if inverse_beta:
+                    groups.append(_Group(arm, vocab_size, [guide], arm=arm))
 
         def restore() -> None:
             tuner.set_row_gate(None)
             set_preference(arm, previous)
 
-        return groups, restore
-    if guidance.mode == "genarm":
-        pairs = [(base, ones)] + [
-            (arm, alpha[:, j] * inverse_beta) for j, arm in enumerate(guidance.models)
-        ]
     else:
-        pairs = [(policy, alpha[:, j]) for j, policy in enumerate(guidance.models)]
-    groups = [_Group(m, vocab_size, [_Copy(c)]) for m, c in pairs if bool((c != 0).any())]
-    if guidance.mode == "mod" and guidance.divergence != "reverse_kl":
-        groups.insert(0, _Group(base, vocab_size, [_Copy(ones, reference=True)]))
-    return groups, lambda: None
+        if guidance.mode == "genarm":
+            pairs = [(base, _ones)] + [
+                (arm, _column(j, inverse_beta)) for j, arm in enumerate(guidance.models)
+            ]
+        else:
+            pairs = [(policy, _column(j)) for j, policy in enumerate(guidance.models)]
+        groups = [_Group(model, vocab_size, [_Copy(weight)]) for model, weight in pairs]
+        if guidance.mode == "mod" and guidance.divergence != "reverse_kl":
+            groups.insert(0, _Group(base, vocab_size, [_Copy(_ones, reference=True)]))
+
+        def restore() -> None:
+            return None
+
+    if preference is None:
+        return groups, restore
+    alpha = preference.to_tensor(torch.float32)
+    for group in groups:
+        for copy in group.copies:
+            copy.coefficient = copy.weight(alpha)
+        if group.arm is not None:
+            group.alpha = preference
+    if guidance.mode in ("genarm", "mod"):
+        groups = [
+            g for g in groups if g.copies[0].reference or bool((g.copies[0].coefficient != 0).any())
+        ]
+    return groups, restore
 
 
 def _combine(guidance: Guidance, groups: Sequence[_Group], outputs: Sequence) -> torch.Tensor:

@@ -158,6 +158,15 @@ class Route(ABC):
         """Take off what this route attached to the shared base (the next route needs it bare)."""
         return None
 
+    def guidance(self, runtime: Runtime) -> Any:
+        """The :class:`~align.decoding.guided.Guidance` that decodes this route at any per-row
+        α, step by step (what ``align serve`` runs); routes answering a fixed set of α have
+        none."""
+        raise ValueError(
+            f"route {self.name!r} ({self.kind}) cannot decode an arbitrary α per request; "
+            f"a served route is one of parm, genarm, mod, policy"
+        )
+
 
 def source_digest(reference: str) -> str:
     """The content digest of a local file or folder; a hub id or embedded model name stands for
@@ -311,6 +320,9 @@ class GuidedRoute(Route):
     ) -> list[str]:
         return runtime.guided(self._guide(runtime), prompts, alpha, self.generation)
 
+    def guidance(self, runtime: Runtime) -> Any:
+        return self._guide(runtime)
+
     def passes(self, base: str, prompts: int, alphas: int) -> list[Pass]:
         return guided_route_passes(self.generation, prompts, alphas)
 
@@ -434,10 +446,8 @@ class PolicyRoute(Route):
         self.adapter = str(adapter)
         self._model = None
 
-    def answer(
-        self, runtime: Runtime, prompts: list[str], alpha: np.ndarray, offset=0
-    ) -> list[str]:
-        from align.adapters import objectives_of, set_preference
+    def _policy(self, runtime: Runtime) -> Any:
+        from align.adapters import objectives_of
         from align.preference import require_same_objectives
 
         if self._model is None:
@@ -445,8 +455,22 @@ class PolicyRoute(Route):
             require_same_objectives(
                 objectives_of(self._model), self.objectives, f"policy {self.adapter}", "the sweep"
             )
-        set_preference(self._model, Preference(torch.as_tensor(alpha), self.objectives))
-        return runtime.plain(self._model, prompts, self.generation, offset)
+        return self._model
+
+    def answer(
+        self, runtime: Runtime, prompts: list[str], alpha: np.ndarray, offset=0
+    ) -> list[str]:
+        from align.adapters import set_preference
+
+        model = self._policy(runtime)
+        set_preference(model, Preference(torch.as_tensor(alpha), self.objectives))
+        return runtime.plain(model, prompts, self.generation, offset)
+
+    def guidance(self, runtime: Runtime) -> Any:
+        """The policy decoding alone, α injected per row."""
+        from align.decoding.guided import policy_guidance
+
+        return policy_guidance(self._policy(runtime))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "adapter": self.adapter}

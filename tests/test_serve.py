@@ -77,6 +77,9 @@ def _guided(mode):
         return base, genarm_guidance({"helpful": tiny(2), "harmless": tiny(3)}, beta=0.5)
     if mode == "mod":
         return None, mod_guidance({"helpful": tiny(4), "harmless": tiny(5)})
+    if mode == "mod-jensen-shannon":  # MOD's f-divergence form: the base as π_ref
+        policies = {"helpful": tiny(4), "harmless": tiny(5)}
+        return base, mod_guidance(policies, divergence="jensen_shannon")
     return None, policy_guidance(pblora(tiny(6)))
 
 
@@ -89,7 +92,9 @@ def _prompt_ids(tokenizer, text):
     return tokenizer(format_prompt(tokenizer, text), add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("mode", ["parm-shared", "parm", "genarm", "mod", "policy"])
+@pytest.mark.parametrize(
+    "mode", ["parm-shared", "parm", "genarm", "mod", "mod-jensen-shannon", "policy"]
+)
 def test_rows_joining_and_leaving_mid_decoding_get_the_tokens_they_get_alone(tokenizer, mode):
     """Rows of different α and prompt lengths join a running batch at different steps (a
     1-token prompt included: nothing to prefill) and leave after different numbers of tokens;

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T", bound=type)
@@ -107,9 +107,6 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: Any) -> bool:
         return normalize_name(name) in self.entries()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
 
     def __repr__(self) -> str:
         return f"Registry({self.what!r}, {self.names()})"

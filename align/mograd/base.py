@@ -204,6 +204,3 @@ class UpdateAggregator(MultiGradientMethod):
         self, jacobian: Tensor, losses: Tensor | None, preference: Tensor | None
     ) -> Tensor:
         """The (P,) update for a validated, detached Jacobian."""
-
-
-Aggregator = LossAggregator | GradientAggregator | UpdateAggregator  # = MultiGradientMethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from align.mograd.base import Aggregator, MultiGradientMethod
+from align.mograd.base import MultiGradientMethod
 from align.registry import Registry
 
 #: Sub-packages (``learned.training``: meta-training) are not scanned: research code stays off
@@ -56,7 +56,7 @@ def available_aggregators() -> dict[str, str]:
     return {name: cls.kind for name, cls in METHODS.entries().items()}
 
 
-def get_aggregator(name: str | Aggregator, **kwargs: Any) -> Aggregator:
+def get_aggregator(name: str | MultiGradientMethod, **kwargs: Any) -> MultiGradientMethod:
     """A new instance of the method called ``name`` (keyword arguments go to its constructor);
     an instance passes through unchanged."""
     if isinstance(name, MultiGradientMethod):

@@ -21,26 +21,28 @@ class ParetoMerging(Merge):
 
     trains_artifact = True
 
-    def __init__(self, **options: Any) -> None:
+    @property
+    def options(self) -> dict[str, Any]:  # type: ignore[override]
+        """The fields of :class:`~align.merging.pareto.ParetoMergeOptions` and their defaults."""
         from align.merging.pareto import ParetoMergeOptions
 
-        known = {f.name for f in dataclasses.fields(ParetoMergeOptions)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"merge method 'pareto' does not take {', '.join(map(repr, unknown))}; "
-                f"its options are: {', '.join(sorted(known))}"
-            )
-        ParetoMergeOptions(**options)  # every other check, before any work
-        self.params = dict(options)
+        return {
+            f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(ParetoMergeOptions)
+        }
+
+    def check_options(self) -> None:
+        from align.merging.pareto import ParetoMergeOptions
+
+        ParetoMergeOptions(**self.params)  # every other check, before any work
 
     def run(self, config: Any, out: Path, *, overwrite: bool = False) -> list[Path]:
         from align.merging.pareto import ParetoArtifact, pareto_merge
 
         if config.artifact is None:
             options = dict(self.params)
-            if config.dtype is not None:
-                options.setdefault("dtype", config.dtype)
+            if options["dtype"] is None:
+                options["dtype"] = config.dtype
             artifact = pareto_merge(
                 config.models,
                 out,

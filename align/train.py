@@ -187,9 +187,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
 
-        if not torch.cuda.is_available():
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+        if not torch.cuda.is_available() and not deepspeed:
             # Launched as several processes on a machine without GPUs: without this, accelerate
-            # gives every process a world of its own and they silently train alone.
+            # gives every process a world of its own and they silently train alone. Not under
+            # DeepSpeed (which joins the processes itself): ACCELERATE_USE_CPU would make
+            # transformers build a plain multi-CPU Accelerator and drop DeepSpeed silently.
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     try:
         final = run_recipe(load_recipe(options.recipe, options.overrides))

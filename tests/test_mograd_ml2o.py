@@ -368,6 +368,38 @@ def test_engine_refuses_feature_level():
         MultiObjectiveEngine("ml2o", [])
 
 
+class _Zero3Engine:
+    """What the engine reads of a DeepSpeed ZeRO-3 engine before its first backward."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def zero_optimization_stage(self) -> int:
+        return 3
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.steps
+
+    def backward(self, loss):  # pragma: no cover - never reached
+        raise AssertionError("the refusal comes first")
+
+
+@pytest.mark.parametrize("steps, accumulation", [(2, "micro"), (2, "full"), (1, "full")])
+def test_zero3_refuses_gradient_accumulation_with_a_clear_error(steps, accumulation):
+    """Under ZeRO-3 ML2O / GML2O write the step's gradient partitions: one micro-batch per
+    step, as for the gradient-level methods' m + 1 path."""
+    model = TwoHeads()
+    engine = MultiObjectiveEngine(
+        "gml2o",
+        list(model.parameters()),
+        accelerator=_Zero3Engine(steps),
+        accumulation=accumulation,
+    )
+    losses = _losses(model, torch.randn(4, 5), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="gradient partitions.*gradient_accumulation_steps = 1"):
+        engine(losses, sync=True)
+
+
 # --- weights and meta-training -------------------------------------------------------------
 
 
@@ -413,7 +445,6 @@ def test_meta_training_runs_and_round_trips_through_a_file(tmp_path):
 # --- two processes -------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_match_one_process():
     spec = importlib.util.spec_from_file_location(
         "test_mograd_engine", REPO / "tests" / "test_mograd_engine.py"
@@ -432,11 +463,10 @@ def test_ddp_two_processes_match_one_process():
             torch.testing.assert_close(results[method][name], reference[name], rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_zero2_two_processes_give_the_same_update_and_state_as_one_process():
-    """GML2O under ZeRO-2: each rank runs the network on its gradient partition with that
-    partition's recurrent state; the parameters after two steps, the guard's decisions and the
-    state (the ranks' partitions put back in parameter order) are the one-process run's."""
+def _assert_sharded_gml2o_matches_one_process(backend: str, ranks: tuple[int, int]) -> None:
+    """Two ``backend`` processes vs one process on the union batch for GML2O: the parameters
+    after two steps, the guard's decisions and the state — the ranks' partitions put back in
+    parameter order with the layout each rank reports — are the one-process run's."""
     spec = importlib.util.spec_from_file_location(
         "test_mograd_engine", REPO / "tests" / "test_mograd_engine.py"
     )
@@ -444,30 +474,48 @@ def test_zero2_two_processes_give_the_same_update_and_state_as_one_process():
     spec.loader.exec_module(engine_tests)
     import tempfile
 
+    ranks_option = ",".join(str(r) for r in ranks)
     with tempfile.TemporaryDirectory() as tmp:
-        results = engine_tests._launch(Path(tmp), "zero2", "--methods", "gml2o")
+        results = engine_tests._launch(
+            Path(tmp), backend, "--methods", "gml2o", "--ranks", ranks_option
+        )
     step = engine_tests._step_module()
     states = []
-    reference = step.run(None, "gml2o", 2, states=states)
+    reference = step.run(None, "gml2o", 2, states=states, ranks=ranks)
     for name in reference:
         torch.testing.assert_close(results["gml2o"][name], reference[name], rtol=1e-3, atol=1e-5)
-    sizes = [p.numel() for p in step.build_model().parameters() if p.requires_grad]
+    sizes = [p.numel() for p in step.build_model(ranks).parameters() if p.requires_grad]
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
-    ranks = results["states/gml2o"]
+    ranks_states = results["states/gml2o"]
     for k, expected in enumerate(states):
         for key in ("steps", "accepted", "decisions"):
-            assert int(ranks[0][k][key]) == int(ranks[1][k][key]) == int(expected[key]), key
+            assert (
+                int(ranks_states[0][k][key]) == int(ranks_states[1][k][key]) == int(expected[key])
+            ), key
         hidden = torch.zeros_like(expected["hidden"])
         covered = 0
-        for record in (ranks[0][k], ranks[1][k]):
+        for record in (ranks_states[0][k], ranks_states[1][k]):
             offset = 0
             for index, start, count in record["layout"]:
                 begin = offsets[index] + start
                 hidden[begin : begin + count] = record["hidden"][offset : offset + count]
                 offset += count
                 covered += count
-            assert offset == record["hidden"].shape[0]
+            assert offset == record["hidden"].shape[0]  # one state row per held coordinate
         assert covered == hidden.shape[0]  # the partitions tile the coordinates
         # float16 state: equal up to its rounding of slightly different sums.
         torch.testing.assert_close(hidden.float(), expected["hidden"].float(), rtol=0, atol=4e-3)
     assert int(states[-1]["accepted"]) >= 1  # the learned step was taken: the state advanced
+
+
+def test_zero2_two_processes_give_the_same_update_and_state_as_one_process():
+    """GML2O under ZeRO-2: each rank runs the network on its gradient partition with that
+    partition's recurrent state."""
+    _assert_sharded_gml2o_matches_one_process("zero2", (2, 2))
+
+
+def test_zero3_two_processes_give_the_same_update_and_state_as_one_process():
+    """GML2O under ZeRO-3: each rank runs the network on its ``safe_get_local_grad``
+    partitions (without their padding: r1 = 3 gives 9-element tensors, split 5 + 4 and a pad)
+    with that partition's state, and its part of the update reaches the optimizer."""
+    _assert_sharded_gml2o_matches_one_process("zero3", (3, 2))

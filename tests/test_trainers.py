@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -402,6 +403,62 @@ def _launch(config: str, recipe: Path, output_dir: Path, *overrides: str) -> Non
     ]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_zero2_gml2o_run_saves_its_state_per_rank_and_resumes_to_the_same_adapter(
+    tmp_path, tiny_model_dir
+):
+    """GML2O under two-process ZeRO-2 keeps its recurrent state per rank (each rank's gradient
+    partition): a checkpoint holds one state file per rank, a run resumed from it ends with the
+    uninterrupted run's adapter and state, and a resume on another world size is refused."""
+    from align.trainers.base import MOGRAD_SHARD_STATE, MOGRAD_STATE
+
+    recipe = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        max_steps=4,
+        save_steps=2,
+        aggregator="gml2o",
+        allow_preference_blind_aggregator=True,  # PARM refuses α-blind methods otherwise
+    )
+    uninterrupted = tmp_path / "uninterrupted"
+    _launch("deepspeed_zero2_cpu.yaml", recipe, uninterrupted)
+    files = [MOGRAD_SHARD_STATE.format(rank=rank) for rank in (0, 1)]
+    for step in (2, 4):
+        checkpoint = uninterrupted / f"checkpoint-{step}"
+        assert all((checkpoint / name).is_file() for name in files), sorted(checkpoint.iterdir())
+        assert not (checkpoint / MOGRAD_STATE).exists()
+    # Resuming from checkpoint-2 is what a run killed after it does (the kill-and-resume path
+    # itself: test_a_run_killed_after_a_checkpoint_resumes_to_the_same_adapter).
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
+    _launch("deepspeed_zero2_cpu.yaml", recipe, resumed)
+    expected, got = _final_adapter(uninterrupted), _final_adapter(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    # The state itself went on from the checkpoint (a fresh one would count 2 steps, not 4).
+    for name in files:
+        want = torch.load(uninterrupted / "checkpoint-4" / name, weights_only=True)
+        have = torch.load(resumed / "checkpoint-4" / name, weights_only=True)
+        assert have["shard"] == want["shard"]
+        assert int(want["aggregator"]["steps"]) == 4
+        for key, value in want["aggregator"].items():
+            torch.testing.assert_close(have["aggregator"][key], value, rtol=0, atol=0)
+    # One process cannot take up rank 0's partition of a two-process run.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-2", alone / "checkpoint-2")
+    result = subprocess.run(
+        _train_command(recipe, f"args.output_dir={alone}"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "resume with the same world size" in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("config", ["cpu_2proc.yaml", "deepspeed_zero2_cpu.yaml"])

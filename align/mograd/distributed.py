@@ -175,7 +175,8 @@ class ZeroShards:
 
     * ZeRO-1/2: each parameter's gradient partition (``param._hp_mapping``): a contiguous
       fragment ``[start, start + numel)`` of the flattened parameter, or nothing;
-    * ZeRO-3: ``safe_get_local_grad`` — the rank's partition of every parameter;
+    * ZeRO-3: ``safe_get_local_grad`` — the rank's partition of every parameter, without its
+      padding (:meth:`zero3_partition`);
     * ZeRO-0 (DeepSpeed without ZeRO): the whole reduced ``param.grad`` (not sharded).
 
     ``read()`` concatenates them into one vector; the Gram of all ranks' vectors summed is the
@@ -199,7 +200,8 @@ class ZeroShards:
             grad = safe_get_local_grad(param)
             if grad is None:
                 return None, 0
-            return grad.reshape(-1), 0
+            start, count = self.zero3_partition(param)
+            return grad.reshape(-1).narrow(0, 0, count), start
         if not hasattr(param, "_hp_mapping"):
             raise ValueError(
                 "a parameter of the multi-objective engine is not managed by this DeepSpeed "
@@ -214,6 +216,25 @@ class ZeroShards:
             # The bf16 optimizer keeps a full accumulation buffer on every rank.
             fragment = fragment.narrow(0, address.start, address.numel)
         return fragment, int(address.start)
+
+    @property
+    def total(self) -> int:
+        """The number of coordinates of all the parameters (ZeRO-3's partitioned parameters
+        have ``numel() == 0`` outside their module's forward and backward: ``ds_numel``)."""
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.params)
+
+    @staticmethod
+    def zero3_partition(param: nn.Parameter) -> tuple[int, int]:
+        """ZeRO-3: ``(start, count)`` of the coordinates of the flattened parameter that this
+        rank's partition holds. DeepSpeed splits every parameter into ``world`` partitions of
+        ``ceil(numel / world)`` (``param.ds_tensor``), rank r's starting at ``r · size``; the
+        last ones end in padding — or are nothing but padding — which ``count`` leaves out.
+        The padding's gradient is never written by ZeRO-3's reduce-scatter (it stays at its
+        initial zeros): reading it would add nothing to the Gram but would give ML2O's
+        coordinate-wise network coordinates (and state rows) that do not exist."""
+        size = int(param.ds_tensor.numel())
+        start = dist.get_rank(getattr(param, "ds_process_group", None)) * size
+        return start, max(0, min(size, int(param.ds_numel) - start))
 
     def read(self) -> Tensor:
         """This rank's fragments of every parameter's gradient, concatenated (float32)."""
@@ -253,6 +274,78 @@ class ZeroShards:
                 offset += n
             out.append(full.view(param.shape))
         return out
+
+    def write_zero3(self, local_direction: Tensor) -> None:
+        """ZeRO-3: make ``local_direction`` (this rank's coordinates, in :meth:`read`'s order)
+        this rank's reduced gradient partitions, the padding zero (it is never reduced into,
+        so a value left there would stay in the optimizer's gradient norm and in every later
+        read), with ``deepspeed.utils.safe_set_local_grad``."""
+        from deepspeed.utils import safe_set_local_grad
+
+        if self.stage != 3:
+            raise AssertionError("write_zero3 is for ZeRO-3")
+        offset = 0
+        for param in self.params:
+            _, count = self.zero3_partition(param)
+            value = torch.zeros(
+                param.ds_tensor.numel(), dtype=torch.float32, device=param.ds_tensor.device
+            )
+            value[:count] = local_direction[offset : offset + count]
+            offset += count
+            safe_set_local_grad(param, value)
+        if offset != local_direction.numel():
+            raise AssertionError("the update does not match this rank's ZeRO-3 partitions")
+
+
+class WriteZero3Partitions(torch.autograd.Function):
+    """``value`` in the forward; its backward writes ``grad_output · direction`` as this rank's
+    ZeRO-3 gradient partitions and reaches no parameter (its only input needing a gradient is
+    a fresh scalar leaf): how an update that is not a combination of the losses' gradients
+    (ML2O / GML2O) reaches ZeRO-3's optimizer. See :func:`deliver_zero3`."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, anchor: Tensor, write: Any):
+        ctx.write = write
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        if ctx.write is None:
+            raise RuntimeError("the ZeRO-3 update was already written (one backward per call)")
+        ctx.write(grad_output)
+        ctx.write = None
+        return None, None, None
+
+
+def deliver_zero3(value: Tensor, shards: ZeroShards, local_direction: Tensor) -> Tensor:
+    """A scalar with ``value``'s value whose backward makes ``local_direction`` (times the
+    backward's ``grad_output``: DeepSpeed's loss scale, the trainer's ``1 / accumulation``)
+    this rank's ZeRO-3 gradient partitions; exact, with no further backward through the model.
+
+    Why it is exact, from DeepSpeed 0.19.8's source: ``DeepSpeedEngine.backward(loss)`` runs
+    ``loss.backward()`` and *then* ZeRO-3's gradient epilogue
+    (``independent_gradient_partition_epilogue``: it reduce-scatters the last bucket of
+    gradients into the partitions, ``partition_grads``, and points ``averaged_gradients`` at
+    them); Accelerate's ``DeepSpeedEngineWrapper.backward`` follows it with
+    ``engine.step()``, whose norm, clipping and update read those partitions. The scalar
+    returned here reaches no parameter, so no gradient is reduced in that backward and the
+    epilogue leaves the partitions as written; the m per-objective backward passes before it
+    already ran ZeRO-3's hooks on the graph. Rejected alternatives: backpropagating
+    ``0 · Σ L_i`` to keep ZeRO-3's reduction busy and writing the partitions just before
+    ``optimizer.step`` (one more backward through the model, and DeepSpeed has no pre-step
+    hook — only patching ``optimizer.step``); writing them from a callback queued on the
+    autograd engine (it runs inside ``loss.backward()``, *before* that epilogue, whose
+    reduction would overwrite them had any gradient arrived).
+
+    So the scalar must be backpropagated alone — not summed with a loss of the parameters,
+    whose reduction, copying into the partitions (ZeRO-3's first micro-batch), would overwrite
+    the update in any order. It is the engine's single return value in every trainer here."""
+    anchor = torch.zeros((), device=value.device, requires_grad=True)
+
+    def write(grad_output: Tensor) -> None:
+        shards.write_zero3(local_direction * grad_output.to(local_direction))
+
+    return WriteZero3Partitions.apply(value, anchor, write)
 
 
 class Zero3HookCounters:

@@ -50,14 +50,21 @@ How each kind of method gets there
   runs like a gradient-level method on one process and under DDP (``J`` is all-reduced, so
   every rank computes the same ``d`` and advances the same recurrent state), ``d`` is injected
   the same way, and the returned scalar's value uses ``last_weights`` (d's coefficients on the
-  gradients). Under DeepSpeed ZeRO-1/2 the network, being coordinate-wise, runs on each rank's
-  gradient partition with that partition's recurrent state (its scales from the all-reduced
-  Gram; the guard's m inner products and two norms all-reduced), and each rank injects its
-  part of ``d`` as for MGDA; the state is then per rank (:attr:`state_is_sharded`; the
-  trainers save one file per rank, resumed with the same world size). ZeRO-0: as on one
-  process. Not under ZeRO-3 (``d`` is outside the gradients' span, and ZeRO-3 applies updates
-  by one more backward of ``Σ w_i L_i``) nor with ``feature_level=True``: both raise
-  ``NotImplementedError`` (``gram_l2o``, a gradient-level learned method, runs there).
+  gradients). Under DeepSpeed ZeRO-1/2/3 the network, being coordinate-wise, runs on each
+  rank's gradient partition with that partition's recurrent state (its scales from the
+  all-reduced Gram; the guard's m inner products and two norms all-reduced); the state is then
+  per rank (:attr:`state_is_sharded`; the trainers save one file per rank, resumed with the
+  same world size). ZeRO-1/2: each rank injects its part of ``d`` as for MGDA. ZeRO-3: the
+  partitions are ``safe_get_local_grad``'s without their padding (``ceil(numel / world)`` per
+  rank; the padding is neither fed to the network nor given state), and ``d`` — outside the
+  gradients' span, so not reachable by the gradient-level path's extra backward of
+  ``Σ w_i L_i`` — is written as this rank's reduced gradient partitions
+  (``safe_set_local_grad``, padding zero) by the backward of the returned scalar, which reaches
+  no parameter: ZeRO-3's gradient epilogue (after that backward) has nothing to reduce and the
+  optimizer step reads ``d``; m backward passes, no more
+  (:func:`~align.mograd.distributed.deliver_zero3` says why this is exact, and that the scalar
+  must then be backpropagated alone). ZeRO-0: as on one process. Not with
+  ``feature_level=True`` (``NotImplementedError``).
 * **feature-level** (``feature_level=True``, gradient-level methods; MGDA-UB, Sener & Koltun
   2018): the Gram is taken from the gradients w.r.t. a shared representation ``features=z``
   passed with each call (final hidden states, logits, per-token log-probs ...) through which
@@ -90,7 +97,7 @@ one process on the union of their batches (LS, STCH, MGDA, and on DDP / ZeRO-2 a
 DualProj, Aligned-MTL, ConFIG, GradVac, FairGrad; ZeRO-0: LS, MGDA, EPO and loss-normalised MGDA
 with the ranks' weights compared too; ZeRO-1: LS and MGDA; Gram-L2O on ZeRO-2, and DDP / ZeRO-3
 (slow), with the ranks' weights and state compared too: ``tests/test_mograd_gram_l2o.py``); "slow"
-ones run with ``-m slow``; ~ = by construction, untested.
+ones run with ``-m slow``; ~ = by construction, untested; ✗ = refused with an error.
 
 ==============  ============  ==========  ==================  ===================  ============
 kind            one process   DDP         ZeRO-0 / ZeRO-1     ZeRO-2               ZeRO-3
@@ -98,11 +105,13 @@ kind            one process   DDP         ZeRO-0 / ZeRO-1     ZeRO-2            
 loss-level      ✓ exact       ✓           ✓ (slow)            ✓                    ✓ (slow)
 gradient-level  ✓ m bwd       ✓ m bwd     ✓ (slow) m bwd      ✓ m bwd              ✓ (slow) m+1
 feature-level   ✓ 1 bwd       ✓ (slow)    ~                   ✓ (slow)             ✓ (slow)
-update-level    ✓ m bwd       ✓ (slow)    ~                   ✓ (slow) m bwd       ✗
+update-level    ✓ m bwd       ✓ m bwd     ~                   ✓ m bwd              ✓ m bwd
 ==============  ============  ==========  ==================  ===================  ============
 
-(update-level: ``tests/test_mograd_ml2o.py``, GML2O's ZeRO-2 test also compares the ranks'
-state partitions with the one-process state; ✗ = ``NotImplementedError``.)
+(update-level: ``tests/test_mograd_ml2o.py``; GML2O's ZeRO-2 and ZeRO-3 tests also compare the
+ranks' state partitions, put back in parameter order, with the one-process state — ZeRO-3 on
+an adapter with 9-element tensors, so that partitions end in padding. Feature-level
+update-level methods: ✗, ``NotImplementedError``.)
 
 * Gradient accumulation: loss-level and feature-level weight each micro-batch, everywhere.
   Stateful loss-level methods (DWA, FAMO, a running ideal point, a nadir warm-up) are observed
@@ -112,7 +121,8 @@ state partitions with the one-process state; ✗ = ``NotImplementedError``.)
   one process, DDP and ZeRO-0/1/2 (✓ slow for DDP and ZeRO-2). Under ZeRO, ``"micro"`` with more
   than one micro-batch per step is refused with an error (ZeRO reduces every micro-batch into
   one buffer that the per-objective backward passes would mix into); ZeRO-3 needs one
-  micro-batch per step (its update is one more backward of the micro-batch's graph).
+  micro-batch per step (its update is one more backward of the micro-batch's graph, or for
+  ML2O / GML2O the write of the step's gradient partitions), also for ML2O / GML2O.
 * AMP: bf16 autocast needs nothing. With an fp16 ``GradScaler`` (``accelerator=`` given) the
   per-objective gradients are taken of the scaled losses and divided back, and non-finite
   gradients pass through as a non-finite update, so the scaler skips the step and lowers its
@@ -232,7 +242,8 @@ class MultiObjectiveEngine:
         self._step_losses: Tensor | None = None  # observe="step": this step's summed losses
         self._step_count = 0
         self._checked_ddp = False
-        #: ML2O / GML2O under ZeRO-1/2: {"world_size", "rank", "size"} of the state's partition.
+        #: ML2O / GML2O under ZeRO-1/2/3: {"world_size", "rank", "size"} of the state's
+        #: partition.
         self._sharded_state: dict[str, int] | None = None
 
     # ------------------------------------------------------------------------ properties
@@ -288,12 +299,6 @@ class MultiObjectiveEngine:
                 "Accelerator that prepared the model, or the DeepSpeed engine) to the engine"
             )
         if engine is not None:
-            if self.is_update_level and int(engine.zero_optimization_stage()) == 3:
-                raise NotImplementedError(
-                    f"{self.name} returns an update outside the gradients' span, which ZeRO-3's "
-                    f"partitioned parameters cannot take as an injected gradient (its m + 1 "
-                    f"path backpropagates Σ w_i L_i): use ZeRO-1/2, DDP, or gram_l2o"
-                )
             return self._gradient_level_deepspeed(engine, losses, preference, boundary)
         return self._gradient_level_local(losses, preference, boundary)
 
@@ -546,11 +551,16 @@ class MultiObjectiveEngine:
         shards = D.ZeroShards(engine, params)
         steps = int(engine.gradient_accumulation_steps())
         if shards.stage == 3 and (steps > 1 or self.accumulation == "full"):
+            if self.is_update_level:
+                how = "writes its update as the step's gradient partitions"
+                instead = "use ZeRO-1/2 or a larger micro-batch"
+            else:
+                how = "applies its update by one more backward of the micro-batch"
+                instead = "use ZeRO-2, feature_level=True or a loss-level method, or a larger "
+                instead += "micro-batch"
             raise ValueError(
-                f"{self.name} under ZeRO-3 applies its update by one more backward of the "
-                f"micro-batch, so it needs gradient_accumulation_steps = 1 (got {steps}, "
-                f"accumulation={self.accumulation!r}); use ZeRO-2, feature_level=True or a "
-                f"loss-level method, or a larger micro-batch"
+                f"{self.name} under ZeRO-3 {how}, so it needs gradient_accumulation_steps = 1 "
+                f"(got {steps}, accumulation={self.accumulation!r}); {instead}"
             )
         if self.accumulation == "micro" and (steps > 1 or not boundary):
             raise ValueError(
@@ -643,11 +653,15 @@ class MultiObjectiveEngine:
         group: Any,
         size: int,
     ) -> Tensor:
-        """ML2O / GML2O under ZeRO-0/1/2. ZeRO-0: every rank holds the same reduced J, so the
-        method runs on it as on one process. ZeRO-1/2: the network is coordinate-wise, so each
-        rank runs it on its own gradient partition with that partition's recurrent state; the
-        scales come from the all-reduced Gram, and the guard's inner products and norms are
-        all-reduced (m + 2 numbers); each rank injects its part of d as ZeRO-2 does for MGDA."""
+        """ML2O / GML2O under DeepSpeed. ZeRO-0: every rank holds the same reduced J, so the
+        method runs on it as on one process. ZeRO-1/2/3: the network is coordinate-wise, so each
+        rank runs it on its own gradient partition (ZeRO-3: without the partitions' padding)
+        with that partition's recurrent state; the scales come from the all-reduced Gram, and
+        the guard's inner products and norms are all-reduced (m + 2 numbers). ZeRO-1/2: each
+        rank injects its part of d as ZeRO-2 does for MGDA. ZeRO-3: each rank writes its part
+        of d as its gradient partitions when the returned scalar is backpropagated
+        (:func:`~align.mograd.distributed.deliver_zero3`, which says why that is exact): no
+        further backward through the model, m backward passes in all."""
         params, m = self.parameters, jacobian.shape[0]
         self.last_gram = gram.detach()
         if shards.stage == 0:
@@ -657,7 +671,7 @@ class MultiObjectiveEngine:
             def all_reduce(tensor: Tensor) -> Tensor:
                 return D.all_reduce_sum(tensor, group) if size > 1 else tensor
 
-            total = sum(p.numel() for p in params)
+            total = shards.total  # ZeRO-3's partitioned parameters have numel() 0
             direction = self.aggregator.compute_update_sharded(jacobian, gram, total, all_reduce)
             self._sharded_state = {"world_size": size, "rank": D.rank(group), "size": total}
         self.last_weights = self.aggregator.last_weights
@@ -668,11 +682,13 @@ class MultiObjectiveEngine:
         direction = direction.to(jacobian) * count
         if shards.stage == 0:
             return D.inject(value, params, D.split_like(direction, params))
+        if shards.stage == 3:
+            return D.deliver_zero3(value, shards, direction)
         return D.inject(value, params, shards.masked_directions(direction, size))
 
     @property
     def state_is_sharded(self) -> bool:
-        """Whether the method's state is this rank's partition (ML2O / GML2O under ZeRO-1/2):
+        """Whether the method's state is this rank's partition (ML2O / GML2O under ZeRO-1/2/3):
         each rank must then save and restore its own ``state_dict``, with the same world size."""
         return self._sharded_state is not None
 
@@ -750,7 +766,7 @@ class MultiObjectiveEngine:
         self.aggregator.observe(losses)
 
     def state_dict(self) -> dict[str, Any]:
-        """The method's state. Sharded (ML2O / GML2O under ZeRO-1/2) it is this rank's
+        """The method's state. Sharded (ML2O / GML2O under ZeRO-1/2/3) it is this rank's
         partition, tagged with the world size and rank (:attr:`state_is_sharded`)."""
         state = {"aggregator": self.aggregator.state_dict()}
         if self._sharded_state is not None:

@@ -570,7 +570,7 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             super()._save_checkpoint(model, trial)
             state = self.engine.state_dict()
             if getattr(self.engine, "state_is_sharded", False):
-                # ML2O / GML2O under ZeRO-1/2: every rank saves its own partition of the state
+                # ML2O / GML2O under ZeRO-1/2/3: every rank saves its own partition of the state
                 # (resumed with the same world size).
                 shard = state["shard"]["rank"]
                 torch.save(state, staging_root / name / MOGRAD_SHARD_STATE.format(rank=shard))
@@ -590,13 +590,25 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
                 best_model_checkpoint=self.state.best_model_checkpoint,
             )
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, MOGRAD_STATE)
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The optimizer's and scheduler's state, and the multi-objective method's. Here rather
+        than in ``_load_from_checkpoint``, which transformers does not call under DeepSpeed (it
+        loads the model with ``deepspeed_load_checkpoint`` instead): this one runs on every
+        resume, whatever the backend, once the model is prepared."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, MOGRAD_STATE)
         sharded = os.path.join(
-            resume_from_checkpoint, MOGRAD_SHARD_STATE.format(rank=self.accelerator.process_index)
+            checkpoint, MOGRAD_SHARD_STATE.format(rank=self.accelerator.process_index)
         )
         if os.path.exists(sharded):
             self.engine.load_state_dict(torch.load(sharded, weights_only=True))
+        elif os.path.exists(os.path.join(checkpoint, MOGRAD_SHARD_STATE.format(rank=0))):
+            raise ValueError(
+                f"{checkpoint} holds the {self.engine.name} state per rank of a ZeRO run with "
+                f"fewer processes than this one ({self.accelerator.num_processes}, no "
+                f"{os.path.basename(sharded)}): resume with the same world size"
+            )
         elif os.path.exists(path):
             self.engine.load_state_dict(torch.load(path, weights_only=True))

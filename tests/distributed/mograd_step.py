@@ -6,7 +6,8 @@ saved by the main process. The same module computes the one-process reference on
 global batch (``run(None, ...)``), which the tests compare against.
 
     accelerate launch --config_file <config> tests/distributed/mograd_step.py OUT.pt \
-        --methods linear,stch,mgda [--accumulation full] [--feature-level] [--micro-batches 2]
+        --methods linear,stch,mgda [--accumulation full] [--feature-level] [--micro-batches 2] \
+        [--ranks 3,2]
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ CLIP = 1.0  # the DeepSpeed configs of the tests clip at 1.0: every run clips al
 VARIANTS = {"mgda_loss": ("mgda", {"normalization": "loss"})}
 
 
-def build_model():
+def build_model(ranks: tuple[int, int] = (2, 2)):
+    """The tiny PBLoRA model; ``ranks`` = (r1, r2). With (3, 2) some adapter tensors have an odd
+    number of elements (9), so that two ZeRO-3 ranks hold padded partitions."""
     from peft import get_peft_model
 
     from align.adapters import PBLoraConfig, set_preference
     from align.testing import tiny_causal_lm
 
     model, _ = tiny_causal_lm(seed=0)
+    r1, r2 = ranks
     config = PBLoraConfig(
-        objectives=list(OBJECTIVES), init_weights=False, lora_dropout=0.0, r1=2, r2=2
+        objectives=list(OBJECTIVES), init_weights=False, lora_dropout=0.0, r1=r1, r2=r2
     )
     torch.manual_seed(1)
     model = get_peft_model(model, config)
@@ -76,6 +80,7 @@ def run(
     jacobian: str = "loop",
     weights: list | None = None,
     states: list | None = None,
+    ranks: tuple[int, int] = (2, 2),
 ) -> dict[str, torch.Tensor]:
     """STEPS optimizer steps; returns the trainable parameters (full, on every process).
 
@@ -86,7 +91,7 @@ def run(
     """
     from align.mograd.engine import MultiObjectiveEngine
 
-    model = build_model()
+    model = build_model(ranks)
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=LR)
@@ -149,9 +154,16 @@ def run(
 
 
 def shard_layout(engine, params) -> list[tuple[int, int, int]]:
-    """ZeRO-1/2: the coordinates this rank holds, in the order of its gradient partition."""
+    """ZeRO-1/2/3: the coordinates this rank holds, in the order of its gradient partition."""
     layout = []
     for index, param in enumerate(params):
+        if hasattr(param, "ds_id"):  # ZeRO-3: rank r holds [r·n, r·n + n) of a padded split
+            size = param.ds_tensor.numel()
+            start = torch.distributed.get_rank(param.ds_process_group) * size
+            count = max(0, min(size, param.ds_numel - start))
+            if count:
+                layout.append((index, start, count))
+            continue
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is not None:  # as ZeroShards reads it (the gradients are gone by now)
             address = mapping.lp_fragment_address
@@ -179,6 +191,7 @@ def main() -> None:
     parser.add_argument("--feature-level", action="store_true")
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--jacobian", default="loop")
+    parser.add_argument("--ranks", default="2,2", help="PBLoRA's r1,r2")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -207,6 +220,7 @@ def main() -> None:
             jacobian=args.jacobian,
             weights=weights,
             states=states,
+            ranks=tuple(int(r) for r in args.ranks.split(",")),
         )
         accelerator.free_memory()  # drop the prepared model (a new DeepSpeed engine each method)
         # Every rank's weights, step by step: the ranks must agree on them.

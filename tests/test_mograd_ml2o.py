@@ -115,6 +115,85 @@ def test_chunking_does_not_change_the_update():
 # --- scale-freeness ------------------------------------------------------------------------
 
 
+def _reference_lstm(cell: nn.LSTMCell, x, h, c):
+    """An LSTM cell written out (gates i, f, g, o)."""
+    gates = x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def _reference_step(net: ML2ONet, u, mgda, mean, state):
+    """:meth:`ML2ONet.step` written out per objective and per coordinate row."""
+    m, n = u.shape
+    hs, hh = net.specific_hidden, net.shared_hidden
+    state = state.float()
+    hs_new, cs_new = [], []
+    for i in range(m):
+        cell = net.specific[0 if net.tie_specific else i]
+        h = state[:, i * hs : (i + 1) * hs]
+        c = state[:, m * hs + i * hs : m * hs + (i + 1) * hs]
+        h, c = _reference_lstm(cell, encode(u[i]), h, c)
+        hs_new.append(h)
+        cs_new.append(c)
+    pooled = torch.stack(hs_new)
+    shared_in = torch.cat([pooled.mean(0), pooled.amax(0), encode(mgda), encode(mean)], dim=1)
+    h_sh, c_sh = _reference_lstm(
+        net.shared, shared_in, state[:, 2 * m * hs : 2 * m * hs + hh], state[:, 2 * m * hs + hh :]
+    )
+    out = net.gains[0] * mgda + net.gains[1] * mean + (h_sh @ net.head.weight.T).squeeze(1)
+    return out + net.head.bias, torch.cat([*hs_new, *cs_new, h_sh, c_sh], dim=1)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("m", [2, 3])
+@torch.no_grad()
+def test_the_inference_path_equals_a_plain_lstm_written_out(tie, m):
+    """ML2O runs the network through :meth:`ML2ONet.runner` (gates fused into one matmul,
+    tanh as 2σ(2z) − 1, feature-major buffers): the same numbers, to float32 rounding, as a
+    per-objective LSTM written out, and as :meth:`ML2ONet.step`; fresh or carried state, a
+    row-major or feature-major state, a last chunk smaller than the buffers."""
+    torch.manual_seed(m + 10 * tie)
+    net = ML2ONet(tie_specific=tie, num_objectives=None if tie else m)
+    for parameter in net.parameters():
+        parameter.normal_(0.0, 0.5)
+    runner = net.runner(m, 64)
+    n = 50
+    state = torch.zeros(n, net.state_size(m))
+    for step in range(3):
+        inputs = network_inputs(jacobian(m, n, seed=step))
+        u, mgda, mean = inputs["u"], inputs["mgda"], inputs["mean"]
+        expected, expected_state = _reference_step(net, u, mgda, mean, state)
+        stepped, stepped_state = net.step(u, mgda, mean, state)
+        for layout in ("rows", "features"):
+            new_state = (
+                torch.empty_like(state) if layout == "rows" else torch.empty(state.shape[1], n).t()
+            )
+            given = None if step == 0 and layout == "rows" else state.clone()
+            out = runner.step(u, mgda, mean, given, new_state)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(new_state, expected_state, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out, stepped, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(new_state, stepped_state, rtol=1e-5, atol=1e-6)
+        state = expected_state
+
+
+def test_a_row_major_state_from_an_older_checkpoint_loads_and_resumes():
+    """The state is kept feature-major (``hidden`` is the transpose of a contiguous tensor); a
+    row-major ``hidden`` (as saved before) loads into it and gives the same next update."""
+    js = aligned_jacobians(3, 2, 40)
+    original = GML2O(state_dtype="float32")
+    for j in js[:2]:
+        original(j)
+    assert original.hidden.stride() == (1, original.hidden.shape[0])
+    saved = {k: v.clone() for k, v in original.state_dict().items()}
+    saved["hidden"] = saved["hidden"].contiguous()  # the old layout
+    restored = GML2O(state_dtype="float32")
+    restored.load_state_dict(saved)
+    assert restored.hidden.stride() == (1, restored.hidden.shape[0])
+    torch.testing.assert_close(restored(js[2]), original(js[2]), rtol=0, atol=0)
+
+
 def test_preprocessing_is_invariant_to_each_objectives_scale():
     j = jacobian(3, 200)
     scaled = j * torch.tensor([[1e-4], [3.0], [250.0]])

@@ -72,8 +72,8 @@ The guard bounds what the learned part can feed the optimizer; it does not give 
 mini-batches a guarantee that MGDA under AdamW lacks.
 
 **Rejected steps do not advance the recurrent state.** The candidate state is computed in a
-separate tensor (``ML2O.propose(commit=False)``; a second copy of the state while the call
-runs) and committed only with the learned step it produced, so the network's history holds only
+separate tensor (``ML2O.propose(commit=False)``; a second copy of the state, kept between
+calls as the next candidate's buffer) and committed only with the learned step it produced, so the network's history holds only
 the learned steps that were taken. (The guarantee above does not depend on it: it holds
 whatever the learned part does.) ``steps`` counts calls, ``accepted`` the learned steps taken.
 
@@ -121,7 +121,7 @@ class GML2O(ML2O):
         margin: float = 0.5,
         max_ratio: float = 10.0,
         state_dtype: str = "float16",
-        chunk_size: int = 65536,
+        chunk_size: int = 16384,
     ) -> None:
         super().__init__(weights, net=net, state_dtype=state_dtype, chunk_size=chunk_size)
         if not margin > 0:
@@ -148,15 +148,27 @@ class GML2O(ML2O):
         proposal = self.propose(jacobian, commit=False)
         update, baseline = proposal["update"], proposal["baseline"]
         ok = accepts(jacobian, update, baseline, self.margin, self.max_ratio)
-        self.last_accepted = ok
-        self.decisions += 1
-        self.accepted += int(ok)
+        self._decide(ok, proposal)
         if ok:
-            self.commit(proposal)
             self.last_weights = span_weights(jacobian, proposal["gram"], update)
             return update.to(jacobian.dtype)
         self.last_weights = proposal["baseline_weights"]
         return baseline.to(jacobian.dtype)
+
+    def _decide(self, ok: bool, proposal: dict[str, Tensor]) -> None:
+        """Count the decision; commit the candidate state if ``ok``. The state tensor not kept
+        (the rejected candidate, or the replaced state) becomes the next call's candidate
+        buffer: ``hidden`` is then overwritten by a later step, as ML2O's in-place state is,
+        so a snapshot of ``state_dict()`` must be a copy."""
+        self.last_accepted = ok
+        self.decisions += 1
+        self.accepted += int(ok)
+        if ok:
+            previous = self.hidden
+            self.commit(proposal)
+            self._spare = previous
+        else:
+            self._spare = proposal["state"]
 
     @torch.no_grad()
     def compute_update_sharded(
@@ -180,11 +192,8 @@ class GML2O(ML2O):
         ok = bool((inner >= self.margin * floor2).all()) and length2**0.5 <= (
             self.max_ratio * floor2**0.5
         )
-        self.last_accepted = ok
-        self.decisions += 1
-        self.accepted += int(ok)
+        self._decide(ok, proposal)
         if ok:
-            self.commit(proposal)
             self.last_weights = _lstsq(proposal["gram"], inner)
             return proposal["update"].to(jacobian.dtype)
         self.last_weights = proposal["baseline_weights"]

@@ -66,6 +66,14 @@ def network_info(source: str | os.PathLike = "default") -> dict[str, Any]:
     return weights_info(source, default_weights_path())
 
 
+def _state_zeros(size: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero state of shape ``(size, width)`` stored feature-major (the transpose of a
+    contiguous ``(width, size)`` tensor): row j is still coordinate j's state, and each state
+    component is a contiguous run over the coordinates, which the network reads and writes
+    without transposing."""
+    return torch.zeros(width, size, dtype=dtype, device=device).t()
+
+
 def span_weights(jacobian: Tensor, gram: Tensor, direction: Tensor) -> Tensor:
     """The coefficients w of the projection of ``direction`` onto the span of the gradients
     (``Jᵀw`` closest to d): ML2O's "weights" for logging (float64, (m,))."""
@@ -92,10 +100,12 @@ class ML2O(UpdateAggregator):
             2 bytes per number; computed in float32 chunk by chunk), ``"bfloat16"`` or
             ``"float32"``. State size: ``(2·m·Hs + 2·H)`` numbers per coordinate — 64 for
             m = 2 with the default Hs = 8, H = 16, i.e. 128 bytes per parameter in float16.
-        chunk_size: coordinates processed at once (bounds the temporaries).
+        chunk_size: coordinates processed at once (bounds the network's buffers: about 870
+            bytes per coordinate for m = 2; 16384 was the fastest of 4k–64k measured here).
 
-    The recurrent state (``hidden``, shape (P, state size)) and the step counter (calls) are
-    buffers:
+    The recurrent state (``hidden``, shape (P, state size); stored feature-major, as the
+    transpose of a contiguous (state size, P) tensor, so the network reads and writes it
+    without transposing) and the step counter (calls) are buffers:
     ``state_dict`` / ``load_state_dict`` save and restore them (a checkpoint resumes with the
     same next update). A call with a different (m, P) than the state's starts a fresh state.
     The network's parameters are frozen (``requires_grad=False``): the trainers' optimizer
@@ -108,7 +118,7 @@ class ML2O(UpdateAggregator):
         *,
         net: ML2ONet | None = None,
         state_dtype: str = "float16",
-        chunk_size: int = 65536,
+        chunk_size: int = 16384,
     ) -> None:
         super().__init__()
         if state_dtype not in _STATE_DTYPES:
@@ -123,12 +133,17 @@ class ML2O(UpdateAggregator):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         #: The MGDA direction of the last call (float32, detached), for guards and diagnostics.
         self.last_baseline: Tensor | None = None
+        #: A state-sized tensor that :meth:`propose` may write a candidate into (GML2O hands
+        #: back the one it does not keep), so that a guarded step does not allocate and
+        #: fault in a new state every call. Not saved.
+        self._spare: Tensor | None = None
 
     # ------------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget the gradient history (a new trajectory)."""
         self.hidden = torch.zeros(0, 0, dtype=_STATE_DTYPES[self.state_dtype])
         self.steps.zero_()
+        self._spare = None
 
     def _ensure_state(self, m: int, size: int, device: torch.device) -> None:
         width = self.net.state_size(m)
@@ -140,17 +155,16 @@ class ML2O(UpdateAggregator):
                     f"fresh state",
                     stacklevel=3,
                 )
-            self.hidden = torch.zeros(
-                size, width, dtype=_STATE_DTYPES[self.state_dtype], device=device
-            )
+            self.hidden = _state_zeros(size, width, _STATE_DTYPES[self.state_dtype], device)
             self.steps.zero_()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         # The state's shape is only known once a run has started: size the buffer to match.
         key = prefix + "hidden"
-        if key in state_dict:
-            self.hidden = torch.zeros_like(
-                state_dict[key], dtype=_STATE_DTYPES[self.state_dtype], device=self.hidden.device
+        if key in state_dict:  # any layout (older checkpoints: row-major) -> feature-major
+            size, width = state_dict[key].shape
+            self.hidden = _state_zeros(
+                size, width, _STATE_DTYPES[self.state_dtype], self.hidden.device
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -169,10 +183,12 @@ class ML2O(UpdateAggregator):
         the recurrent state after this step.
 
         ``commit=True`` advances the state in place (``state`` is ``self.hidden``);
-        ``commit=False`` writes the candidate state into a new tensor and leaves ``self.hidden``
-        as it was, for :meth:`commit` to install (GML2O commits it only when
-        the learned step is taken). The candidate costs a second copy of the state while it
-        lives.
+        ``commit=False`` writes the candidate state into another tensor (a new one, or the spare
+        GML2O hands back) and leaves ``self.hidden`` as it was, for :meth:`commit` to install
+        (GML2O commits it only when the learned step is taken). The candidate costs a second
+        copy of the state; GML2O keeps the one it does not install as the next call's
+        candidate buffer (no allocation and page faults per step, the same peak memory, but
+        two copies held between steps too).
 
         Sharded (ZeRO-1/2, :meth:`compute_update_sharded`): ``jacobian`` holds this rank's
         coordinates, ``gram`` is the full Jacobian's Gram and ``total`` the full P; the state
@@ -191,15 +207,17 @@ class ML2O(UpdateAggregator):
         target = self.hidden
         if scale > 0:  # all-zero gradients: a zero update, the state left as it was
             if not commit:
-                target = torch.empty_like(self.hidden)
+                target = self._take_spare()
             u, reference, mean = inputs["u"], inputs["mgda"], inputs["mean"]
+            # The network's inference path: buffers reused across the chunks, the state read
+            # from ``self.hidden`` and written into ``target`` chunk by chunk.
+            runner = self.net.runner(m, min(self.chunk_size, size), device)
             for start in range(0, size, self.chunk_size):
                 part = slice(start, start + self.chunk_size)
-                out, state = self.net.step(
-                    u[:, part], reference[part], mean[part], self.hidden[part]
+                out = runner.step(
+                    u[:, part], reference[part], mean[part], self.hidden[part], target[part]
                 )
-                target[part] = state.to(target.dtype)
-                update[part] = out.float() * scale
+                torch.mul(out.float(), scale, out=update[part])
         self.steps += 1  # calls, whether or not the state advanced
         return {
             "update": update,
@@ -208,6 +226,21 @@ class ML2O(UpdateAggregator):
             "gram": inputs["gram"],
             "state": target,
         }
+
+    def _take_spare(self) -> Tensor:
+        """A tensor laid out like ``self.hidden`` for a candidate state (the spare if it fits)."""
+        spare, self._spare = self._spare, None
+        hidden = self.hidden
+        if (
+            spare is not None
+            and spare.shape == hidden.shape
+            and spare.stride() == hidden.stride()
+            and spare.dtype == hidden.dtype
+            and spare.device == hidden.device
+            and spare.data_ptr() != hidden.data_ptr()
+        ):
+            return spare
+        return torch.empty_like(hidden)
 
     def commit(self, proposal: dict[str, Tensor]) -> None:
         """Install the candidate state of ``propose(..., commit=False)``."""

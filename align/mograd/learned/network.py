@@ -104,6 +104,156 @@ def network_inputs(
     }
 
 
+#: LSTMCell's gate rows are (i, f, g, o); the inference path reorders them to (i, f, o, g).
+def _gate_order(hidden: int) -> Tensor:
+    return torch.cat(
+        [torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden)]
+        + [torch.arange(2 * hidden, 3 * hidden)]
+    )
+
+
+def _packed(cell: nn.LSTMCell) -> tuple[Tensor, Tensor]:
+    """``([W_ih | W_hh] (4H, in + H), b_ih + b_hh (4H, 1))`` with the gates reordered to
+    (i, f, o, g) and the g rows doubled (exact in floating point): one matmul over ``[x; h]``
+    gives all four pre-activations, and one sigmoid pass all four gates, since
+    ``tanh(z) = 2 σ(2z) − 1`` (a sigmoid costs a third of a tanh on a CPU)."""
+    hidden = cell.hidden_size
+    order = _gate_order(hidden).to(cell.weight_ih.device)
+    weight = torch.cat([cell.weight_ih, cell.weight_hh], dim=1)[order]
+    bias = (cell.bias_ih + cell.bias_hh)[order].unsqueeze(1)
+    weight[3 * hidden :] *= 2
+    bias[3 * hidden :] *= 2
+    return weight.detach().contiguous(), bias.detach().contiguous()
+
+
+class _Runner:
+    """The inference path of :meth:`ML2ONet.step` (no autograd): the same network, computed
+    feature-major (every per-coordinate vector a contiguous row of n numbers) in buffers
+    allocated once and reused for every chunk, so that each gate nonlinearity is one pass over
+    a contiguous block and nothing is allocated per chunk.
+
+    Layout for a chunk of n coordinates (H = specific, K = shared hidden size):
+
+    * ``x`` (2 + H, m, n): the specific modules' input ``[enc(u) (2) ; h_spec (H)]`` — one
+      matmul ``[W_ih | W_hh] @ x`` gives the gates of all m modules when they are tied (one per
+      objective otherwise); the new ``h_spec`` is written back into ``x[2:]``;
+    * ``gates`` (4H, m, n) in the order (i, f, o, g), ``cell`` (H, m, n);
+    * ``shared_x`` (2H + 4 + K, n): ``[mean_i h_i ; max_i h_i ; enc(d*/s) ; enc(ḡ/s) ; h]``,
+      ``shared_gates`` (4K, n), ``shared_cell`` (K, n).
+
+    The recurrent state stays the ``(n, state_size)`` rows of :meth:`ML2ONet.step` in any
+    storage dtype: it is read into (and written back from) these buffers by transposing copies.
+    """
+
+    def __init__(self, net: ML2ONet, m: int, capacity: int, device: torch.device) -> None:
+        net.check_objectives(m)
+        self.m, self.capacity = m, int(capacity)
+        self.hs, self.hh = net.specific_hidden, net.shared_hidden
+        dtype = net.head.weight.dtype
+        kwargs = {"dtype": dtype, "device": device}
+        packed = [_packed(cell) for cell in net.specific]
+        self.specific = packed * m if net.tie_specific else packed
+        self.tied = net.tie_specific
+        self.shared = _packed(net.shared)
+        self.head_weight = net.head.weight.detach().reshape(-1).to(**kwargs)
+        self.head_bias = float(net.head.bias.detach())
+        self.gains = [float(g) for g in net.gains.detach()]
+        hs, hh, n = self.hs, self.hh, self.capacity
+        sizes = {
+            "x": (2 + hs) * m,
+            "gates": 4 * hs * m,
+            "cell": hs * m,
+            "shared_x": 2 * hs + 4 + hh,
+            "shared_gates": 4 * hh,
+            "shared_cell": hh,
+            "out": 1,
+        }
+        self.flat = {name: torch.empty(size * n, **kwargs) for name, size in sizes.items()}
+
+    def _views(self, n: int) -> dict[str, Tensor]:
+        m, hs, hh = self.m, self.hs, self.hh
+        shapes = {
+            "x": (2 + hs, m, n),
+            "gates": (4 * hs, m, n),
+            "cell": (hs, m, n),
+            "shared_x": (2 * hs + 4 + hh, n),
+            "shared_gates": (4 * hh, n),
+            "shared_cell": (hh, n),
+            "out": (n,),
+        }
+        return {
+            name: self.flat[name][: math.prod(shape)].view(shape) for name, shape in shapes.items()
+        }
+
+    @staticmethod
+    def _encode_into(values: Tensor, magnitude: Tensor, sign: Tensor) -> None:
+        """:func:`encode` written into two given tensors."""
+        torch.abs(values, out=magnitude)
+        magnitude.clamp_min_(math.exp(-LOG_P)).log_().div_(LOG_P).clamp_(-1.0, 1.0)
+        torch.mul(values, math.exp(LOG_P), out=sign).clamp_(-1.0, 1.0)
+
+    @staticmethod
+    def _lstm(gates: Tensor, cell: Tensor, hidden_out: Tensor, size: int) -> None:
+        """The LSTM update on the pre-activations (i, f, o, 2g) of :func:`_packed`:
+        ``c ← σ(f) c + σ(i) tanh(g)``, ``h ← σ(o) tanh(c)``, every tanh as ``2 σ(2z) − 1``
+        (in place; ``h`` into ``hidden_out``)."""
+        gates.sigmoid_()
+        g = gates[3 * size :].mul_(2.0).sub_(1.0)
+        cell.mul_(gates[size : 2 * size]).addcmul_(gates[:size], g)
+        torch.mul(cell, 2.0, out=hidden_out).sigmoid_().mul_(2.0).sub_(1.0)
+        hidden_out.mul_(gates[2 * size : 3 * size])
+
+    def step(
+        self, u: Tensor, mgda: Tensor, mean: Tensor, state: Tensor | None, new_state: Tensor
+    ) -> Tensor:
+        """:meth:`ML2ONet.step` on n ≤ capacity coordinates: reads ``state`` (or zeros), writes
+        the new state into ``new_state`` (``(n, state_size)``, any dtype; it may be ``state``
+        itself) and returns ``out`` (n,) — a view of a reused buffer, valid until the next call.
+        """
+        m, hs, hh = self.m, self.hs, self.hh
+        n = u.shape[1]
+        if u.shape[0] != m or n > self.capacity:
+            raise ValueError(f"_Runner: got {tuple(u.shape)} for m={m}, capacity={self.capacity}")
+        v = self._views(n)
+        x, gates, cell = v["x"], v["gates"], v["cell"]
+        sx, sgates, scell, out = v["shared_x"], v["shared_gates"], v["shared_cell"], v["out"]
+        h_spec, h_sh = x[2:], sx[2 * hs + 4 :]
+        spec = 2 * m * hs
+        if state is None:
+            h_spec.zero_(), cell.zero_(), h_sh.zero_(), scell.zero_()
+        else:  # (n, state) rows -> feature-major columns (h_spec column i·H + k -> [k, i])
+            h_spec.copy_(state[:, : m * hs].t().view(m, hs, n).transpose(0, 1))
+            cell.copy_(state[:, m * hs : spec].t().view(m, hs, n).transpose(0, 1))
+            h_sh.copy_(state[:, spec : spec + hh].t())
+            scell.copy_(state[:, spec + hh :].t())
+        self._encode_into(u, x[0], x[1])
+        # Specific modules: all four gates of all m modules from one matmul (tied weights).
+        if self.tied:
+            weight, bias = self.specific[0]
+            torch.addmm(bias, weight, x.view(2 + hs, m * n), out=gates.view(4 * hs, m * n))
+        else:
+            for i, (weight, bias) in enumerate(self.specific):
+                torch.addmm(bias, weight, x[:, i], out=gates[:, i])
+        self._lstm(gates, cell, h_spec, hs)
+        # Shared module: symmetric pooling over the objectives plus the reference directions.
+        torch.mean(h_spec, dim=1, out=sx[:hs])
+        torch.amax(h_spec, dim=1, out=sx[hs : 2 * hs])
+        self._encode_into(mgda, sx[2 * hs], sx[2 * hs + 1])
+        self._encode_into(mean, sx[2 * hs + 2], sx[2 * hs + 3])
+        weight, bias = self.shared
+        torch.addmm(bias, weight, sx, out=sgates)
+        self._lstm(sgates, scell, h_sh, hh)
+        # Head: a · d*/s + b · ḡ/s + wᵀh + c.
+        torch.mul(mgda, self.gains[0], out=out).add_(mean, alpha=self.gains[1])
+        out.addmv_(h_sh.t(), self.head_weight).add_(self.head_bias)
+        # The new state, back to (n, state) rows in the storage dtype.
+        new_state[:, : m * hs].t().view(m, hs, n).transpose(0, 1).copy_(h_spec)
+        new_state[:, m * hs : spec].t().view(m, hs, n).transpose(0, 1).copy_(cell)
+        new_state[:, spec : spec + hh].t().copy_(h_sh)
+        new_state[:, spec + hh :].t().copy_(scell)
+        return out
+
+
 class ML2ONet(nn.Module):
     """The coordinate-wise learned optimizer (see the module docstring).
 
@@ -160,6 +310,13 @@ class ML2ONet(nn.Module):
                 f"this ML2O network has {self.num_objectives} separate specific modules "
                 f"(tie_specific=False) and cannot take {m} objectives"
             )
+
+    def runner(self, m: int, capacity: int, device: torch.device | str = "cpu") -> _Runner:
+        """The inference path (no autograd) for chunks of at most ``capacity`` coordinates:
+        ``runner.step(u, mgda, mean, state, new_state)`` computes what :meth:`step` computes
+        (up to float rounding) with buffers reused across chunks. It copies the weights when
+        made: make a new one after they change. :meth:`step` stays the differentiable one."""
+        return _Runner(self, m, capacity, torch.device(device))
 
     # --------------------------------------------------------------------------- step
     def step(

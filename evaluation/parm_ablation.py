@@ -77,6 +77,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
             "args.lora_alpha=16",
         ],
     ),
+    "pair-theta30-r2-8": (
+        "one α per pair, Θ's lr ×30, r1 4 / r2 8",
+        [
+            "args.preference_sampling=pair",
+            "args.alpha_path_lr_ratio=30",
+            "args.pblora_r2=8",
+            "args.lora_alpha=16",
+        ],
+    ),
     "genarm": ("GenARM: two LoRA ARMs, half the steps each", []),
     "pair-top10": (
         "one α per pair, adapters on the top 10 of 30 layers only (a shorter backward)",

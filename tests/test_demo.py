@@ -362,3 +362,12 @@ def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(tmp_pa
     lora(7, arms["brief"])  # retrained in place: the merged folders no longer match it
     assert route.interpolated_sources(str(tiny_folder)) is None
     assert route.answer_all(runtime, prompts, alphas) == alone
+
+
+def test_the_demo_refuses_several_processes_before_touching_its_folder(tmp_path, monkeypatch):
+    from align.demo.pipeline import DemoConfig, run_demo
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process"):
+        run_demo(DemoConfig(output=str(tmp_path / "demo")))
+    assert not (tmp_path / "demo").exists()

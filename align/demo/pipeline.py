@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -166,6 +167,13 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     """Run (or reuse) every stage; returns the report (also written to ``<output>/report``)."""
     from align.sweep import SweepConfig, run_sweep
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every process would train, stamp and write the same stage folders at once.
+        raise ValueError(
+            "align demo runs in one process; across processes run its stages one by one: "
+            "accelerate launch ... -m align.train RECIPE, then -m align.evaluate CONFIG "
+            "(recipes/evaluate/positive_brief.yaml is the demo's sweep)"
+        )
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -296,7 +296,9 @@ def test_the_shipped_evaluation_configs_are_valid(name):
     assert "parm" in kinds and "genarm" in kinds
 
 
-def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(tmp_path, tiny_folder):
+def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(
+    tmp_path, tiny_folder, monkeypatch
+):
     """The ARMs on the shared base at once, each row weighting their updates by its α: the
     answers of each α's merged adapter loaded alone; a retrained ARM (the merge now stale)
     falls back to the merged folders; the base is left bare."""
@@ -320,7 +322,11 @@ def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(tmp_pa
     arms = {o: tmp_path / o for o in ("positive", "brief")}
     for seed, folder in enumerate(arms.values()):
         lora(seed, folder)
-    merge_lora_adapters(arms, tmp_path / "soup", sweep=2)
+    # Merged with paths relative to the working folder, read from another one: the records
+    # name the inputs by absolute path, so the one weighted pass still finds them.
+    monkeypatch.chdir(tmp_path)
+    merge_lora_adapters({o: o for o in arms}, "soup", sweep=2)
+    monkeypatch.chdir(tiny_folder)
     generation = {"max_new_tokens": 6, "batch_size": 2, "do_sample": False}
     route = MergedRoute("soup", ["positive", "brief"], generation, path=str(tmp_path / "soup"))
     runtime = Runtime(str(tiny_folder))

@@ -304,9 +304,7 @@ def _soup(config: DemoConfig, out: Path, arms: dict[str, Path]) -> Path:
         return folder
     stage.start()
     merge_lora_adapters(
-        # Absolute paths in the merge records: a sweep run from another folder still finds the
-        # ARMs and answers every α of the soup in one weighted pass.
-        {k: str(Path(v).resolve()) for k, v in arms.items()},
+        {k: str(v) for k, v in arms.items()},
         folder,
         sweep=config.grid,
         overwrite=True,

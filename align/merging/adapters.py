@@ -191,6 +191,11 @@ def load_adapters(
     return objectives, adapters
 
 
+def _absolute(path: str | os.PathLike) -> str:
+    """A local folder's absolute path; anything else as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
 def _write_adapter(
     adapters: Sequence[LoraAdapter], alpha: Preference, folder: Path, dtype: torch.dtype | None
 ) -> None:
@@ -373,7 +378,9 @@ def merge_lora_adapters(
                 "parameters": {**method.params, "dtype": None if dtype is None else str(dtype)},
                 "objectives": list(objectives),
                 "preference": alpha.to_dict(),
-                "models": {n: str(p) for n, p in models.items()},
+                # Absolute: a sweep run from another folder still finds the inputs (and
+                # answers every α in one weighted pass while their digests match).
+                "models": {n: _absolute(p) for n, p in models.items()},
                 "model_digests": digests,
                 "base_model": None if base_model is None else str(base_model),
             }

@@ -475,6 +475,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny
     )
     distributed = tmp_path / "distributed"
     _launch(config, recipe, distributed, "--set", "args.per_device_train_batch_size=2")
+    if "deepspeed" in config:
+        # DeepSpeed really ran (not a plain multi-CPU run under its name): its checkpoint layout.
+        assert list((distributed / "checkpoint-4").glob("global_step*")), "no DeepSpeed checkpoint"
     expected, got = _logged_losses(single, 3), _logged_losses(distributed, 3)
     assert len(expected) == len(got) == 3
     assert expected == pytest.approx(got, rel=1e-4, abs=1e-5)

@@ -58,6 +58,9 @@ def test_a_miniature_demo_builds_data_trains_merges_sweeps_and_reports(tmp_path,
     assert len(saved["routes"]["base"]["means"]) == 1
     summary = (folder / "summary.md").read_text()
     assert "| PARM | 3 |" in summary and "hypervolume" in summary
+    assert "dominates the base" in summary and set(saved["metrics"]["dominates_base"]) == (
+        set(saved["routes"]) - {"base"}
+    )
     assert report["timings"].keys() >= {"data", "train PARM", "sweep"}
 
     # A re-run reuses every stage: nothing is trained or generated again.
@@ -261,6 +264,17 @@ def test_a_routes_figures_do_not_depend_on_the_other_routes():
     assert best["routes"]["x"]["hypervolume"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="bounds"):
         route_metrics(routes, ["p", "b"], [[0, 1]])
+    # Against the untuned base, when the sweep has one: which fronts dominate its point.
+    assert everything["dominates_base"] == {}
+    with_base = {
+        "base": {"kind": "base", "alphas": [[0.5, 0.5]], "means": [[0.41, 0.001]]},
+        "over": {"alphas": alphas[:2], "means": [[0.72, 0.0], [0.45, 0.01]]},
+        "short": {"alphas": alphas[:2], "means": [[0.72, 0.0], [0.32, 0.47]]},
+    }
+    assert route_metrics(with_base, ["p", "b"], bounds)["dominates_base"] == {
+        "over": True,
+        "short": False,
+    }
 
 
 def test_evaluate_explains_a_bad_config(tmp_path):

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from align.metrics import (
+    dominates,
     hypervolume,
     mip,
     normalize_scores,
@@ -146,3 +147,25 @@ def test_plot_fronts_writes_a_png(tmp_path):
     with pytest.raises(ValueError, match="expected 2"):
         plot_fronts({"x": rng.random((5, 3))}, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+@settings(deadline=None, max_examples=50)
+@given(st.integers(1, 20), st.integers(2, 4), st.integers(0, 10_000))
+def test_a_set_dominates_a_point_exactly_when_the_point_is_off_their_joint_front(n, m, seed):
+    rng = np.random.default_rng(seed)
+    points = rng.integers(0, 4, (n, m)).astype(float)  # ties and duplicates
+    point = rng.integers(0, 4, m).astype(float)
+    maximize = rng.random(m) < 0.5
+    joint = np.vstack([points, point])
+    expected = not brute_force_mask(joint, maximize)[-1]
+    assert dominates(points, point, maximize) is expected
+    # Order does not matter, and a point never dominates itself.
+    assert dominates(points[rng.permutation(n)], point, maximize) is expected
+    assert not dominates(point[None], point, maximize)
+
+
+def test_dominates_is_strict_and_checks_shapes():
+    assert dominates([[0.72, 0.0], [0.32, 0.47]], [0.41, 0.0])
+    assert not dominates([[0.72, 0.0], [0.32, 0.47]], [0.41, 0.001])  # better on one only
+    with pytest.raises(ValueError, match="objectives"):
+        dominates([[1.0, 2.0]], [1.0, 2.0, 3.0])

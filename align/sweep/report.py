@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from align.io import atomic_directory
-from align.metrics import hypervolume, mip, pareto_mask, plot_fronts, spacing
+from align.metrics import dominates, hypervolume, mip, pareto_mask, plot_fronts, spacing
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -76,6 +76,20 @@ def route_metrics(
         "bounds": {o: [float(lo), float(hi)] for o, lo, hi in zip(objectives, lower, upper)},
         "reference_point": lower.tolist(),
         "routes": metrics,
+        "dominates_base": base_dominance(routes),
+    }
+
+
+def base_dominance(routes: Mapping[str, Mapping[str, Any]]) -> dict[str, bool]:
+    """Whether each route's front dominates the untuned base's point (some α at least as good
+    on every objective, better on one), when the sweep has one ``base`` route; else empty.
+    Kept apart from the per-route figures, which depend on their own route's points only."""
+    bases = [name for name, route in routes.items() if route.get("kind") == "base"]
+    if len(bases) != 1:
+        return {}
+    point = np.asarray(routes[bases[0]]["means"], dtype=float).mean(axis=0)
+    return {
+        name: dominates(route["means"], point) for name, route in routes.items() if name != bases[0]
     }
 
 
@@ -99,16 +113,18 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         "",
         "| route | points | hypervolume | MIP | "
         + " | ".join(f"Spearman ρ ({o})" for o in objectives)
-        + " | Pareto-optimal points |",
-        "|---|---|---|---|" + "---|" * len(objectives) + "---|",
+        + " | Pareto-optimal points | dominates the base |",
+        "|---|---|---|---|" + "---|" * len(objectives) + "---|---|",
     ]
+    over_base = report["metrics"].get("dominates_base", {})
     for name, entry in metrics.items():
         rho = entry.get("spearman", {})
+        beats = {True: "yes", False: "no"}.get(over_base.get(name), "–")
         lines.append(
             f"| {name} | {entry['points']} | {_fmt(entry['hypervolume'])} | "
             f"{_fmt(entry.get('mip'))} | "
             + " | ".join(_fmt(rho.get(o)) for o in objectives)
-            + f" | {entry['pareto_optimal_points']} |"
+            + f" | {entry['pareto_optimal_points']} | {beats} |"
         )
     bounds = report["metrics"]["bounds"]
     lines += [
@@ -117,7 +133,9 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         + ", ".join(f"`{o}` [{lo:g}, {hi:g}]" for o, (lo, hi) in bounds.items())
         + "): hypervolume is the fraction of that box the front dominates (reference point: "
         "every objective at its worst), so a route's figures depend on its points only and "
-        "compare across reports with the same scorers. Spacing is on the same scale.",
+        "compare across reports with the same scorers. Spacing is on the same scale. A front "
+        "dominates the base when one of its α is at least as good as the untuned base on every "
+        "objective and better on one.",
         "",
         "![Pareto fronts](front.png)",
         "",

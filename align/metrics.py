@@ -60,14 +60,13 @@ def pareto_front(points: Any, maximize: Maximize = True) -> np.ndarray:
 
 def dominates(points: Any, point: Any, maximize: Maximize = True) -> bool:
     """Whether some row of ``points`` is at least as good as ``point`` on every objective and
-    strictly better on one (Pareto dominance of a set over a point)."""
+    strictly better on one (Pareto dominance of a set over a point): ``point`` is then off the
+    front of the two together."""
     array = _as_points(points)
-    target = _as_points(np.asarray(point, dtype=np.float64).reshape(1, -1), "point")[0]
-    if target.shape[0] != array.shape[1]:
-        raise ValueError(f"point has {target.shape[0]} objectives, points have {array.shape[1]}")
-    sign = np.where(_maximize_vector(maximize, array.shape[1]), 1.0, -1.0)
-    better, target = array * sign, target * sign
-    return bool(np.any(np.all(better >= target, axis=1) & np.any(better > target, axis=1)))
+    target = _as_points(np.asarray(point, dtype=np.float64).reshape(1, -1), "point")
+    if target.shape[1] != array.shape[1]:
+        raise ValueError(f"point has {target.shape[1]} objectives, points have {array.shape[1]}")
+    return not bool(pareto_mask(np.vstack([array, target]), maximize)[-1])
 
 
 def hypervolume(points: Any, reference: Any, maximize: Maximize = True) -> float:

@@ -122,7 +122,7 @@ update-level methods: ✗, ``NotImplementedError``.)
   than one micro-batch per step is refused with an error (ZeRO reduces every micro-batch into
   one buffer that the per-objective backward passes would mix into); ZeRO-3 needs one
   micro-batch per step (its update is one more backward of the micro-batch's graph, or for
-  ML2O / GML2O the write of the step's gradient partitions), also for ML2O / GML2O.
+  ML2O / GML2O the write of the step's gradient partitions).
 * AMP: bf16 autocast needs nothing. With an fp16 ``GradScaler`` (``accelerator=`` given) the
   per-objective gradients are taken of the scaled losses and divided back, and non-finite
   gradients pass through as a non-finite update, so the scaler skips the step and lowers its

@@ -73,8 +73,8 @@ mini-batches a guarantee that MGDA under AdamW lacks.
 
 **Rejected steps do not advance the recurrent state.** The candidate state is computed in a
 separate tensor (``ML2O.propose(commit=False)``; a second copy of the state, kept between
-calls as the next candidate's buffer) and committed only with the learned step it produced, so the network's history holds only
-the learned steps that were taken. (The guarantee above does not depend on it: it holds
+calls as the next candidate's buffer) and committed only with the learned step it produced, so
+the network's history holds only the learned steps that were taken. (The guarantee above does not depend on it: it holds
 whatever the learned part does.) ``steps`` counts calls, ``accepted`` the learned steps taken.
 
 The decision is exposed as ``last_accepted`` and the running ``acceptance_rate`` (its counters

@@ -123,10 +123,12 @@ def demo(
         int, typer.Option(min=1, max=30, help="Held-out prompts answered (30: all of them).")
     ] = DemoConfig.eval_prompts,
     grid: Annotated[
-        int, typer.Option(min=1, help="Simplex divisions (5: 6 α points).")
+        int, typer.Option(min=1, help="Simplex divisions (10: 11 α points).")
     ] = DemoConfig.grid,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 48,
-    beta: Annotated[float, typer.Option(help="Guidance β (reward weighted 1/β).")] = 1.0,
+    beta: Annotated[
+        float, typer.Option(help="Guidance β (reward weighted 1/β).")
+    ] = DemoConfig.beta,
     data: Annotated[
         Path | None, typer.Option(help="A preference dataset instead of the shipped one.")
     ] = None,
@@ -148,7 +150,7 @@ def demo(
 ) -> None:
     """Multi-objective alignment end to end: train a PARM and GenARM ARMs on the shipped
     positive/brief dataset (or any dataset with --objective NAME=SCORER), merge rewarded soups,
-    sweep 6 α through every route, and write a report (Pareto fronts, hypervolume, MIP). Stages
+    sweep 11 α through every route, and write a report (Pareto fronts, hypervolume, MIP). Stages
     are cached: a re-run reuses them."""
     from rich.markdown import Markdown
 

@@ -310,6 +310,23 @@ def test_the_shipped_evaluation_configs_are_valid(name):
     assert "parm" in kinds and "genarm" in kinds
 
 
+def test_the_shipped_positive_brief_config_is_the_demos_sweep():
+    """`align evaluate recipes/evaluate/positive_brief.yaml` after `align demo` says it repeats
+    the demo's sweep: the same prompts, grid, decoding and β."""
+    from align.demo.pipeline import EVAL_PROMPT_OFFSET, DemoConfig
+    from align.sweep import load_sweep_config
+
+    path = Path(__file__).parents[1] / "recipes" / "evaluate" / "positive_brief.yaml"
+    config, demo = load_sweep_config(path), DemoConfig()
+    assert config.prompts == {"offset": EVAL_PROMPT_OFFSET, "limit": demo.eval_prompts}
+    assert config.grid == demo.grid
+    assert config.generation["max_new_tokens"] == demo.max_new_tokens
+    assert config.generation["batch_size"] == demo.batch_size
+    assert config.generation["do_sample"] is False
+    guided = [r for r in config.routes if r["kind"] in ("parm", "genarm")]
+    assert len(guided) == 2 and all(r["beta"] == demo.beta for r in guided)
+
+
 def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(
     tmp_path, tiny_folder, monkeypatch
 ):

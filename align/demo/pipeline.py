@@ -67,8 +67,9 @@ class DemoConfig:
     grid: int = 10
     max_new_tokens: int = 48
     batch_size: int = 24
-    # Guidance β for the PARM and GenARM alike (reward weighted 1/β): 0.75 beat 1 and 0.5 for
-    # both on the demo's sweep (the README's β rows); 0.5 breaks the ends' ordering.
+    # Guidance β for the PARM and GenARM alike (reward weighted 1/β): on the demo's sweep 0.75
+    # beat 1 and 0.5 for the PARM and matched 1 for GenARM (the README's table); at 60 steps
+    # β 0.5 broke GenARM's brief end (the ablation).
     beta: float = 0.75
     seed: int = 0
     #: Extra recipe overrides for every training stage (``args.max_length=128`` ...).

@@ -2,6 +2,9 @@
 
     python evaluation/parm_ablation.py --out ablation                # every variant
     python evaluation/parm_ablation.py --out ablation -v pair -v genarm
+    python evaluation/parm_ablation.py --out ablation -v pair --seed 1   # the same, trained with seed 1
+    python evaluation/parm_ablation.py --out ablation -v demo -v genarm \
+        --set data.path=other.jsonl --tag other-data   # both routes with an override, as "+other-data"
     python evaluation/parm_ablation.py --out ablation --render       # the table of what is done
 
 Each variant is a set of overrides of ``recipes/parm_cpu.yaml`` (or ``genarm``: the two
@@ -27,73 +30,51 @@ from rich.table import Table
 
 console = Console()
 
+#: The PARM recipe before this ablation (one α per training step, PBLoRA r1 = r2 = 4, alpha 8,
+#: Θ at the shared learning rate): the earlier variants change it, so their rows keep their
+#: meaning now that ``parm_cpu.yaml`` is the ablation's result.
+BEFORE = [
+    "args.preference_sampling=batch",
+    "args.alpha_path_lr_ratio=1",
+    "args.pblora_r2=4",
+    "args.lora_alpha=8",
+]
+PAIR = "args.preference_sampling=pair"
+
 #: name → (what it changes, overrides of parm_cpu.yaml). "genarm" is the baseline to beat.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "recipe": ("the recipe before this ablation: one α per step, Dirichlet(0.5)", []),
-    "pair": ("one α per pair", ["args.preference_sampling=pair"]),
-    "pair-c1": (
-        "one α per pair, Dirichlet(1)",
-        ["args.preference_sampling=pair", "args.preference_concentration=1.0"],
-    ),
-    "pair-theta10": (
-        "one α per pair, Θ's lr ×10",
-        ["args.preference_sampling=pair", "args.alpha_path_lr_ratio=10"],
-    ),
+    "recipe": ("the recipe before this ablation: one α per step, Dirichlet(0.5)", BEFORE),
+    "pair": ("one α per pair", [*BEFORE, PAIR]),
+    "pair-c1": ("one α per pair, Dirichlet(1)", [*BEFORE, PAIR, "args.preference_concentration=1"]),
+    "pair-theta10": ("one α per pair, Θ's lr ×10", [*BEFORE, PAIR, "args.alpha_path_lr_ratio=10"]),
     "pair-theta10-c1": (
         "one α per pair, Θ's lr ×10, Dirichlet(1)",
-        [
-            "args.preference_sampling=pair",
-            "args.alpha_path_lr_ratio=10",
-            "args.preference_concentration=1.0",
-        ],
+        [*BEFORE, PAIR, "args.alpha_path_lr_ratio=10", "args.preference_concentration=1"],
     ),
     "pair-parm-init": (
         "one α per pair, PARM's Θ init",
-        ["args.preference_sampling=pair", "args.pblora_theta_init=parm"],
+        [*BEFORE, PAIR, "args.pblora_theta_init=parm"],
     ),
     "pair-r2-8": (
         "one α per pair, r1 4 / r2 8",
-        ["args.preference_sampling=pair", "args.pblora_r2=8", "args.lora_alpha=16"],
+        [*BEFORE, PAIR, "args.pblora_r2=8", "args.lora_alpha=16"],
     ),
-    "pair-lr2e-3": (
-        "one α per pair, lr 2e-3",
-        ["args.preference_sampling=pair", "args.learning_rate=2e-3"],
-    ),
+    "pair-lr2e-3": ("one α per pair, lr 2e-3", [*BEFORE, PAIR, "args.learning_rate=2e-3"]),
     "pair-attn": (
         "one α per pair, attention only (q/k/v/o)",
-        ["args.preference_sampling=pair", "args.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
+        [*BEFORE, PAIR, "args.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
     ),
-    "theta10": ("one α per step, Θ's lr ×10", ["args.alpha_path_lr_ratio=10"]),
-    "pair-theta30": (
-        "one α per pair, Θ's lr ×30",
-        ["args.preference_sampling=pair", "args.alpha_path_lr_ratio=30"],
-    ),
-    "pair-theta10-r2-8": (
-        "one α per pair, Θ's lr ×10, r1 4 / r2 8",
-        [
-            "args.preference_sampling=pair",
-            "args.alpha_path_lr_ratio=10",
-            "args.pblora_r2=8",
-            "args.lora_alpha=16",
-        ],
-    ),
-    "pair-theta30-r2-8": (
-        "one α per pair, Θ's lr ×30, r1 4 / r2 8",
-        [
-            "args.preference_sampling=pair",
-            "args.alpha_path_lr_ratio=30",
-            "args.pblora_r2=8",
-            "args.lora_alpha=16",
-        ],
-    ),
-    "genarm": ("GenARM: two LoRA ARMs, half the steps each", []),
+    "theta10": ("one α per step, Θ's lr ×10", [*BEFORE, "args.alpha_path_lr_ratio=10"]),
+    "pair-theta30": ("one α per pair, Θ's lr ×30", [*BEFORE, PAIR, "args.alpha_path_lr_ratio=30"]),
     "pair-top10": (
         "one α per pair, adapters on the top 10 of 30 layers only (a shorter backward)",
-        [
-            "args.preference_sampling=pair",
-            r"args.target_modules=.*\.layers\.2[0-9]\.(self_attn|mlp)\.\w+_proj",
-        ],
+        [*BEFORE, PAIR, r"args.target_modules=.*\.layers\.2[0-9]\.(self_attn|mlp)\.\w+_proj"],
     ),
+    # The demo's recipe (one α per pair, Θ's lr ×10, r1 4 / r2 8) and changes of it.
+    "demo": ("the demo's PARM (parm_cpu.yaml): one α per pair, Θ's lr ×10, r1 4 / r2 8", []),
+    "demo-theta30": ("the demo's PARM, Θ's lr ×30", ["args.alpha_path_lr_ratio=30"]),
+    "demo-c0.25": ("the demo's PARM, Dirichlet(0.25)", ["args.preference_concentration=0.25"]),
+    "genarm": ("GenARM: two LoRA ARMs, half the steps each", []),
 }
 
 
@@ -115,12 +96,22 @@ def _sweep(name: str, route: dict, out: Path, prompts: int, grid: int) -> dict:
     return run_sweep(config, show_progress=False)
 
 
-def run_variant(name: str, out: Path, steps: int, prompts: int, grid: int, beta: float) -> dict:
+def run_variant(
+    name: str,
+    out: Path,
+    steps: int,
+    prompts: int,
+    grid: int,
+    beta: float,
+    seed: int = 0,
+    overrides: tuple[str, ...] = (),
+    tag: str = "",
+) -> dict:
     from align.demo.pipeline import DemoConfig, demo_dataset, train_stage
 
-    folder = out / (name if steps == 60 else f"{name}@{steps}")
+    folder = out / (f"{name}@{steps}" + (f"+{tag}" if tag else "")) / f"seed-{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    config = DemoConfig(output=str(folder))
+    config = DemoConfig(output=str(folder), seed=seed, overrides=overrides)
     data = demo_dataset(config, folder)
     started = time.perf_counter()
     if name == "genarm":
@@ -148,22 +139,24 @@ def run_variant(name: str, out: Path, steps: int, prompts: int, grid: int, beta:
         route = {"name": name, "kind": "parm", "adapter": str(parm), "beta": beta}
     trained = _remember(folder / "train_seconds.json", time.perf_counter() - started)
     started = time.perf_counter()
-    report = _sweep(name, route, folder / f"beta-{beta:g}", prompts, grid)
-    swept = _remember(
-        folder / f"beta-{beta:g}" / "sweep_seconds.json", time.perf_counter() - started
-    )
+    sweep = folder / f"beta-{beta:g}-prompts-{prompts}-grid-{grid}"
+    report = _sweep(name, route, sweep, prompts, grid)
+    swept = _remember(sweep / "sweep_seconds.json", time.perf_counter() - started)
     summary = {
-        "variant": name,
-        "what": VARIANTS[name][0],
+        "variant": name + (f"+{tag}" if tag else ""),
+        "what": VARIANTS[name][0] + "".join(f"; {o}" for o in overrides),
         "steps": steps,
+        "seed": seed,
         "beta": beta,
+        "prompts": prompts,
+        "grid": grid,
         "metrics": report["metrics"]["routes"][name],
         "means": report["routes"][name]["means"],
         "alphas": report["routes"][name]["alphas"],
         "train_s": trained,
         "sweep_s": swept,
     }
-    (folder / f"ablation-beta-{beta:g}.json").write_text(json.dumps(summary, indent=2))
+    (sweep / "ablation.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -180,6 +173,8 @@ COLUMNS = (
     "variant",
     "what",
     "steps",
+    "seed",
+    "prompts × α",
     "β",
     "HV",
     "MIP",
@@ -194,7 +189,7 @@ COLUMNS = (
 
 def _rows(out: Path) -> list[list[str]]:
     rows = []
-    for path in sorted(out.glob("*/ablation-beta-*.json")):
+    for path in sorted(out.glob("*/seed-*/*/ablation.json")):
         s = json.loads(path.read_text())
         m = s["metrics"]
         rho = m.get("spearman", {})
@@ -203,6 +198,8 @@ def _rows(out: Path) -> list[list[str]]:
                 s["variant"],
                 s["what"],
                 str(s["steps"]),
+                str(s["seed"]),
+                f"{s['prompts']} × {s['grid'] + 1}",
                 f"{s['beta']:g}",
                 f"{m['hypervolume']:.3f}",
                 f"{m.get('mip', float('nan')):.3f}",
@@ -240,13 +237,22 @@ def main(
     variant: Annotated[
         list[str] | None, typer.Option("--variant", "-v", help="Variants to run (default: all).")
     ] = None,
-    steps: Annotated[int, typer.Option(help="PARM steps (GenARM: half per ARM).")] = 60,
-    prompts: Annotated[int, typer.Option(help="Held-out prompts answered.")] = 24,
+    # The defaults are the demo's: 40 steps, every held-out prompt (30) at 11 α, β 0.75.
+    steps: Annotated[int, typer.Option(help="PARM steps (GenARM: half per ARM).")] = 40,
+    prompts: Annotated[int, typer.Option(help="Held-out prompts answered.")] = 30,
     grid: Annotated[int, typer.Option(help="Simplex divisions (10: 11 α).")] = 10,
-    beta: Annotated[float, typer.Option(help="Decoding β.")] = 1.0,
+    beta: Annotated[float, typer.Option(help="Decoding β.")] = 0.75,
+    seed: Annotated[int, typer.Option(help="Training seed (args.seed).")] = 0,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="A recipe override for every training stage (needs --tag)."),
+    ] = None,
+    tag: Annotated[str, typer.Option(help="Names the runs made with --set.")] = "",
     render_only: Annotated[bool, typer.Option("--render", help="Only print the table.")] = False,
     markdown: Annotated[bool, typer.Option(help="Print the table as Markdown.")] = False,
 ) -> None:
+    if overrides and not tag:
+        raise typer.BadParameter("--set needs --tag: the runs it makes are kept apart by it")
     if not render_only:
         names = variant or list(VARIANTS)
         unknown = sorted(set(names) - set(VARIANTS))
@@ -254,7 +260,9 @@ def main(
             raise typer.BadParameter(f"unknown variants {unknown}; known: {list(VARIANTS)}")
         for name in names:
             console.print(f"[bold]{name}[/bold]: {VARIANTS[name][0]}")
-            summary = run_variant(name, out, steps, prompts, grid, beta)
+            summary = run_variant(
+                name, out, steps, prompts, grid, beta, seed, tuple(overrides or ()), tag
+            )
             console.print(
                 summary["metrics"],
                 f"train {summary['train_s']:.0f} s, sweep {summary['sweep_s']:.0f} s",

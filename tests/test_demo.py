@@ -408,3 +408,55 @@ def test_the_demo_refuses_several_processes_before_touching_its_folder(tmp_path,
     with pytest.raises(ValueError, match="one process"):
         run_demo(DemoConfig(output=str(tmp_path / "demo")))
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.fixture(scope="module")
+def parm_ablation():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parents[1] / "evaluation" / "parm_ablation.py"
+    spec = importlib.util.spec_from_file_location("parm_ablation", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["parm_ablation"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["parm_ablation"]
+
+
+def test_every_parm_ablation_variant_is_a_valid_distinct_change_of_the_recipe(parm_ablation):
+    """A misspelt field or a stale override would train the demo's recipe under another name."""
+    from align.config import build_training_args
+    from align.train import _trainer_class, load_recipe
+
+    recipe_path = Path(__file__).parents[1] / "recipes" / "parm_cpu.yaml"
+    config_class = _trainer_class("parm").config_class
+    seen = {}
+    for name, (_, overrides) in parm_ablation.VARIANTS.items():
+        if name == "genarm":
+            continue
+        recipe = load_recipe(recipe_path, overrides)
+        args = build_training_args(config_class, recipe["args"], name, "{}")
+        key = json.dumps(recipe["args"], sort_keys=True)
+        assert key not in seen, f"{name} trains the same recipe as {seen.get(key)}"
+        seen[key] = name
+        if name == "demo":
+            assert not overrides and args.preference_sampling == "pair"
+        if name == "recipe":  # the recipe before the ablation, which its early rows change
+            assert args.preference_sampling == "batch" and args.alpha_path_lr_ratio == 1
+            assert (args.pblora_r2, args.lora_alpha) == (4, 8)
+
+
+def test_parm_ablation_refuses_overrides_without_a_tag_and_unknown_variants(
+    parm_ablation, tmp_path
+):
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command()(parm_ablation.main)
+    result = CliRunner().invoke(app, ["--out", str(tmp_path), "-v", "demo", "--set", "args.seed=3"])
+    assert result.exit_code == 2 and "--set needs --tag" in result.output
+    assert not any(tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["--out", str(tmp_path), "-v", "nope"])
+    assert result.exit_code == 2 and "unknown variants ['nope']" in result.output

@@ -427,10 +427,11 @@ def parm_ablation():
 def test_every_parm_ablation_variant_is_a_valid_distinct_change_of_the_recipe(parm_ablation):
     """A misspelt field or a stale override would train the demo's recipe under another name."""
     from align.config import build_training_args
-    from align.train import _trainer_class, load_recipe
+    from align.train import load_recipe
+    from align.trainers.registry import TRAINERS
 
     recipe_path = Path(__file__).parents[1] / "recipes" / "parm_cpu.yaml"
-    config_class = _trainer_class("parm").config_class
+    config_class = TRAINERS.get("parm").config_class
     seen = {}
     for name, (_, overrides) in parm_ablation.VARIANTS.items():
         if name == "genarm":

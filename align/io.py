@@ -207,6 +207,9 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
 #: Files that determine what a model folder computes (weights, configs, training record), and
 #: not what merely sits beside it (checkpoints of the run, logs, READMEs).
 _CONTENT_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".txt")
+#: ...less the Trainer's pickled arguments: they hold the run's output folder, so the same
+#: training in another folder would otherwise fingerprint differently.
+_NOT_CONTENT = ("training_args.bin",)
 
 
 def content_digest(path: str | os.PathLike) -> str:
@@ -220,15 +223,19 @@ def content_digest(path: str | os.PathLike) -> str:
 
     path = Path(path)
     digest = hashlib.sha256()
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _CONTENT_SUFFIXES)
-    )
+    if path.is_file():  # a dataset or a single weights file: its bytes, whatever its name
+        files = [path]
+    else:
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix in _CONTENT_SUFFIXES and p.name not in _NOT_CONTENT
+        )
     if not files:
         raise FileNotFoundError(f"{path} holds no model files to fingerprint")
     for file in files:
-        digest.update(file.name.encode() + b"\0")
+        if file is not path:
+            digest.update(file.name.encode() + b"\0")
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)

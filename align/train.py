@@ -78,7 +78,8 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     return recipe
 
 
-def _resolve(path: str, recipe_dir: str) -> str:
+def resolve_recipe_path(path: str, recipe_dir: str) -> str:
+    """A recipe's data path: as given where it exists (or is absolute), else beside the recipe."""
     if os.path.exists(path) or os.path.isabs(path):
         return path
     beside = os.path.join(recipe_dir, path)
@@ -92,10 +93,14 @@ def load_recipe_data(recipe: dict[str, Any]) -> tuple[Any, Any]:
     data = recipe["data"]
     layout = str(data.get("layout", "auto")).replace("_", "-")
     if "sources" in data:
-        sources = {name: _resolve(p, recipe["_dir"]) for name, p in data["sources"].items()}
+        sources = {
+            name: resolve_recipe_path(p, recipe["_dir"]) for name, p in data["sources"].items()
+        }
         dataset = load_preference_data(sources, layout="per-objective")
     else:
-        dataset = load_preference_data(_resolve(data["path"], recipe["_dir"]), layout=layout)
+        dataset = load_preference_data(
+            resolve_recipe_path(data["path"], recipe["_dir"]), layout=layout
+        )
     if data.get("limit"):
         dataset = dataset.select(range(min(int(data["limit"]), len(dataset))))
     test_size = data.get("test_size", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,6 +74,19 @@ def test_a_miniature_demo_builds_data_trains_merges_sweeps_and_reports(tmp_path,
     again = run_demo(config, log=lambda *_: None)
     assert again["routes"]["PARM"]["means"] == report["routes"]["PARM"]["means"]
     assert {path: path.stat().st_mtime_ns for path in made} == made
+    # Stages are keyed by content, not paths: the run folder and its dataset moved elsewhere
+    # (another clone, a copied ablation) are reused as they are.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "demo", moved / "demo")
+    shutil.copy2(config.data, moved / "pairs.jsonl")
+    copied = {moved / path.relative_to(tmp_path): mtime for path, mtime in made.items()}
+    assert {path: path.stat().st_mtime_ns for path in copied} == copied  # copytree keeps them
+    elsewhere = run_demo(
+        replace(config, output=str(moved / "demo"), data=str(moved / "pairs.jsonl")),
+        log=lambda *_: None,
+    )
+    assert {r["generations"] for r in elsewhere["routes"].values()} == {"reused"}
+    assert {path: path.stat().st_mtime_ns for path in copied} == copied
     # A changed setting redoes the stages that use it (here: the ARMs, the soup and the sweep).
     changed = run_demo(replace(config, arm_steps=1), log=lambda *_: None)
     assert changed["demo_config"]["arm_steps"] == 1
@@ -461,3 +475,26 @@ def test_parm_ablation_refuses_overrides_without_a_tag_and_unknown_variants(
     assert not any(tmp_path.iterdir())
     result = CliRunner().invoke(app, ["--out", str(tmp_path), "-v", "nope"])
     assert result.exit_code == 2 and "unknown variants ['nope']" in result.output
+
+
+def test_a_training_stage_is_identified_by_content_not_by_paths(tmp_path):
+    from align.demo.pipeline import training_identity
+    from align.train import load_recipe
+
+    recipe = Path(__file__).parents[1] / "recipes" / "parm_cpu.yaml"
+    pairs = tmp_path / "a" / "pairs.jsonl"
+    pairs.parent.mkdir()
+    shutil.copy2(DATA / "positive_brief_small.jsonl", pairs)
+
+    def identity(data: Path, output: str, *extra: str) -> dict:
+        loaded = load_recipe(recipe, [f"data.path={data}", f"args.output_dir={output}", *extra])
+        return training_identity({**loaded, "model": "smollm2-135m-instruct"})
+
+    first = identity(pairs, str(tmp_path / "run"))
+    (tmp_path / "b").mkdir()
+    shutil.copy2(pairs, tmp_path / "b" / "other-name.jsonl")
+    assert identity(tmp_path / "b" / "other-name.jsonl", str(tmp_path / "moved")) == first
+    assert identity(pairs, str(tmp_path / "run"), "args.learning_rate=0.5") != first
+    with pairs.open("a") as handle:  # one more pair: another dataset
+        handle.write(pairs.read_text().splitlines()[0] + "\n")
+    assert identity(pairs, str(tmp_path / "run")) != first

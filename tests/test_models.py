@@ -109,6 +109,40 @@ def test_atomic_results_get_the_usual_permissions_not_private_temporary_ones(tmp
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
 
 
+def test_a_content_digest_follows_what_a_model_computes_not_where_it_lies(tmp_path):
+    """Caches key on it: a moved run is reused, a retrained adapter is not."""
+    import shutil
+
+    from align.io import content_digest
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "training_args.bin").write_bytes(b"output_dir=/here")
+    first = content_digest(folder)
+    shutil.copytree(folder, tmp_path / "elsewhere" / "final")
+    assert content_digest(tmp_path / "elsewhere" / "final") == first
+    # What does not change the answers: the Trainer's arguments, checkpoints, READMEs.
+    (folder / "training_args.bin").write_bytes(b"output_dir=/there")
+    (folder / "checkpoint-1").mkdir()
+    (folder / "checkpoint-1" / "adapter_model.safetensors").write_bytes(b"older")
+    (folder / "README.md").write_text("card")
+    assert content_digest(folder) == first
+    # What does: the weights, the config, a renamed weights file.
+    (folder / "adapter_model.safetensors").write_bytes(b"retrained")
+    assert content_digest(folder) != first
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    assert content_digest(folder) == first
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    assert content_digest(folder) != first
+    # A single file (a dataset) by its bytes, whatever its name.
+    (tmp_path / "a.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "b.jsonl").write_text('{"prompt": "hi"}\n')
+    assert content_digest(tmp_path / "a.jsonl") == content_digest(tmp_path / "b.jsonl")
+    assert content_digest(tmp_path / "a.jsonl") != content_digest(folder)
+
+
 def test_embedded_smollm2_loads_from_its_cache_and_generates(smollm2, monkeypatch):
     from align.models import loading
 

@@ -156,15 +156,33 @@ def train_stage(
         *extra,
         *config.overrides,
     ]
-    settings = {"model": config.model, "recipe": recipe, "overrides": overrides}
-    stage = Stage(output, settings)
+    recipe_dict = load_recipe(config.recipes_dir() / recipe, overrides)
+    recipe_dict["model"] = config.model
+    stage = Stage(output, training_identity(recipe_dict))
     final = output / "final"
     if stage.done(final):
         return final
     stage.start()
-    recipe_dict = load_recipe(config.recipes_dir() / recipe, overrides)
-    recipe_dict["model"] = config.model
     return run_recipe(recipe_dict)
+
+
+def training_identity(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What a checked recipe trains, without where: the model and the data by content, the
+    output folder left out. A moved or copied run folder, or a second clone, is reused; an
+    edited setting or dataset trains again (comments of the recipe file do not count)."""
+    from align.sweep.routes import source_digest
+    from align.train import resolve_recipe_path
+
+    identity = json.loads(json.dumps(recipe, default=str))
+    recipe_dir = identity.pop("_dir", ".")
+    identity["args"].pop("output_dir", None)
+    identity["model"] = source_digest(str(recipe["model"]))
+    data = identity["data"]
+    if "path" in data:
+        data["path"] = source_digest(resolve_recipe_path(data["path"], recipe_dir))
+    for name, path in data.get("sources", {}).items():
+        data["sources"][name] = source_digest(resolve_recipe_path(path, recipe_dir))
+    return identity
 
 
 def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
@@ -302,7 +320,7 @@ def _soup(config: DemoConfig, out: Path, arms: dict[str, Path]) -> Path:
     digests = {k: content_digest(v) for k, v in arms.items()}
     stage = Stage(
         folder,
-        {"arms": {k: str(v) for k, v in arms.items()}, "content": digests, "grid": config.grid},
+        {"content": digests, "grid": config.grid},
     )
     if stage.done(folder):
         return folder

@@ -150,9 +150,21 @@ class Route(ABC):
         return []
 
     def fingerprint(self) -> dict[str, Any]:
-        """What determines this route's answers: its settings and the *content* of every folder
-        it reads (an adapter retrained at the same path has a new fingerprint)."""
-        return {**self.describe(), "content": {s: source_digest(s) for s in self.sources()}}
+        """What determines this route's answers: its settings, with every folder it reads by
+        *content* in place of its path (an adapter retrained at the same path has a new
+        fingerprint; a run folder moved or copied elsewhere keeps its own)."""
+        digests = {source: source_digest(source) for source in self.sources()}
+
+        def by_content(value: Any) -> Any:
+            if isinstance(value, str):
+                return digests.get(value, value)
+            if isinstance(value, Mapping):
+                return {key: by_content(item) for key, item in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [by_content(item) for item in value]
+            return value
+
+        return by_content(self.describe())
 
     def close(self) -> None:
         """Take off what this route attached to the shared base (the next route needs it bare)."""

@@ -726,3 +726,69 @@ def test_alpha_path_lr_ratio_gives_theta_its_own_learning_rate(tmp_path, tiny):
     )
     assert theta_step == pytest.approx(ratio * lr, rel=0.05)
     assert other_step == pytest.approx(lr, rel=0.05)
+
+
+def test_the_language_model_anchor_adds_the_mean_token_nll_of_the_responses(tmp_path, tiny):
+    """``nll_weight`` λ: the loss grows by exactly λ × the mean over response rows of their
+    mean token NLL (a plain forward at each pair's α), outside the per-objective losses."""
+    model, tokenizer = tiny
+    pairs = positive_formal_pairs(4, seed=5)
+    peft_model = random_pblora(model)
+
+    def trainer_with(weight: float, folder: str) -> PARMTrainer:
+        return PARMTrainer(
+            copy.deepcopy(peft_model),
+            PARMConfig(
+                output_dir=str(tmp_path / folder),
+                per_device_train_batch_size=4,
+                preference_sampling="pair",
+                nll_weight=weight,
+                **CPU_ARGS,
+            ),
+            pairs,
+            processing_class=tokenizer,
+        )
+
+    anchored, plain = trainer_with(0.5, "anchored"), trainer_with(0.0, "plain")
+    losses = {}
+    for name, trainer in (("anchored", anchored), ("plain", plain)):
+        trainer.model.train()
+        losses[name] = trainer.compute_loss(trainer.model, one_batch(trainer)).detach()
+    assert anchored._metrics["train"]["nll"]  # logged
+    # Reference: the responses' token log-probs from the logits, at the α the trainer drew.
+    batch = one_batch(plain)
+    plain._alpha_step = -1
+    alphas = plain.training_preference(pairs=4)
+    plain.set_model_preference(plain.model, torch.cat([alphas, alphas]))
+    with torch.no_grad():
+        logits = plain.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token = log_probs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    response = batch["completion_mask"][:, 1:].to(token)
+    nll = -((token * response).sum(dim=1) / response.sum(dim=1)).mean()
+    assert nll > 0
+    torch.testing.assert_close(
+        losses["anchored"] - losses["plain"], 0.5 * nll, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_the_language_model_anchor_refuses_bad_weights_and_gradient_level_methods(tmp_path, tiny):
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="nll_weight"):
+            PARMConfig(output_dir=str(tmp_path), nll_weight=bad, **CPU_ARGS)
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="nll_weight.*mgda|mgda.*nll_weight"):
+        PARMTrainer(
+            random_pblora(model),
+            PARMConfig(
+                output_dir=str(tmp_path),
+                aggregator="mgda",
+                allow_preference_blind_aggregator=True,
+                nll_weight=0.1,
+                **CPU_ARGS,
+            ),
+            positive_formal_pairs(4, seed=6),
+            processing_class=tokenizer,
+        )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -131,6 +132,17 @@ class MultiObjectivePreferenceConfig(DPOConfig):
             "larger beta (about 1-5) with it."
         },
     )
+    nll_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "λ of a language-model anchor added to the training loss: λ times the mean "
+            "token NLL of both responses of every pair under the model being trained (at the "
+            "pair's α). A summed-log-prob score can win a 'shorter is better' objective by "
+            "making every token unlikely (the margin grows with a uniform drop), which leaves "
+            "an ARM that derails guided decoding into letter salad; the anchor keeps its "
+            "log-probs those of a language model. 0 (the references): off."
+        },
+    )
     target_modules: list[str] | None = field(
         default=None,
         metadata={
@@ -164,6 +176,8 @@ class MultiObjectivePreferenceConfig(DPOConfig):
             raise ValueError(
                 f"preference_sampling must be 'batch' or 'pair', got {self.preference_sampling!r}"
             )
+        if not (self.nll_weight >= 0 and math.isfinite(self.nll_weight)):
+            raise ValueError(f"nll_weight must be a finite number >= 0, got {self.nll_weight}")
         if self.preference_sampling == "pair" and self.aggregator not in ("linear", "ls"):
             raise ValueError(
                 "preference_sampling='pair' weights each pair's losses by its own α, which is "
@@ -272,7 +286,15 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             accumulation=args.aggregator_accumulation,
             **(args.aggregator_options or {}),
         )
+        if args.nll_weight and self.engine.is_gradient_level:
+            # The engine differentiates each objective itself and hands back a scalar carrying
+            # the combined gradient; an anchor outside it would need a second backward.
+            raise ValueError(
+                f"nll_weight is added to the loss of a loss-level method (linear, tchebycheff, "
+                f"...); {args.aggregator!r} combines per-objective gradients: set nll_weight: 0"
+            )
         self._alpha_step, self._alpha_micro = -1, 0
+        self._response_nll: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------- data
     def _prepare_dataset(self, dataset: Dataset, processing_class: Any, args: Any, name: str):
@@ -328,6 +350,10 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             width = inputs["completion_mask"].shape[1] - 1
             total = outputs.log_probs[:, -width:].sum(dim=1)
             tokens = inputs["completion_mask"][:, 1:].sum(dim=1)
+        if torch.is_grad_enabled() and model.training:
+            # The trained model's scores (not a reference's, scored under no_grad): what the
+            # loss's language-model anchor (nll_weight) is computed from.
+            self._response_nll = -(total / tokens.clamp(min=1).to(total)).mean()
         if self.args.length_normalize:
             return total / tokens.clamp(min=1).to(total)
         return total
@@ -441,9 +467,20 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             self._log_objectives(mode, losses, accuracy, counts, preference)
         else:
             loss = self._evaluation_loss(model, inputs, preferred)
+        if mode == "train" and self.args.nll_weight:
+            loss = loss + self._language_model_anchor(mode)
         if return_outputs:
             return loss, {"logits": torch.zeros(0)}
         return loss
+
+    def _language_model_anchor(self, mode: str) -> torch.Tensor:
+        """``nll_weight`` × the mean token NLL of this micro-batch's responses (logged as
+        ``nll``), outside the multi-objective aggregation: it belongs to no objective."""
+        nll = self._response_nll
+        self._response_nll = None
+        gathered = self.accelerator.gather(nll.detach().float().reshape(1)).mean()
+        self._metrics[mode]["nll"].append(float(gathered))
+        return self.args.nll_weight * nll
 
     def _per_pair_loss(self, model: Any, inputs: dict[str, Any], preferred: torch.Tensor):
         """``Σ_i (1/n_i) Σ_pairs α_i ℓ_i``: each pair scored at, and weighted by, its own α

@@ -74,6 +74,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "demo": ("the demo's PARM (parm_cpu.yaml): one α per pair, Θ's lr ×10, r1 4 / r2 8", []),
     "demo-theta30": ("the demo's PARM, Θ's lr ×30", ["args.alpha_path_lr_ratio=30"]),
     "demo-c0.25": ("the demo's PARM, Dirichlet(0.25)", ["args.preference_concentration=0.25"]),
+    "demo-nll0.003": (
+        "the demo's PARM, a language-model anchor λ 0.003",
+        ["args.nll_weight=0.003"],
+    ),
     "demo-nll0.01": ("the demo's PARM, a language-model anchor λ 0.01", ["args.nll_weight=0.01"]),
     "demo-nll0.1": ("the demo's PARM, a language-model anchor λ 0.1", ["args.nll_weight=0.1"]),
     "demo-nll1": ("the demo's PARM, a language-model anchor λ 1", ["args.nll_weight=1"]),

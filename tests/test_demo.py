@@ -498,3 +498,33 @@ def test_a_training_stage_is_identified_by_content_not_by_paths(tmp_path):
     with pairs.open("a") as handle:  # one more pair: another dataset
         handle.write(pairs.read_text().splitlines()[0] + "\n")
     assert identity(pairs, str(tmp_path / "run")) != first
+
+
+def test_arm_token_nll_is_the_mean_answer_token_nll_and_refuses_bad_input(tmp_path, tiny_folder):
+    import importlib.util
+    import math
+
+    import torch
+    import typer
+    from typer.testing import CliRunner
+
+    from align.models import load_model
+
+    path = Path(__file__).parents[1] / "evaluation" / "arm_token_nll.py"
+    spec = importlib.util.spec_from_file_location("arm_token_nll", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, tokenizer = load_model(str(tiny_folder))
+    rows = [json.loads(line) for line in (DATA / "positive_brief_small.jsonl").open()][:2]
+    assert module.mean_token_nll(model, tokenizer, rows) > 0
+    # All logits equal (the head zeroed): every answer token costs exactly log(vocab).
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    uniform = module.mean_token_nll(model, tokenizer, rows)
+    assert abs(uniform - math.log(model.config.vocab_size)) < 1e-4
+    app = typer.Typer()
+    app.command()(module.main)
+    result = CliRunner().invoke(app, [str(tmp_path), "--pairs", "0"])
+    assert result.exit_code == 2 and "--pairs must be >= 1" in result.output
+    result = CliRunner().invoke(app, [str(tmp_path), "--data", str(tmp_path / "none.jsonl")])
+    assert result.exit_code == 2 and "no data at" in result.output

@@ -80,7 +80,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     ),
     "demo-nll0.01": ("the demo's PARM, a language-model anchor λ 0.01", ["args.nll_weight=0.01"]),
     "demo-nll0.1": ("the demo's PARM, a language-model anchor λ 0.1", ["args.nll_weight=0.1"]),
-    "demo-nll1": ("the demo's PARM, a language-model anchor λ 1", ["args.nll_weight=1"]),
     "genarm": ("GenARM: two LoRA ARMs, half the steps each", []),
 }
 

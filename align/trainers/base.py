@@ -350,13 +350,12 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             width = inputs["completion_mask"].shape[1] - 1
             total = outputs.log_probs[:, -width:].sum(dim=1)
             tokens = inputs["completion_mask"][:, 1:].sum(dim=1)
-        if torch.is_grad_enabled() and model.training:
+        mean = total / tokens.clamp(min=1).to(total)
+        if self.args.nll_weight and torch.is_grad_enabled() and model.training:
             # The trained model's scores (not a reference's, scored under no_grad): what the
-            # loss's language-model anchor (nll_weight) is computed from.
-            self._response_nll = -(total / tokens.clamp(min=1).to(total)).mean()
-        if self.args.length_normalize:
-            return total / tokens.clamp(min=1).to(total)
-        return total
+            # loss's language-model anchor is computed from.
+            self._response_nll = -mean.mean()
+        return mean if self.args.length_normalize else total
 
     def _shares_prompt(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> bool:
         unwrapped = self.accelerator.unwrap_model(model)

@@ -4,7 +4,7 @@
 A recipe is a YAML file naming the trainer, the model, the data and the trainer's config
 fields (the ``args`` block is the config dataclass, so every TRL / transformers option works)::
 
-    trainer: parm                 # arm | parm | dpo
+    trainer: parm                 # arm | parm | dpo | mo_grpo
     model: smollm2-135m-instruct  # the embedded model, a local folder, or a hub id
     quantization: null            # 4bit | 8bit (bitsandbytes) | null
     data:
@@ -14,6 +14,10 @@ fields (the ``args`` block is the config dataclass, so every TRL / transformers 
     args:
       output_dir: runs/parm
       max_steps: 60
+
+Online RL (``trainer: mo_grpo``) reads prompts instead of pairs: ``data.path`` is a file with a
+``prompt`` column (a preference dataset works: its distinct prompts) or ``shipped`` (align's
+prompt set); its rewards are ``args.rewards`` (objective → scorer / ``arm:`` / ``parm:``).
 
 ``--set args.max_steps=10`` overrides any field from the command line. A run whose output folder
 has checkpoints resumes from the last one unless ``resume: false``.
@@ -110,6 +114,25 @@ def load_recipe_data(recipe: dict[str, Any]) -> tuple[Any, Any]:
     return split["train"], split["test"]
 
 
+def load_recipe_prompts(recipe: dict[str, Any]) -> tuple[Any, Any]:
+    """The train and held-out prompt splits of an online-RL recipe's ``data`` block."""
+    from align.data import load_prompt_dataset
+
+    data = recipe["data"]
+    if "sources" in data:
+        raise RecipeError(
+            "recipe field 'data.sources': online RL reads one prompt file (data.path)"
+        )
+    path = data["path"]
+    source = path if path == "shipped" else resolve_recipe_path(path, recipe["_dir"])
+    dataset = load_prompt_dataset(source, limit=data.get("limit"))
+    test_size = data.get("test_size", 0)
+    if not test_size:
+        return dataset, None
+    split = dataset.train_test_split(test_size=test_size, seed=data.get("seed", 0))
+    return split["train"], split["test"]
+
+
 def _quantization_config(kind: str | None) -> Any:
     if kind in (None, "none"):
         return None
@@ -133,7 +156,8 @@ def build_trainer(recipe: dict[str, Any]) -> Any:
         )
     except ConfigError as error:
         raise RecipeError(str(error)) from error
-    train, held_out = load_recipe_data(recipe)
+    prompts_only = getattr(trainer_class, "data_kind", "pairs") == "prompts"
+    train, held_out = load_recipe_prompts(recipe) if prompts_only else load_recipe_data(recipe)
     quantization = _quantization_config(recipe.get("quantization"))
     model, tokenizer = load_model(
         recipe.get("model", "smollm2-135m-instruct"),
@@ -146,7 +170,12 @@ def build_trainer(recipe: dict[str, Any]) -> Any:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=args.gradient_checkpointing
         )
-    trainer = trainer_class(model, args, train, eval_dataset=held_out, processing_class=tokenizer)
+    if prompts_only:  # held-out prompts are kept for evaluation, not scored while training
+        trainer = trainer_class(model, args=args, train_dataset=train, processing_class=tokenizer)
+    else:
+        trainer = trainer_class(
+            model, args, train, eval_dataset=held_out, processing_class=tokenizer
+        )
     trainer.held_out_pairs = held_out  # untokenized, saved beside the adapter for evaluation
     return trainer
 
@@ -161,7 +190,10 @@ def last_checkpoint(output_dir: str) -> str | None:
 def run_recipe(recipe: dict[str, Any]) -> Path:
     """Train as the recipe says, resuming from the last checkpoint; returns the final adapter
     folder (``<output_dir>/final``), with the held-out split saved beside it."""
+    import json
+
     from align.data import save_preference_dataset
+    from align.rewards.online import text_of
 
     trainer = build_trainer(recipe)
     output_dir = trainer.args.output_dir
@@ -174,7 +206,14 @@ def run_recipe(recipe: dict[str, Any]) -> Path:
     trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.save_final(Path(output_dir) / "final")
     if trainer.held_out_pairs is not None and trainer.is_world_process_zero():
-        save_preference_dataset(trainer.held_out_pairs, Path(output_dir) / "held_out.jsonl")
+        if getattr(trainer, "data_kind", "pairs") == "prompts":
+            from align.io import atomic_file
+
+            with atomic_file(Path(output_dir) / "held_out_prompts.jsonl") as path:
+                rows = [{"prompt": text_of(p)} for p in trainer.held_out_pairs["prompt"]]
+                path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            save_preference_dataset(trainer.held_out_pairs, Path(output_dir) / "held_out.jsonl")
     return final
 
 

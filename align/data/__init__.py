@@ -10,7 +10,7 @@ from align.data.loaders import (
     split_transcripts,
     train_test_split_pairs,
 )
-from align.data.prompts import load_prompts
+from align.data.prompts import load_prompt_dataset, load_prompts
 from align.data.schema import (
     PREFERRED_PREFIX,
     TIE,
@@ -30,6 +30,7 @@ __all__ = [
     "load_per_objective_pairs",
     "load_pku_saferlhf",
     "load_preference_data",
+    "load_prompt_dataset",
     "load_prompts",
     "load_schema",
     "make_preference_dataset",

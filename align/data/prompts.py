@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from typing import Any
+
+from datasets import Dataset
 
 
 def load_prompts(limit: int | None = None, categories: list[str] | None = None) -> list[dict]:
@@ -24,3 +27,39 @@ def load_prompts(limit: int | None = None, categories: list[str] | None = None) 
             raise ValueError(f"limit must be >= 1, got {limit}")
         records = records[:limit]
     return records
+
+
+def load_prompt_dataset(
+    source: Any = "shipped", *, limit: int | None = None, chat: bool = True
+) -> Dataset:
+    """Prompts for online RL as a ``datasets.Dataset`` with one ``prompt`` column.
+
+    ``source``: ``"shipped"`` (align's prompt set), a file (JSONL / JSON / CSV / Parquet) or a
+    Dataset with a ``prompt`` column — a preference dataset works too (its distinct prompts, in
+    order). ``chat``: each prompt as a one-message conversation, so TRL applies the model's chat
+    template; else the raw text.
+    """
+    from align.data.loaders import read_source
+
+    if isinstance(source, str) and source == "shipped":
+        texts = [record["prompt"] for record in load_prompts()]
+    else:
+        dataset = read_source(source)
+        if "prompt" not in dataset.column_names:
+            raise ValueError(
+                f"{source}: prompts need a 'prompt' column; found {dataset.column_names}"
+            )
+        texts = []
+        for index, text in enumerate(dataset["prompt"]):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{source}: prompt {index} is not a non-empty string: {text!r}")
+            texts.append(text)
+        texts = list(dict.fromkeys(texts))
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        texts = texts[:limit]
+    if not texts:
+        raise ValueError(f"{source}: no prompts")
+    rows = [[{"role": "user", "content": text}] for text in texts] if chat else texts
+    return Dataset.from_dict({"prompt": rows})

@@ -50,6 +50,22 @@ def preference_aware_aggregators() -> list[str]:
     )
 
 
+def require_preference_aware(name: str, who: str, allowed: bool = False) -> None:
+    """Refuse a method that ignores α for ``who``, which conditions a model on α: its update
+    would not depend on α, so the α path would learn nothing α-dependent. ``allowed`` lets the
+    user opt out (``allow_preference_blind_aggregator``)."""
+    if allowed:
+        return
+    method = aggregator_class(name)
+    if not (method.uses_preference or getattr(method, "preference_aware", False)):
+        raise ValueError(
+            f"{who} conditions the adapter on α, but aggregator {name!r} ignores α, so the α "
+            f"path would learn nothing α-dependent; use a preference-aware method "
+            f"({', '.join(preference_aware_aggregators())}) or set "
+            f"allow_preference_blind_aggregator: true"
+        )
+
+
 def available_aggregators() -> dict[str, str]:
     """Name → kind ("loss", "gradient" or "update") of every registered method (aliases
     included)."""

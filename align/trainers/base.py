@@ -14,13 +14,9 @@ checkpoint draws what the uninterrupted run drew, and there is no sampler state 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,24 +24,23 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
-from transformers.trainer_utils import rotate_checkpoints
 from trl import DPOConfig, DPOTrainer
 
 from align.data.schema import TIE
-from align.io import atomic_file
 from align.mograd.engine import MultiObjectiveEngine
 from align.preference import Preference, check_objectives, sample_preferences
-from align.rewards.arm import TRAINING_INFO
+from align.trainers.checkpoints import (  # noqa: F401  (re-exported: the tests' names)
+    MOGRAD_SHARD_STATE,
+    MOGRAD_STATE,
+    AtomicCheckpoints,
+)
 from align.trainers.data import (
     TOKENIZED_COLUMNS,
     MultiObjectivePreferenceCollator,
     select_objectives,
     tokenize_preference_dataset,
 )
-
-MOGRAD_STATE = "mograd_state.pt"
-#: A sharded method state (ML2O / GML2O under ZeRO-1/2): one file per rank.
-MOGRAD_SHARD_STATE = "mograd_state_rank{rank}.pt"
+from align.trainers.options import keep_checkpointing_default
 
 
 @dataclass
@@ -152,14 +147,7 @@ class MultiObjectivePreferenceConfig(DPOConfig):
     )
 
     def __post_init__(self) -> None:
-        # transformers 5.23 renamed gradient checkpointing: TRL's default (True) under the old
-        # name warns on every config. Keep TRL's default under the new name; a user who sets
-        # the old name still gets transformers' advice.
-        if getattr(self, "activation_checkpointing", False) is None:
-            if self.gradient_checkpointing is None:
-                self.activation_checkpointing = True
-        elif self.gradient_checkpointing is None:  # transformers before the rename
-            self.gradient_checkpointing = True
+        keep_checkpointing_default(self)
         super().__post_init__()
         if self.objectives is not None:
             self.objectives = list(check_objectives(self.objectives))
@@ -196,7 +184,7 @@ def _checkpointing(model: Any) -> bool:
     return False
 
 
-class MultiObjectivePreferenceTrainer(DPOTrainer):
+class MultiObjectivePreferenceTrainer(AtomicCheckpoints, DPOTrainer):
     """Base of :class:`ARMTrainer`, :class:`PARMTrainer` and :class:`PreferenceDPOTrainer`.
 
     Subclasses say how a pair is scored (:meth:`pair_scores`) and whether α conditions the
@@ -221,18 +209,12 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
         optimizers: tuple[Any, Any] = (None, None),
         ref_model: Any = None,
     ) -> None:
-        if self.conditioned and not args.allow_preference_blind_aggregator:
-            from align.mograd.registry import aggregator_class, preference_aware_aggregators
+        if self.conditioned:
+            from align.mograd.registry import require_preference_aware
 
-            method = aggregator_class(args.aggregator)
-            if not (method.uses_preference or getattr(method, "preference_aware", False)):
-                raise ValueError(
-                    f"{type(self).__name__} conditions the adapter on α, but aggregator "
-                    f"{args.aggregator!r} ignores α, so the α path would learn nothing "
-                    f"α-dependent; use a preference-aware method "
-                    f"({', '.join(preference_aware_aggregators())}) or set "
-                    f"allow_preference_blind_aggregator: true"
-                )
+            require_preference_aware(
+                args.aggregator, type(self).__name__, args.allow_preference_blind_aggregator
+            )
         self.objectives = select_objectives(train_dataset, args.objectives)
         if self.single_objective and len(self.objectives) != 1:
             raise ValueError(
@@ -566,85 +548,3 @@ class MultiObjectivePreferenceTrainer(DPOTrainer):
             "max_length": self.args.max_length or 1024,
             "max_prompt_length": self.args.max_prompt_length,
         }
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
-        if self.args.should_save:
-            # The objective names travel with the adapter, whatever its type (LoRA has no field).
-            with atomic_file(os.path.join(output_dir, TRAINING_INFO)) as path:
-                path.write_text(json.dumps(self.training_info(), indent=2))
-
-    def save_final(self, target: str | os.PathLike) -> Path:
-        """Save the trained adapter (and tokenizer) to ``target`` atomically: every process
-        writes into a staging folder, then the main process renames it into place."""
-        target = Path(target)
-        staging = target.parent / f".{target.name}.partial"
-        self.save_model(str(staging))
-        self._publish(staging, target)
-        return target
-
-    def _publish(self, staging: Path, target: Path) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        self.accelerator.wait_for_everyone()
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """Checkpoints appear whole or not at all: TRL / transformers write ``checkpoint-N`` in
-        a staging folder (all processes, as DeepSpeed writes one shard per rank), which is then
-        renamed into place, so a run killed mid-save resumes from the previous checkpoint."""
-        if trial is not None:  # hyperparameter search: leave transformers' layout alone
-            return super()._save_checkpoint(model, trial)
-        run_dir = Path(self.args.output_dir)
-        name = f"checkpoint-{self.state.global_step}"
-        staging_root = run_dir / f".{name}.partial"
-        self.args.output_dir = str(staging_root)
-        try:
-            super()._save_checkpoint(model, trial)
-            state = self.engine.state_dict()
-            if getattr(self.engine, "state_is_sharded", False):
-                # ML2O / GML2O under ZeRO-1/2/3: every rank saves its own partition of the state
-                # (resumed with the same world size).
-                shard = state["shard"]["rank"]
-                torch.save(state, staging_root / name / MOGRAD_SHARD_STATE.format(rank=shard))
-            elif self.args.should_save and any(state["aggregator"]):
-                torch.save(state, staging_root / name / MOGRAD_STATE)
-        finally:
-            self.args.output_dir = str(run_dir)
-        best = self.state.best_model_checkpoint
-        if best and best.startswith(str(staging_root)):
-            self.state.best_model_checkpoint = str(run_dir / name)
-        self._publish(staging_root / name, run_dir / name)
-        if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-            )
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """The optimizer's and scheduler's state, and the multi-objective method's. Here rather
-        than in ``_load_from_checkpoint``, which transformers does not call under DeepSpeed (it
-        loads the model with ``deepspeed_load_checkpoint`` instead): this one runs on every
-        resume, whatever the backend, once the model is prepared."""
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, MOGRAD_STATE)
-        sharded = os.path.join(
-            checkpoint, MOGRAD_SHARD_STATE.format(rank=self.accelerator.process_index)
-        )
-        if os.path.exists(sharded):
-            self.engine.load_state_dict(torch.load(sharded, weights_only=True))
-        elif os.path.exists(os.path.join(checkpoint, MOGRAD_SHARD_STATE.format(rank=0))):
-            raise ValueError(
-                f"{checkpoint} holds the {self.engine.name} state per rank of a ZeRO run with "
-                f"fewer processes than this one ({self.accelerator.num_processes}, no "
-                f"{os.path.basename(sharded)}): resume with the same world size"
-            )
-        elif os.path.exists(path):
-            self.engine.load_state_dict(torch.load(path, weights_only=True))

@@ -1,0 +1,18 @@
+"""Config logic every align trainer's dataclass shares, whatever TRL config it extends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def keep_checkpointing_default(config: Any) -> None:
+    """TRL turns activation checkpointing on by default, under the name transformers 5.23
+    deprecated (``gradient_checkpointing``; it warns on every config). Call before the TRL
+    ``__post_init__`` with ``gradient_checkpointing`` declared ``None`` by default: TRL's default
+    is kept under the new name, and a user who sets the old name still gets transformers'
+    advice."""
+    if getattr(config, "activation_checkpointing", False) is None:
+        if config.gradient_checkpointing is None:
+            config.activation_checkpointing = True
+    elif config.gradient_checkpointing is None:  # transformers before the rename
+        config.gradient_checkpointing = True

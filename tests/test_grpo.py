@@ -1,16 +1,26 @@
 """Multi-objective GRPO (``trainer: mo_grpo``): TRL's own GRPOTrainer as the oracle of the
 scalarised mode, the per-objective mode against the scalarised one, the α-conditioned policy's
-per-row α, rewards from scorers / ARMs / PARMs, bad input."""
+per-row α, rewards from scorers / ARMs / PARMs, bad input, two processes (DDP, ZeRO-2) against
+one, and a killed run's resume."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from align.adapters import PBLoraConfig, set_preference
@@ -387,3 +397,190 @@ def test_tchebycheff_scalarisation_scores_each_completion_by_its_worst_weighted_
     assert scores == pytest.approx((0.5 * z).min(dim=1).values.tolist())
     assert scores[2] > scores[0] == scores[1] == scores[3]
     assert logged(trainer, "loss")
+
+
+# ------------------------------------------------------------------- processes and resume
+REPO = Path(__file__).resolve().parents[1]
+RUN_SCRIPT = REPO / "tests" / "distributed" / "grpo_run.py"
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+        # The recipes' python: rewards (vowels, shortness) live beside the launch script.
+        "PYTHONPATH": str(RUN_SCRIPT.parent),
+    }
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tiny_lm):
+    model, tokenizer = tiny_lm
+    path = tmp_path / "tiny-model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory, tiny_lm):
+    """The linear and MGDA runs on one process with the whole batch (the reference)."""
+    folder = tmp_path_factory.mktemp("grpo-one")
+    model, tokenizer = tiny_lm
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    out = folder / "one.pt"
+    command = [sys.executable, str(RUN_SCRIPT), str(folder / "model"), str(out), "--batch", "8"]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "model", torch.load(out)
+
+
+@pytest.mark.parametrize("config", ["cpu_2proc.yaml", "deepspeed_zero2_cpu.yaml"])
+def test_two_processes_give_the_one_process_update_on_the_same_global_batch(
+    tmp_path, one_process_runs, config
+):
+    """Scalarised (linear) and per-objective MGDA (the Gram of the all-reduced gradients; ZeRO-2:
+    of the shards' Grams) after two steps of 2 × 4 completions equal one process's 8."""
+    model_dir, reference = one_process_runs
+    out = tmp_path / "two.pt"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / config),
+        str(RUN_SCRIPT),
+        str(model_dir),
+        str(out),
+        "--batch",
+        "4",
+    ]
+    env = _env()
+    if "deepspeed" not in config:
+        env["ACCELERATE_USE_CPU"] = "1"  # else `accelerate launch` starts one process
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = torch.load(out)
+    assert got["world_size"] == 2
+    assert got["distributed_type"].endswith("DEEPSPEED" if "deepspeed" in config else "MULTI_CPU")
+    initial = {
+        n: p.detach()
+        for n, p in get_peft_model(
+            AutoModelForCausalLM.from_pretrained(model_dir),
+            LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        ).named_parameters()
+        if p.requires_grad
+    }
+    for run in ("linear", "mgda"):
+        expected, have = reference["runs"][run], got["runs"][run]
+        assert expected.keys() == have.keys()
+        moved = max(
+            float((expected[n] - initial[n]).abs().max()) for n in expected if "lora_B" in n
+        )
+        assert moved > 1e-3, "the steps must move the adapter for the comparison to mean much"
+        for name in expected:
+            torch.testing.assert_close(have[name], expected[name], rtol=1e-4, atol=2e-5)
+    linear, mgda = reference["runs"]["linear"], reference["runs"]["mgda"]
+    assert max(float((linear[n] - mgda[n]).abs().max()) for n in linear) > 1e-4
+
+
+def _write_recipe(tmp_path: Path, model_dir: Path, **args) -> Path:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"How was day {i}?"}) + "\n" for i in range(12)))
+    recipe = {
+        "trainer": "mo_grpo",
+        "model": str(model_dir),
+        "data": {"path": str(data)},
+        "args": {
+            "output_dir": str(tmp_path / "run"),
+            "rewards": {"vowels": "python:grpo_run:vowels", "short": "python:grpo_run:shortness"},
+            "policy_adapter": "pblora",
+            "adapter_rank": 2,
+            "preference_rank": 2,
+            "target_modules": ["q_proj", "v_proj"],
+            "per_device_train_batch_size": 8,
+            "num_generations": 4,
+            "max_completion_length": 8,
+            "learning_rate": 5e-3,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 1,
+            "activation_checkpointing": False,
+            "use_cpu": True,
+            "bf16": False,
+            "report_to": "none",
+            "seed": 1,
+            **args,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))  # rewards in α order
+    return path
+
+
+def _train(recipe: Path, *overrides: str) -> list[str]:
+    command = [sys.executable, "-m", "align.train", str(recipe)]
+    for item in overrides:
+        command += ["--set", item]
+    return command
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_runs_adapter(tmp_path, tiny_model_dir):
+    """α per group, sampling and the adapter all resume: a PBLoRA policy killed after its
+    step-4 checkpoint ends, resumed, where the uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    recipe = _write_recipe(tmp_path, tiny_model_dir, max_steps=6, save_steps=2)
+    uninterrupted = tmp_path / "uninterrupted"
+    subprocess.run(
+        _train(recipe, f"args.output_dir={uninterrupted}"),
+        check=True,
+        env=_env(),
+        capture_output=True,
+        timeout=600,
+    )
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _train(recipe, f"args.output_dir={killed}"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while not (killed / "checkpoint-4").exists() and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(
+        _train(recipe, f"args.output_dir={killed}"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    expected = load_file(uninterrupted / "final" / "adapter_model.safetensors")
+    got = load_file(killed / "final" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    info = json.loads((killed / "final" / "align_training.json").read_text())
+    assert info["objectives"] == ["vowels", "short"] and info["conditioned"]
+    # The adapter answers any α afterwards: loaded by PEFT, steered per row.
+    from peft import PeftModel
+
+    import align.adapters  # noqa: F401
+
+    policy = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), killed / "final"
+    ).eval()
+    ids = torch.randint(3, 200, (2, 6))
+    with torch.no_grad():
+        rows = policy(ids, pref=torch.tensor([[1.0, 0.0], [0.0, 1.0]])).logits
+    assert not torch.allclose(rows[0], rows[1])

@@ -584,3 +584,101 @@ def test_a_killed_run_resumes_to_the_uninterrupted_runs_adapter(tmp_path, tiny_m
     with torch.no_grad():
         rows = policy(ids, pref=torch.tensor([[1.0, 0.0], [0.0, 1.0]])).logits
     assert not torch.allclose(rows[0], rows[1])
+
+
+def test_runs_trained_at_one_fixed_alpha_are_a_sweep_route(tmp_path):
+    """``kind: merged`` with ``checkpoints:`` takes policies trained per α (their training
+    record's α), and says so when a folder records none."""
+    from align.rewards.arm import TRAINING_INFO
+    from align.sweep.routes import MergedRoute
+
+    folders = []
+    for weights in ([1.0, 0.0], [0.5, 0.5], [0.0, 1.0]):
+        folder = tmp_path / f"run-{weights[0]}"
+        folder.mkdir()
+        record = {
+            "objectives": ["positive", "brief"],
+            "preference": dict(zip(["positive", "brief"], weights)),
+        }
+        (folder / TRAINING_INFO).write_text(json.dumps(record))
+        folders.append(str(folder))
+    route = MergedRoute("per α", ["positive", "brief"], {}, checkpoints=folders)
+    assert sorted(route.by_alpha) == [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
+    assert route.by_alpha[(0.5, 0.5)] == folders[1]
+    (Path(folders[0]) / TRAINING_INFO).write_text(json.dumps({"objectives": ["positive", "brief"]}))
+    with pytest.raises(ValueError, match="has no align_merge.json and no fixed α"):
+        MergedRoute("per α", ["positive", "brief"], {}, checkpoints=folders)
+
+
+def _random_parm(model, folder: Path, objectives=("vowels", "short")) -> Path:
+    torch.manual_seed(0)
+    parm = get_peft_model(
+        copy.deepcopy(model),
+        PBLoraConfig(objectives=list(objectives), r1=2, r2=2, target_modules=["q_proj"]),
+    )
+    for layer in parm.base_model.preference_layers():  # B starts at 0: make the adapter act
+        for weight in layer._output_factor.values():
+            torch.nn.init.normal_(weight.weight, std=0.5)
+    parm.eval().save_pretrained(folder)
+    return folder
+
+
+def test_a_parm_as_one_combined_reward_scores_each_row_at_its_own_alpha(tmp_path, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    parm = _random_parm(model, tmp_path / "parm")
+    args = MOGRPOConfig(
+        output_dir=str(tmp_path / "c"),
+        combined_reward=f"parm:{parm}",
+        policy_adapter="pblora",
+        adapter_rank=2,
+        preference_rank=2,
+        **{**COMMON, "max_steps": 1},
+    )
+    trainer = MOGRPOTrainer(
+        model, None, args=args, train_dataset=prompts(), processing_class=tokenizer
+    )
+    assert trainer.objectives == ("vowels", "short")  # the PARM's
+    calls = []
+    original = trainer.combined.parm.scores
+
+    def spy(questions, answers, pref=None):
+        values = original(questions, answers, pref=pref)
+        calls.append((pref.clone(), values))
+        return values
+
+    trainer.combined.parm.scores = spy
+    trainer.train()
+    (pref, values), *_ = calls
+    assert pref.shape == (8, 2) and not torch.equal(pref[0], pref[4])  # each group its own α
+    assert logged(trainer, "rewards/combined/mean")[0] == pytest.approx(
+        values.mean().item(), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="objective names disagree"):
+        MOGRPOTrainer(
+            model,
+            None,
+            args=MOGRPOConfig(
+                output_dir=str(tmp_path / "d"),
+                combined_reward=f"parm:{parm}",
+                objectives=["helpful", "harmless"],
+                **COMMON,
+            ),
+            train_dataset=prompts(),
+            processing_class=tokenizer,
+        )
+    with pytest.raises(ValueError, match="needs mode: scalarized"):
+        MOGRPOTrainer(
+            model,
+            None,
+            args=MOGRPOConfig(
+                output_dir=str(tmp_path / "e"),
+                combined_reward=f"parm:{parm}",
+                mode="per_objective",
+                **COMMON,
+            ),
+            train_dataset=prompts(),
+            processing_class=tokenizer,
+        )

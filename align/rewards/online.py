@@ -233,6 +233,33 @@ class _PARMVertices:
         return self._cached[1][objective]
 
 
+class CombinedPARMReward:
+    """One PARM as one reward, scored at each completion's own α (the trainer's rows): the
+    reward of the trade-off the row was generated for, ``r(x, y; α)``. ``trainer`` is set by
+    :class:`~align.trainers.grpo.MOGRPOTrainer`, whose rows' α it reads."""
+
+    __name__ = "combined"
+
+    def __init__(self, spec: str, base: str | None = None) -> None:
+        kind, _, folder = spec.partition(":")
+        if kind != "parm" or not folder:
+            raise ValueError(f"combined_reward must be parm:PATH (a PARM adapter), got {spec!r}")
+        self.parm = LanguageModelReward(folder, base)
+        self.source = spec
+        self.trainer: Any = None
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return self.parm.objectives
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any):
+        rows = getattr(self.trainer, "_row_preference", None)
+        if rows is None or len(rows) != len(prompts):
+            raise RuntimeError("the combined PARM reward scores rows of a MOGRPOTrainer batch")
+        texts = [text_of(p) for p in prompts], [text_of(c) for c in completions]
+        return self.parm.scores(*texts, pref=rows.to(torch.float64)).tolist()
+
+
 def objective_rewards(
     objectives: Sequence[str],
     specs: Mapping[str, RewardSpec] | Sequence[RewardSpec],

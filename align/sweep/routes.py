@@ -497,8 +497,10 @@ class PolicyRoute(Route):
 
 @register_route("merged")
 class MergedRoute(Route):
-    """One checkpoint or LoRA adapter per α: a folder written by ``align merge`` with a sweep
-    (each subfolder records its α in ``align_merge.json``), or ``checkpoints: [folder, ...]``."""
+    """One checkpoint or adapter per α: a folder written by ``align merge`` with a sweep (each
+    subfolder records its α in ``align_merge.json``), or ``checkpoints: [folder, ...]`` — merged
+    checkpoints, or policies trained at one fixed α (``mo_grpo`` with ``preference:``: their
+    ``align_training.json`` records it)."""
 
     def __init__(self, name, objectives, generation, path: str | None = None, checkpoints=None):
         super().__init__(name, objectives, generation)
@@ -513,13 +515,23 @@ class MergedRoute(Route):
             raise ValueError(f"route {name!r}: no merged checkpoints ({MERGE_INFO}) in {path}")
         self.by_alpha: dict[tuple[float, ...], str] = {}
         for folder in folders:
-            info_file = folder / MERGE_INFO
-            if not info_file.is_file():
-                raise ValueError(f"route {name!r}: {folder} has no {MERGE_INFO}")
-            info = json.loads(info_file.read_text())
-            preference = Preference.from_dict(info["preference"], self.objectives)
+            preference = self._recorded_preference(name, folder)
             key = tuple(round(float(w), 6) for w in preference.weights.tolist())
             self.by_alpha[key] = str(folder)
+
+    def _recorded_preference(self, name: str, folder: Path) -> Preference:
+        from align.rewards.arm import TRAINING_INFO
+
+        info_file, trained = folder / MERGE_INFO, folder / TRAINING_INFO
+        if info_file.is_file():
+            preference = json.loads(info_file.read_text())["preference"]
+        elif trained.is_file() and json.loads(trained.read_text()).get("preference"):
+            preference = json.loads(trained.read_text())["preference"]
+        else:
+            raise ValueError(
+                f"route {name!r}: {folder} has no {MERGE_INFO} and no fixed α in {TRAINING_INFO}"
+            )
+        return Preference.from_dict(preference, self.objectives)
 
     def alphas(self, grid: np.ndarray) -> np.ndarray:
         return np.array(sorted(self.by_alpha), dtype=np.float64)
@@ -608,6 +620,8 @@ class MergedRoute(Route):
     def interpolated_sources(self, base: str) -> dict[str, str] | None:
         """The input adapters, in objective order, when every α's folder is their exact LoRA
         interpolation and they are unchanged since (content digests); else None."""
+        if not all((Path(f) / MERGE_INFO).is_file() for f in self.sources()):
+            return None  # policies trained per α: nothing to interpolate
         records = [json.loads((Path(f) / MERGE_INFO).read_text()) for f in self.sources()]
         first = records[0]
         models = first.get("models") or {}

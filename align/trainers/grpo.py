@@ -76,6 +76,14 @@ class MOGRPOConfig(GRPOConfig):
             "objective's vertex)."
         },
     )
+    combined_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "parm:PATH — one PARM scored at each completion's own α as the one reward "
+            "the advantage comes from (scalarized mode); `rewards`, if given, are then only "
+            "logged. The objectives are the PARM's."
+        },
+    )
     preference: Any = field(
         default=None,
         metadata={
@@ -300,31 +308,59 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         if args is None:
             raise ValueError("MOGRPOTrainer needs args=MOGRPOConfig(...)")
         specs = reward_funcs if reward_funcs is not None else args.rewards
-        if not specs:
+        base = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
+        combined = None
+        if args.combined_reward is not None:
+            from align.rewards.online import CombinedPARMReward
+
+            if args.mode != "scalarized":
+                raise ValueError(
+                    "combined_reward is one reward already weighted by α: it needs mode: "
+                    "scalarized (per-objective losses need one reward per objective)"
+                )
+            combined = CombinedPARMReward(args.combined_reward, base or None)
+        if not specs and combined is None:
             raise ValueError(
                 "mo_grpo needs one reward per objective: `rewards: {objective: spec}` in the "
-                "recipe's args (a scorer name, reward-model:PATH, arm:PATH or parm:PATH)"
+                "recipe's args (a scorer name, reward-model:PATH, arm:PATH or parm:PATH), or "
+                "`combined_reward: parm:PATH`"
             )
         objectives = args.objectives or (list(specs) if isinstance(specs, Mapping) else None)
+        if objectives is None and combined is not None:
+            objectives = list(combined.objectives)
         if objectives is None:
             raise ValueError("rewards given as a list need `objectives` (their names, in order)")
         self.objectives = tuple(check_objectives(objectives))
+        if combined is not None:
+            from align.preference import require_same_objectives
+
+            require_same_objectives(
+                combined.objectives, self.objectives, f"the PARM {args.combined_reward}", "mo_grpo"
+            )
         self.fixed_preference = (
             None
             if args.preference is None
             else Preference.coerce(args.preference, self.objectives).weights.float()
         )
-        base = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
-        functions = objective_rewards(
-            self.objectives,
-            specs,
-            base=base or None,
-            tokenizer=processing_class,
-            max_new_tokens=args.max_completion_length,
+        functions = (
+            objective_rewards(
+                self.objectives,
+                specs,
+                base=base or None,
+                tokenizer=processing_class,
+                max_new_tokens=args.max_completion_length,
+            )
+            if specs
+            else []
         )
         self.reward_sources = {
             name: getattr(f, "source", repr(f)) for name, f in zip(self.objectives, functions)
         }
+        self.combined = combined
+        if combined is not None:
+            combined.trainer = self
+            self.reward_sources["combined"] = args.combined_reward
+            functions = [*functions, combined]
         plain = peft_config is None and not isinstance(model, PeftModel)
         if plain and args.policy_adapter != "none":
             peft_config = _policy_adapter_config(args, self.objectives, model)
@@ -441,6 +477,15 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         finally:
             self._row_preference = None
         rewards = self._last_rewards.float().cpu()
+        if self.combined is not None:
+            # The PARM already weighed the objectives at each row's α: its one reward is
+            # normalised in its group like TRL's combined reward; the others are only logged.
+            advantages = group_normalize(rewards[:, -1], generations, self.scale_rewards)
+            device = output["advantages"].device
+            output["advantages"] = advantages[rank * local : (rank + 1) * local].to(device)
+            output["preference"] = mine.to(device)
+            self._log_preferences(mode, rewards[:, :-1], alpha, advantages)
+            return output
         parts = objective_advantages(
             rewards,
             alpha,
@@ -467,10 +512,11 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
 
     def _log_preferences(self, mode, rewards, alpha, advantages) -> None:
         metrics = self._metrics[mode]
-        weighted = torch.nansum(rewards * alpha, dim=1)
-        weighted[torch.isnan(rewards).all(dim=1)] = torch.nan
-        # TRL logged its static-weight sum; the reward of a completion is α·r at its own α.
-        if metrics.get("reward"):
+        # TRL logged its static-weight sum; the reward of a completion is α·r at its own α
+        # (with a combined PARM reward and no objective rewards, TRL's: the PARM's).
+        if metrics.get("reward") and rewards.shape[1] == alpha.shape[1]:
+            weighted = torch.nansum(rewards * alpha, dim=1)
+            weighted[torch.isnan(rewards).all(dim=1)] = torch.nan
             metrics["reward"][-1] = torch.nanmean(weighted).item()
             metrics["reward_std"][-1] = nanstd(weighted).item()
         for index, name in enumerate(self.objectives):
@@ -590,6 +636,7 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             else dict(zip(self.objectives, self.fixed_preference.tolist())),
             "preference_concentration": self.args.preference_concentration,
             "conditioned": self.conditioned,
+            "combined_reward": self.args.combined_reward,
         }
 
 

@@ -682,3 +682,48 @@ def test_a_parm_as_one_combined_reward_scores_each_row_at_its_own_alpha(tmp_path
             train_dataset=prompts(),
             processing_class=tokenizer,
         )
+
+
+@pytest.mark.parametrize(
+    "name, objectives",
+    [
+        ("mo_grpo_cpu.yaml", ["positive", "brief"]),
+        ("mo_grpo_pku_saferlhf.yaml", ["helpful", "harmless"]),
+    ],
+)
+def test_the_shipped_recipes_are_valid_configs(name, objectives):
+    from align.config import build_training_args
+    from align.train import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / name, ["args.use_vllm=false", "args.bf16=false"])
+    args = build_training_args(MOGRPOConfig, recipe["args"], "recipe 'args'", "args.{}")
+    assert list(args.rewards) == objectives  # in α order
+
+
+def test_the_cpu_recipe_trains_the_embedded_model(tmp_path):
+    """One step of recipes/mo_grpo_cpu.yaml on the embedded SmolLM2 (real scorers as rewards):
+    an α-conditioned PBLoRA policy, written with its training record and held-out prompts."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "align.train",
+        str(REPO / "recipes" / "mo_grpo_cpu.yaml"),
+        "--set",
+        f"args.output_dir={out}",
+        "--set",
+        "args.max_steps=1",
+        "--set",
+        "args.max_completion_length=12",
+        "--set",
+        "data.test_size=4",
+    ]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "final" / "align_training.json").read_text())
+    assert info["rewards"] == {"positive": "positivity", "brief": "brevity ['max_tokens']"}
+    assert info["conditioned"] and info["objectives"] == ["positive", "brief"]
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PBLORA" and config["objectives"] == ["positive", "brief"]
+    held_out = (out / "held_out_prompts.jsonl").read_text().splitlines()
+    assert len(held_out) == 4

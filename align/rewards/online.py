@@ -362,6 +362,7 @@ def _scorer_reward(
 
     options = dict(spec)
     scorer_name = options.pop("name", None)
+    options.pop("bounds", None)  # a report's scale (sweep configs' scorer entries), not a reward's
     if not isinstance(scorer_name, str):
         raise ValueError(f"reward of {objective!r}: a mapping needs 'name' (a scorer), got {spec}")
     if scorer_name == "brevity":

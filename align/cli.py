@@ -116,6 +116,17 @@ def demo(
         bool, typer.Option("--with-dpo", help="Also train and sweep an SVD-LoRA DPO policy.")
     ] = False,
     dpo_steps: Annotated[int, typer.Option(min=1, help="DPO policy training steps.")] = 30,
+    with_rl: Annotated[
+        bool,
+        typer.Option(
+            "--with-rl",
+            help="Also train (GRPO against the objectives' scorers) and sweep one α-conditioned "
+            "PBLoRA policy: about 30 minutes more on 2 CPU cores.",
+        ),
+    ] = False,
+    rl_steps: Annotated[
+        int, typer.Option(min=1, help="GRPO steps of the --with-rl policy (8 completions each).")
+    ] = DemoConfig.rl_steps,
     soup: Annotated[
         bool, typer.Option("--soup/--no-soup", help="Sweep rewarded soups of the two ARMs.")
     ] = True,
@@ -167,6 +178,8 @@ def demo(
         arm_steps=arm_steps,
         dpo_steps=dpo_steps,
         with_dpo=with_dpo,
+        rl_steps=rl_steps,
+        with_rl=with_rl,
         soup=soup,
         eval_prompts=eval_prompts,
         grid=grid,

@@ -29,6 +29,37 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
+def test_the_demo_with_rl_trains_and_sweeps_an_online_policy(tmp_path, tiny_folder):
+    """``align demo --with-rl``: a PBLoRA policy trained by mo_grpo against the objectives'
+    scorers on the dataset's prompts, swept at every α as a route of its own."""
+    from align.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        model=str(tiny_folder),
+        output=str(tmp_path / "demo"),
+        data=str(DATA / "positive_brief_small.jsonl"),
+        parm_steps=1,
+        arm_steps=1,
+        soup=False,
+        with_rl=True,
+        rl_steps=1,
+        eval_prompts=2,
+        grid=2,
+        max_new_tokens=4,
+        batch_size=2,
+        overrides=("args.save_steps=1",),
+    )
+    report = run_demo(config, log=lambda *_: None)
+    assert "MO-GRPO policy" in report["routes"]
+    assert np.asarray(report["routes"]["MO-GRPO policy"]["means"]).shape == (3, 2)
+    info = json.loads(
+        (tmp_path / "demo" / "rl-policy" / "final" / "align_training.json").read_text()
+    )
+    assert info["trainer"] == "MOGRPOTrainer" and info["conditioned"]
+    assert info["rewards"]["positive"] == "positivity"
+    assert "train RL policy" in report["timings"]
+
+
 def test_a_miniature_demo_builds_data_trains_merges_sweeps_and_reports(tmp_path, tiny_folder):
     from align.demo import DemoConfig, run_demo
 

@@ -108,6 +108,18 @@ def sequence_log_probs(
     return total / mask.sum(dim=1).clamp(min=1) if average else total
 
 
+def prompt_cache(model: Any, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor) -> Any:
+    """The KV cache of left-padded prompts (each less its last token, which starts its
+    continuation): read once, then shared by every response of that prompt."""
+    return model(
+        input_ids=prefix_ids,
+        attention_mask=prefix_mask,
+        position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    ).cache
+
+
 def reward_settings(adapter: str | os.PathLike) -> dict[str, Any]:
     """How the ARM / PARM in ``adapter`` scored responses when it was trained, read from its
     training record (``align_training.json``), as :func:`arm_rewards` keyword arguments:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from align.rewards.arm import reward_settings, tokenize_prompt, tokenize_response
+from align.rewards.arm import prompt_cache, reward_settings, tokenize_prompt, tokenize_response
 
 RewardSpec = str | Callable[..., Sequence[float | None]]
 
@@ -139,13 +139,7 @@ def prompt_shared_log_probs(
         if pref is not None:
             first = [members[0] for _, members in chunk]
             set_preference(model, pref[first])
-        cache = model(
-            input_ids=prefix,
-            attention_mask=prefix_mask,
-            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
-            use_cache=True,
-            logits_to_keep=1,
-        ).cache
+        cache = prompt_cache(model, prefix, prefix_mask)
         shared = DynamicCache()
         index = owner.to(device)
         for layer_index, layer in enumerate(cache.layers):

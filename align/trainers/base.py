@@ -29,6 +29,7 @@ from trl import DPOConfig, DPOTrainer
 from align.data.schema import TIE
 from align.mograd.engine import MultiObjectiveEngine
 from align.preference import Preference, check_objectives, sample_preferences
+from align.rewards.arm import prompt_cache
 from align.trainers.checkpoints import (  # noqa: F401  (re-exported: the tests' names)
     MOGRAD_SHARD_STATE,
     MOGRAD_STATE,
@@ -40,22 +41,16 @@ from align.trainers.data import (
     select_objectives,
     tokenize_preference_dataset,
 )
-from align.trainers.options import keep_checkpointing_default
+from align.trainers.options import KeepsCheckpointingDefault
 
 
 @dataclass
-class MultiObjectivePreferenceConfig(DPOConfig):
+class MultiObjectivePreferenceConfig(KeepsCheckpointingDefault, DPOConfig):
     """Fields every align preference trainer adds to TRL's ``DPOConfig``."""
 
     objectives: list[str] | None = field(
         default=None,
         metadata={"help": "Objectives to train on, in α order; default: all of the dataset's."},
-    )
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={
-            "help": "The former name of activation_checkpointing (on by default, as in TRL)."
-        },
     )
     betas: dict[str, float] | None = field(
         default=None,
@@ -147,7 +142,6 @@ class MultiObjectivePreferenceConfig(DPOConfig):
     )
 
     def __post_init__(self) -> None:
-        keep_checkpointing_default(self)
         super().__post_init__()
         if self.objectives is not None:
             self.objectives = list(check_objectives(self.objectives))
@@ -361,13 +355,7 @@ class MultiObjectivePreferenceTrainer(AtomicCheckpoints, DPOTrainer):
 
         prefix, prefix_mask = inputs["prefix_ids"], inputs["prefix_mask"]
         with self._pair_rows(model, prefix.shape[0]):
-            cache = model(
-                input_ids=prefix,
-                attention_mask=prefix_mask,
-                position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True,
-                logits_to_keep=1,
-            ).cache
+            cache = prompt_cache(model, prefix, prefix_mask)
         shared = DynamicCache()
         for index, layer in enumerate(cache.layers):
             shared.update(layer.keys.repeat(2, 1, 1, 1), layer.values.repeat(2, 1, 1, 1), index)

@@ -44,7 +44,7 @@ from trl.trainer.utils import nanstd
 
 from align.preference import Preference, check_objectives, sample_preferences
 from align.trainers.checkpoints import AtomicCheckpoints
-from align.trainers.options import keep_checkpointing_default
+from align.trainers.options import KeepsCheckpointingDefault
 from align.trainers.registry import register_trainer
 
 MODES = ("scalarized", "per_objective")
@@ -55,18 +55,12 @@ _EPS = 1e-4  # TRL's
 
 
 @dataclass
-class MOGRPOConfig(GRPOConfig):
+class MOGRPOConfig(KeepsCheckpointingDefault, GRPOConfig):
     """TRL's ``GRPOConfig`` plus what multi-objective RL needs (α, rewards, mode, adapter)."""
 
     objectives: list[str] | None = field(
         default=None,
         metadata={"help": "Objective names in α order; default: the rewards' keys, in order."},
-    )
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={
-            "help": "The former name of activation_checkpointing (on by default, as in TRL)."
-        },
     )
     rewards: dict[str, Any] | None = field(
         default=None,
@@ -146,7 +140,6 @@ class MOGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
-        keep_checkpointing_default(self)
         super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")

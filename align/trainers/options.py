@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -16,3 +17,20 @@ def keep_checkpointing_default(config: Any) -> None:
             config.activation_checkpointing = True
     elif config.gradient_checkpointing is None:  # transformers before the rename
         config.gradient_checkpointing = True
+
+
+@dataclass
+class KeepsCheckpointingDefault:
+    """Config mixin (before the TRL config in the bases): the old checkpointing name declared
+    ``None`` by default and resolved by :func:`keep_checkpointing_default`."""
+
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "The former name of activation_checkpointing (on by default, as in TRL)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        keep_checkpointing_default(self)
+        super().__post_init__()

@@ -244,7 +244,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if debug_requested(options.debug):
             raise
         sys.exit(f"error: {describe(error)}")
+    finally:
+        _leave_process_group()
     print(f"adapter saved to {final}")
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group a launch made: left to interpreter exit, gloo's threads can
+    abort the process ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -397,6 +397,18 @@ def test_tchebycheff_scalarisation_scores_each_completion_by_its_worst_weighted_
     assert scores == pytest.approx((0.5 * z).min(dim=1).values.tolist())
     assert scores[2] > scores[0] == scores[1] == scores[3]
     assert logged(trainer, "loss")
+    # Smooth Tchebycheff: a soft minimum, so one bad objective is better than two.
+    smooth = run_align(
+        policy,
+        tokenizer,
+        tmp_path,
+        "stch",
+        scalarization="smooth_tchebycheff",
+        preference=[0.5, 0.5],
+    )
+    soft = [float(-smooth.scalarizer(-z[i], torch.tensor([0.5, 0.5]))) for i in range(4)]
+    assert soft[2] > soft[0] > soft[3]
+    assert soft[0] == pytest.approx(soft[1])
 
 
 # ------------------------------------------------------------------- processes and resume

@@ -388,6 +388,16 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
                     "a preference-adapter policy generates with α set per row, which vLLM's "
                     "engine cannot do: set use_vllm: false (or train a LoRA policy per α)"
                 )
+        if not self.conditioned and self.fixed_preference is None:
+            import warnings
+
+            warnings.warn(
+                "the policy has no preference adapter, so it cannot see the α drawn per prompt "
+                "group: it learns one trade-off, averaged over Dirichlet draws (random "
+                "weighting); set `preference` for a fixed α, or policy_adapter: svdlora / pblora "
+                "for one policy for every α",
+                stacklevel=2,
+            )
         self.scalarizer = None
         if args.mode == "scalarized" and args.scalarization != "linear":
             from align.mograd.registry import get_aggregator

@@ -340,6 +340,18 @@ def test_arm_and_parm_folders_serve_as_rewards(tmp_path, tiny_lm):
     assert values[0] != values[1]
     (arm,) = objective_rewards(["vowels"], [f"arm:{tmp_path / 'arm'}"], base=str(base))
     assert len(arm(prompts=questions, completions=answers)) == 2
+    # A sequence-classification reward model: its score, on the trainer's device.
+    from align.scorers import get_scorer
+    from align.testing import tiny_reward_model
+
+    classifier, classifier_tokenizer = tiny_reward_model()
+    classifier.save_pretrained(tmp_path / "rm")
+    classifier_tokenizer.save_pretrained(tmp_path / "rm")
+    (rm,) = objective_rewards(
+        ["vowels"], {"vowels": f"reward-model:{tmp_path / 'rm'}"}, device="cpu"
+    )
+    expected = get_scorer(f"reward-model:{tmp_path / 'rm'}").score(questions, answers)
+    assert rm(prompts=questions, completions=answers) == pytest.approx(expected.tolist(), rel=1e-5)
     with pytest.raises(
         ValueError, match=re.escape("has objectives ['vowels', 'short'], not 'helpful'")
     ):

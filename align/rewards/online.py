@@ -169,14 +169,17 @@ def prompt_shared_log_probs(
 class LanguageModelReward:
     """An ARM or PARM adapter folder as a reward source (loaded once, frozen)."""
 
-    def __init__(self, folder: str, base: str | None = None, batch_size: int = 16) -> None:
+    def __init__(
+        self, folder: str, base: str | None = None, batch_size: int = 16, device: Any = None
+    ) -> None:
         from align.decoding.loading import load_guide
 
         path = Path(folder).expanduser()
         if not (path / "adapter_config.json").is_file():
             raise ValueError(f"{folder} is not an adapter folder (no adapter_config.json)")
         self.folder = str(path)
-        self.model, self.tokenizer = load_guide(self.folder, base)
+        options = {} if device is None else {"device": str(device)}
+        self.model, self.tokenizer = load_guide(self.folder, base, **options)
         self.model.eval().requires_grad_(False)
         self.settings = reward_settings(path)
         self.batch_size = batch_size
@@ -234,11 +237,11 @@ class CombinedPARMReward:
 
     __name__ = "combined"
 
-    def __init__(self, spec: str, base: str | None = None) -> None:
+    def __init__(self, spec: str, base: str | None = None, device: Any = None) -> None:
         kind, _, folder = spec.partition(":")
         if kind != "parm" or not folder:
             raise ValueError(f"combined_reward must be parm:PATH (a PARM adapter), got {spec!r}")
-        self.parm = LanguageModelReward(folder, base)
+        self.parm = LanguageModelReward(folder, base, device=device)
         self.source = spec
         self.trainer: Any = None
 
@@ -261,13 +264,15 @@ def objective_rewards(
     base: str | None = None,
     tokenizer: Any = None,
     max_new_tokens: int | None = None,
+    device: Any = None,
 ) -> list[Callable[..., list[float | None]]]:
     """One TRL reward function per objective, in ``objectives`` order.
 
     ``specs``: a mapping objective → spec (its keys must be exactly the objectives), or a list
     of specs in objective order. ``base``: the model an adapter folder that names no base was
     trained on (the policy's); ``tokenizer`` / ``max_new_tokens``: what ``brevity`` counts with
-    and against. Bad specs raise ``ValueError`` naming the objective.
+    and against; ``device``: where reward models run (default: where they load, the CPU).
+    Bad specs raise ``ValueError`` naming the objective.
     """
     from align.preference import check_objectives
 
@@ -306,7 +311,7 @@ def objective_rewards(
             functions.append(_Renamed(spec, name))
             continue
         if isinstance(spec, Mapping):
-            functions.append(_scorer_reward(name, spec, tokenizer, max_new_tokens))
+            functions.append(_scorer_reward(name, spec, tokenizer, max_new_tokens, device))
             continue
         if not isinstance(spec, str) or not spec:
             raise ValueError(
@@ -319,7 +324,7 @@ def objective_rewards(
                     f"reward of {name!r}: {kind}: needs an adapter folder ({kind}:PATH)"
                 )
             if argument not in models:
-                models[argument] = LanguageModelReward(argument, base)
+                models[argument] = LanguageModelReward(argument, base, device=device)
             model = models[argument]
             if kind == "arm":
                 functions.append(
@@ -345,12 +350,16 @@ def objective_rewards(
         if kind == "python":
             functions.append(_Renamed(_import_function(name, argument), name))
             continue
-        functions.append(_scorer_reward(name, {"name": spec}, tokenizer, max_new_tokens))
+        functions.append(_scorer_reward(name, {"name": spec}, tokenizer, max_new_tokens, device))
     return functions
 
 
 def _scorer_reward(
-    objective: str, spec: Mapping[str, Any], tokenizer: Any, max_new_tokens: int | None
+    objective: str,
+    spec: Mapping[str, Any],
+    tokenizer: Any,
+    max_new_tokens: int | None,
+    device: Any = None,
 ) -> ObjectiveReward:
     from align.scorers import get_scorer
 
@@ -363,11 +372,14 @@ def _scorer_reward(
         options.setdefault("tokenizer", tokenizer)
         if max_new_tokens:
             options.setdefault("max_tokens", max_new_tokens)
+    if scorer_name.partition(":")[0] == "reward-model" and device is not None:
+        options.setdefault("device", str(device))
     try:
         scorer = get_scorer(scorer_name, **options)
     except (ValueError, TypeError) as error:
         raise ValueError(f"reward of {objective!r}: {error}") from error
-    source = scorer_name if not options else f"{scorer_name} {sorted(set(options) - {'tokenizer'})}"
+    shown = sorted(set(options) - {"tokenizer", "device"})
+    source = f"{scorer_name} {shown}" if shown else scorer_name
     return ObjectiveReward(objective, lambda p, r, s=scorer: s.score(p, r).tolist(), source)
 
 

@@ -311,7 +311,7 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
                     "combined_reward is one reward already weighted by α: it needs mode: "
                     "scalarized (per-objective losses need one reward per objective)"
                 )
-            combined = CombinedPARMReward(args.combined_reward, base or None)
+            combined = CombinedPARMReward(args.combined_reward, base or None, device=args.device)
         if not specs and combined is None:
             raise ValueError(
                 "mo_grpo needs one reward per objective: `rewards: {objective: spec}` in the "
@@ -342,6 +342,7 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
                 base=base or None,
                 tokenizer=processing_class,
                 max_new_tokens=args.max_completion_length,
+                device=args.device,
             )
             if specs
             else []

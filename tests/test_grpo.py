@@ -28,6 +28,11 @@ from align.preference import Preference
 from align.rewards.online import objective_rewards, prompt_shared_log_probs
 from align.trainers.grpo import MOGRPOConfig, MOGRPOTrainer, objective_advantages
 
+# The rewards the tiny random model's completions differ on (vowel share, shortness), shared
+# with the launch script of the multi-process tests (and its recipes' python: rewards).
+sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+from grpo_run import shortness, vowels  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 QUESTIONS = ["How was the trip?", "Did you like the film?", "How was dinner?", "What about it?"]
@@ -45,17 +50,6 @@ COMMON = dict(
     save_strategy="no",
     seed=3,
 )
-
-
-def vowels(prompts, completions, **kwargs):
-    """A reward the tiny random model's completions differ on: the share of vowels."""
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(ch in "aeiou" for ch in t) / max(1, len(t)) for t in texts]
-
-
-def shortness(prompts, completions, **kwargs):
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [-len(t) / 40 for t in texts]
 
 
 def prompts(n: int = 16) -> Dataset:

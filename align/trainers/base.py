@@ -41,7 +41,7 @@ from align.trainers.data import (
     select_objectives,
     tokenize_preference_dataset,
 )
-from align.trainers.options import KeepsCheckpointingDefault
+from align.trainers.options import KeepsCheckpointingDefault, add_aggregator_parameters
 
 
 @dataclass
@@ -513,13 +513,7 @@ class MultiObjectivePreferenceTrainer(AtomicCheckpoints, DPOTrainer):
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         """TRL's optimizer, plus the aggregator's own parameters when it learns some
         (uncertainty weighting's log-variances), without weight decay."""
-        optimizer = super().create_optimizer(*args, **kwargs)
-        extra = [p for p in self.engine.aggregator.parameters() if p.requires_grad]
-        if extra and not any(
-            p is q for group in optimizer.param_groups for p in group["params"] for q in extra
-        ):
-            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
-        return optimizer
+        return add_aggregator_parameters(super().create_optimizer(*args, **kwargs), self.engine)
 
     # ----------------------------------------------------------------------- checkpoints
     def training_info(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from trl.trainer.utils import nanstd
 
 from align.preference import Preference, check_objectives, sample_preferences
 from align.trainers.checkpoints import AtomicCheckpoints
-from align.trainers.options import KeepsCheckpointingDefault
+from align.trainers.options import KeepsCheckpointingDefault, add_aggregator_parameters
 from align.trainers.registry import register_trainer
 
 MODES = ("scalarized", "per_objective")
@@ -615,15 +615,7 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         """TRL's optimizer, plus the aggregator's own parameters when it learns some."""
-        optimizer = super().create_optimizer(*args, **kwargs)
-        if self.engine is None:
-            return optimizer
-        extra = [p for p in self.engine.aggregator.parameters() if p.requires_grad]
-        if extra and not any(
-            p is q for group in optimizer.param_groups for p in group["params"] for q in extra
-        ):
-            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
-        return optimizer
+        return add_aggregator_parameters(super().create_optimizer(*args, **kwargs), self.engine)
 
     # ----------------------------------------------------------------------- checkpoints
     def training_info(self) -> dict[str, Any]:

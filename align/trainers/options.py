@@ -34,3 +34,14 @@ class KeepsCheckpointingDefault:
     def __post_init__(self) -> None:
         keep_checkpointing_default(self)
         super().__post_init__()
+
+
+def add_aggregator_parameters(optimizer: Any, engine: Any) -> Any:
+    """Add the multi-gradient method's own learnable parameters (uncertainty weighting's
+    log-variances) to a trainer's optimizer, without weight decay; returns the optimizer."""
+    extra = [p for p in engine.aggregator.parameters() if p.requires_grad] if engine else []
+    if extra and not any(
+        p is q for group in optimizer.param_groups for p in group["params"] for q in extra
+    ):
+        optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+    return optimizer

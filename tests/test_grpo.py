@@ -745,3 +745,22 @@ def test_the_cpu_recipe_trains_the_embedded_model(tmp_path):
     assert config["peft_type"] == "PBLORA" and config["objectives"] == ["positive", "brief"]
     held_out = (out / "held_out_prompts.jsonl").read_text().splitlines()
     assert len(held_out) == 4
+
+
+def test_an_aggregator_that_learns_parameters_gets_them_optimised(tmp_path, lora_policy):
+    """Uncertainty weighting's log-variances join the optimizer (no weight decay) and move."""
+    policy, tokenizer = lora_policy
+    trainer = run_align(
+        policy,
+        tokenizer,
+        tmp_path,
+        "uw",
+        mode="per_objective",
+        aggregator="uncertainty",
+        preference=[0.5, 0.5],
+    )
+    extra = list(trainer.engine.aggregator.parameters())
+    assert extra
+    groups = [g for g in trainer.optimizer.param_groups if any(p is extra[0] for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+    assert float(extra[0].detach().abs().max()) > 0  # they start at 0

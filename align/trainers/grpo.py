@@ -422,12 +422,19 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
                 require_preference_aware(
                     args.aggregator, type(self).__name__, args.allow_preference_blind_aggregator
                 )
+            import inspect
+
+            from align.mograd.registry import aggregator_class
+
+            options = dict(args.aggregator_options or {})
+            if "num_objectives" in inspect.signature(aggregator_class(args.aggregator)).parameters:
+                options.setdefault("num_objectives", len(self.objectives))  # UW's log-variances
             self.engine = MultiObjectiveEngine(
                 args.aggregator,
                 [p for p in self.model.parameters() if p.requires_grad],
                 accelerator=self.accelerator,
                 accumulation=args.aggregator_accumulation,
-                **(args.aggregator_options or {}),
+                **options,
             )
 
     # ------------------------------------------------------------------------ preference

@@ -113,7 +113,7 @@ def main(
     subprocess.run([sys.executable, "-m", "align", "evaluate", str(path)], check=True)
     times["sweep"] = time.perf_counter() - start
     print("wall time (s):", {k: round(v, 1) for k, v in times.items()})
-    print((out / "evaluate" / "report.md").read_text())
+    print((out / "evaluate" / "summary.md").read_text())
 
 
 if __name__ == "__main__":

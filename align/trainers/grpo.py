@@ -32,7 +32,7 @@ checkpointing. This trainer changes three things around it:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,12 +229,7 @@ def objective_advantages(
         if scale_rewards != "none":
             centred = centred / (scale.to(centred) + _EPS)[:, None]
     elif aggregation == "normalize_then_sum":
-        grouped = rewards.view(-1, num_generations, m)
-        mean = torch.nanmean(grouped, dim=1, keepdim=True)
-        std = (
-            nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean)
-        )
-        z = torch.nan_to_num(((grouped - mean) / (std + _EPS)).view(n, m), nan=0.0)
+        z = torch.nan_to_num(group_z_scores(rewards, num_generations), nan=0.0)
         z[unscorable] = torch.nan
         combined = (z * alpha).sum(dim=1)
         scale = nanstd(combined) if n > 1 else torch.zeros(())
@@ -488,23 +483,13 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         finally:
             self._row_preference = None
         rewards = self._last_rewards.float().cpu()
+        parts = None  # per-objective advantages (N, m), when the mode has them
         if self.combined is not None:
             # The PARM already weighed the objectives at each row's α: its one reward is
             # normalised in its group like TRL's combined reward; the others are only logged.
             advantages = group_normalize(rewards[:, -1], generations, self.scale_rewards)
-            device = output["advantages"].device
-            output["advantages"] = advantages[rank * local : (rank + 1) * local].to(device)
-            output["preference"] = mine.to(device)
-            self._log_preferences(mode, rewards[:, :-1], alpha, advantages)
-            return output
-        parts = objective_advantages(
-            rewards,
-            alpha,
-            generations,
-            self.args.multi_objective_aggregation,
-            self.scale_rewards,
-        )
-        if self.scalarizer is not None:
+            rewards = rewards[:, :-1]
+        elif self.scalarizer is not None:
             z = torch.nan_to_num(group_z_scores(rewards, generations), nan=0.0)
             combined = torch.stack(
                 [-self.scalarizer(-z[row], alpha[row]).detach() for row in range(total)]
@@ -512,11 +497,18 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             combined[torch.isnan(rewards).all(dim=1)] = torch.nan
             advantages = group_normalize(combined, generations, self.scale_rewards)
         else:
+            parts = objective_advantages(
+                rewards,
+                alpha,
+                generations,
+                self.args.multi_objective_aggregation,
+                self.scale_rewards,
+            )
             advantages = (parts * alpha).sum(dim=1)
         device = output["advantages"].device
         output["advantages"] = advantages[rank * local : (rank + 1) * local].to(device)
         output["preference"] = mine.to(device)
-        if self.args.mode == "per_objective":
+        if self.engine is not None:
             output["objective_advantages"] = parts[rank * local : (rank + 1) * local].to(device)
         self._log_preferences(mode, rewards, alpha, advantages)
         return output
@@ -641,6 +633,3 @@ class MOGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             "conditioned": self.conditioned,
             "combined_reward": self.args.combined_reward,
         }
-
-
-RewardFunction = Callable[..., Sequence[float | None]]

@@ -23,7 +23,7 @@ class _AlignGroup(TyperGroup):
     and exit status 2, instead of a traceback (kept with ``--debug`` or ``ALIGN_DEBUG=1``)."""
 
     def invoke(self, ctx: click.Context):
-        from align.distributed import PeerError
+        from align.distributed import PeerError, leave_process_group
 
         try:
             return super().invoke(ctx)
@@ -35,6 +35,10 @@ class _AlignGroup(TyperGroup):
                 raise
             typer.echo(f"error: {describe(error)}", err=True)
             raise typer.Exit(2) from None
+        finally:
+            # A command is a process's last act: its process group (a sharded sweep or
+            # generate) goes down here rather than at interpreter exit.
+            leave_process_group()
 
 
 app = typer.Typer(
@@ -100,9 +104,9 @@ def scorers() -> None:
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Option(help="Folder for every stage and the report.")] = Path(
-        "demo"
-    ),
+    output: Annotated[
+        Path, typer.Option(help="Folder for every stage and the report (git ignores runs/).")
+    ] = Path(DemoConfig.output),
     model: Annotated[
         str, typer.Option(help="Embedded model name, local checkpoint folder or hub id.")
     ] = "smollm2-135m-instruct",
@@ -187,10 +191,11 @@ def demo(
         beta=beta,
         overrides=tuple(overrides or ()),
     )
+    console.print(f"align demo: writing to {output.resolve()}")
     run_demo(config, log=console.print)
     summary = output / "report" / "summary.md"
     console.print(Markdown(summary.read_text()))
-    console.print(f"report: {output / 'report'} (summary.md, front.png, report.json)")
+    console.print(f"report: {(output / 'report').resolve()} (summary.md, front.png, report.json)")
     console.print(f"align demo done in {time.perf_counter() - started:.0f} s")
 
 
@@ -291,23 +296,13 @@ def sample(
 
 
 def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
+    from align.data.prompts import read_prompt_file
+
     texts = list(prompts)
     if prompts_file is not None:
         if not prompts_file.is_file():
             raise typer.BadParameter(f"no such file: {prompts_file}", param_hint="--prompts-file")
-        lines = [
-            line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()
-        ]
-        if prompts_file.suffix == ".jsonl":
-            try:
-                texts += [json.loads(line)["prompt"] for line in lines]
-            except (json.JSONDecodeError, KeyError) as error:
-                raise typer.BadParameter(
-                    f"each line of {prompts_file} must be a JSON object with a 'prompt' field",
-                    param_hint="--prompts-file",
-                ) from error
-        else:
-            texts += lines
+        texts += read_prompt_file(prompts_file)  # a bad file: one error naming it and the line
     if not texts:
         raise typer.BadParameter(
             "give at least one --prompt or a --prompts-file", param_hint="--prompt"
@@ -486,7 +481,7 @@ def serve(
         str,
         typer.Option(
             help="What to serve, as a route of an evaluate config: inline YAML such as "
-            "'{kind: parm, adapter: demo/parm, beta: 1}' (kinds: parm, genarm, mod, policy) "
+            "'{kind: parm, adapter: runs/demo/parm, beta: 1}' (kinds: parm, genarm, mod, policy) "
             "or a YAML file holding it."
         ),
     ],
@@ -521,6 +516,37 @@ def serve(
         int | None,
         typer.Option(min=1, help="CPU threads of the model (default: torch's, one per core)."),
     ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ALIGN_API_KEY",
+            show_envvar=True,
+            help="Requests to /v1 need `Authorization: Bearer KEY` (else 401). The variable "
+            "keeps the key out of the process list.",
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int,
+        typer.Option(min=0, help="Requests waiting for a row at most; past it a 429."),
+    ] = 64,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body accepted (else 413).")
+    ] = 1 << 20,
+    request_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Seconds a request may take, waiting included (else 504). Default: none.",
+        ),
+    ] = None,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="On SIGTERM or Ctrl-C, seconds in-flight requests get to finish before they "
+            "are cancelled (new ones get 503); then the process exits 0.",
+        ),
+    ] = 10.0,
 ) -> None:
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models,
     /health): a frozen base guided by a PARM, GenARM ARMs or MOD policies, or a
@@ -561,7 +587,18 @@ def serve(
         f"http://{host}:{port}/v1, up to {max_batch} requests decoded together"
     )
     try:
-        run_server(served, host=host, port=port, max_batch=max_batch, log_level="warning")
+        run_server(
+            served,
+            host=host,
+            port=port,
+            max_batch=max_batch,
+            api_key=api_key or None,
+            max_queue=max_queue,
+            max_body_bytes=max_body_bytes,
+            request_timeout=request_timeout,
+            shutdown_timeout=shutdown_timeout,
+            log_level="warning",
+        )
     finally:
         served.close()
 

@@ -12,8 +12,10 @@ identity, and nothing of accelerate is imported.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,4 +126,21 @@ def current_shard() -> Shard:
 
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     state = PartialState(cpu=cpu)
+    atexit.register(leave_process_group)
     return Shard(state.process_index, state.num_processes, state.local_process_index)
+
+
+def leave_process_group() -> None:
+    """Destroy this process's default process group, if one is up (on success and on error).
+
+    Left to interpreter exit, gloo's worker threads are destroyed after Python has torn down and
+    a process whose work is done can still abort ("terminate called without an active
+    exception", SIGABRT). Every entry point that starts a group calls this when it ends, and
+    :func:`current_shard` registers it with ``atexit`` for library callers. No barrier: on an
+    error path the peers may be gone, and a barrier would wait for them until gloo's timeout."""
+    if "torch.distributed" not in sys.modules:
+        return  # nothing could have started a group (and `align --help` stays torch-free)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -45,4 +45,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from align.distributed import leave_process_group
+
+    try:
+        main()
+    finally:
+        leave_process_group()

@@ -38,6 +38,7 @@ from align.config import (
     check_fields,
     read_config,
 )
+from align.distributed import leave_process_group
 from align.errors import debug_requested, describe, user_error_types
 
 RECIPE_KEYS = {"trainer", "model", "quantization", "dtype", "data", "args", "resume"}
@@ -167,9 +168,10 @@ def build_trainer(recipe: dict[str, Any]) -> Any:
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=args.gradient_checkpointing
-        )
+        # Activation checkpointing is left to the trainer (transformers' Trainer turns it on under
+        # its current name; TRL makes the inputs require grad): PEFT would call the deprecated
+        # `gradient_checkpointing_enable`, which goes in transformers 6.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if prompts_only:  # held-out prompts are kept for evaluation, not scored while training
         trainer = trainer_class(model, args=args, train_dataset=train, processing_class=tokenizer)
     else:
@@ -201,6 +203,10 @@ def run_recipe(recipe: dict[str, Any]) -> Path:
     checkpoint = resume if isinstance(resume, str) else None
     if resume is True:
         checkpoint = last_checkpoint(output_dir)
+    if checkpoint:
+        from align.trainers.resume import check_checkpoint
+
+        check_checkpoint(checkpoint, trainer)  # a damaged one: an error naming the file
     if checkpoint and trainer.is_world_process_zero():
         print(f"resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -245,17 +251,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         sys.exit(f"error: {describe(error)}")
     finally:
-        _leave_process_group()
+        leave_process_group()
     print(f"adapter saved to {final}")
-
-
-def _leave_process_group() -> None:
-    """Destroy the process group a launch made: left to interpreter exit, gloo's threads can
-    abort the process ("terminate called without an active exception") after its work is done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -457,6 +457,7 @@ def one_process_runs(tmp_path_factory, tiny_lm):
     return folder / "model", torch.load(out)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("config", ["cpu_2proc.yaml", "deepspeed_zero2_cpu.yaml"])
 def test_two_processes_give_the_one_process_update_on_the_same_global_batch(
     tmp_path, one_process_runs, config

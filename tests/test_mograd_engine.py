@@ -483,6 +483,7 @@ def _differ(a: dict, b: dict) -> bool:
     return max(float((a[n] - b[n]).abs().max()) for n in a) > 1e-5
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("backend", ["ddp", "zero2"])
 def test_two_processes_match_one_process_on_the_union_batch(tmp_path, backend):
     methods = ["linear", "stch", "mgda", *NEW_GRADIENT_METHODS, *NEW_LOSS_METHODS]
@@ -491,6 +492,7 @@ def test_two_processes_match_one_process_on_the_union_batch(tmp_path, backend):
     assert _differ(references["mgda"], references["linear"])  # MGDA is not LS here
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_ddp_feature_level_full_accumulation_and_batched_jacobian(tmp_path):
     results = _launch(tmp_path, "ddp", "--methods", "mgda,pcgrad", "--feature-level")
@@ -513,6 +515,7 @@ def test_ddp_feature_level_full_accumulation_and_batched_jacobian(tmp_path):
     _assert_matches_one_process(results, ["mgda"], micro_batches=2, jacobian="batched")
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_zero2_feature_level_and_full_accumulation(tmp_path):
     results = _launch(tmp_path, "zero2", "--methods", "mgda", "--feature-level")
@@ -530,6 +533,7 @@ def test_zero2_feature_level_and_full_accumulation(tmp_path):
     _assert_matches_one_process(results, ["mgda", "linear"], accumulation="full", micro_batches=2)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_zero2_refuses_micro_accumulation_for_gradient_level_methods(tmp_path):
     out = tmp_path / "refused.pt"
@@ -551,6 +555,7 @@ def test_zero2_refuses_micro_accumulation_for_gradient_level_methods(tmp_path):
     assert "needs accumulation='full'" in result.stderr
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_zero3_matches_one_process(tmp_path):
     results = _launch(tmp_path, "zero3", "--methods", "linear,stch,mgda")
@@ -559,6 +564,7 @@ def test_zero3_matches_one_process(tmp_path):
     _assert_matches_one_process(results, ["mgda"], feature_level=True)
 
 
+@pytest.mark.multiprocess
 def test_zero0_averages_the_losses_for_methods_that_read_them(tmp_path):
     """Issue 15: under ZeRO-0 (DeepSpeed without sharding) the ranks hold the same reduced J
     but their own losses; EPO and loss-normalised MGDA must see the mean losses on every rank
@@ -577,6 +583,7 @@ def test_zero0_averages_the_losses_for_methods_that_read_them(tmp_path):
             torch.testing.assert_close(on_rank_0, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zero0", "zero1"])
 def test_zero0_and_zero1_match_one_process(tmp_path, backend):

@@ -373,6 +373,7 @@ def _assert_same_weights_and_state(results: dict, method: str, step) -> None:
     assert int(reference_states[-1]["decisions"]) == step.STEPS
 
 
+@pytest.mark.multiprocess
 def test_zero2_two_processes_give_the_same_update_and_state_as_one_process(tmp_path):
     engine_tests = _engine_tests()
     results = engine_tests._launch(tmp_path, "zero2", "--methods", "gram_l2o")
@@ -380,6 +381,7 @@ def test_zero2_two_processes_give_the_same_update_and_state_as_one_process(tmp_p
     _assert_same_weights_and_state(results, "gram_l2o", engine_tests._step_module())
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])
 def test_ddp_and_zero3_two_processes_match_one_process(tmp_path, backend):

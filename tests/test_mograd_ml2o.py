@@ -524,6 +524,7 @@ def test_meta_training_runs_and_round_trips_through_a_file(tmp_path):
 # --- two processes -------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_ddp_two_processes_match_one_process():
     spec = importlib.util.spec_from_file_location(
         "test_mograd_engine", REPO / "tests" / "test_mograd_engine.py"

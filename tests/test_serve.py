@@ -7,9 +7,12 @@ with a PARM through the ``align serve`` command.
 """
 
 import concurrent.futures
+import contextlib
 import http.client
+import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -261,10 +264,10 @@ class LiveServer:
         return json.loads(connection.getresponse().read())
 
     def idle(self, timeout=30):
-        """``/health`` once no row is decoding (the worker drops a finished row just after
-        its client got the answer)."""
+        """``/health`` once no request is in flight and no row is decoding (the worker drops
+        a finished row just after its client got the answer)."""
         deadline = time.monotonic() + timeout
-        while (health := self.health())["decoding"]:
+        while (health := self.health())["decoding"] or health["in_flight"]:
             assert time.monotonic() < deadline, health
             time.sleep(0.02)
         return health
@@ -551,6 +554,336 @@ def test_a_client_that_goes_away_leaves_the_batch(server):
         time.sleep(0.05)
     # It left early: far fewer steps than its 400 tokens.
     assert health["steps"] - before["steps"] < 300
+    assert server.idle()["in_flight"] == 0
+    started = time.monotonic()
+    assert chat(server.client(), "Hi", [0.5, 0.5], 3).usage.completion_tokens == 3
+    assert time.monotonic() - started < 10
+
+
+# --- limits: API key, queue, body size, time limit, disconnects, shutdown -------------------
+
+
+@contextlib.contextmanager
+def serving(model_folders, max_batch=8, **limits):
+    """A live server of the tiny PARM with ``limits`` (api_key, max_queue, ...)."""
+    from align.serve import ServedModel, create_app
+
+    served = ServedModel(
+        {"kind": "parm", "adapter": str(model_folders / "parm"), "beta": 1.0},
+        base=str(model_folders / "base"),
+        name="tiny-parm",
+    )
+    try:
+        with LiveServer(create_app(served, max_batch=max_batch, **limits)) as live:
+            yield live
+    finally:
+        served.close()
+
+
+def request(port, path, body=b"", headers=None, method="POST"):
+    """``(status, headers, JSON body)`` of a raw request (``body`` bytes, or an iterable of
+    bytes: sent chunked)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(
+            method, path, body, {"Content-Type": "application/json", **(headers or {})}
+        )
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def long_body(stream, max_tokens=480, **extra):
+    """A request decoding ``max_tokens`` tokens (the tiny models' context is 512)."""
+    return {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "ignore_eos": True,
+        **extra,
+    }
+
+
+def open_stream(port, body, headers=None):
+    """A streamed request whose first event was read: ``(connection, response)``."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), headers or {})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")
+    return connection, response
+
+
+def rest_of_stream(response):
+    """The JSON events after the first (the last one ``[DONE]``)."""
+    text = response.read().decode()
+    events = [e.strip().removeprefix("data: ") for e in text.split("\n\n") if e.strip()]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def hang_up(connection):
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+
+
+def wait_for(server, condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition(health := server.health()):
+        assert time.monotonic() < deadline, health
+        time.sleep(0.02)
+    return health
+
+
+def test_with_an_api_key_only_requests_bearing_it_are_served(model_folders):
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
+    with serving(model_folders, api_key="sesame-123") as live:
+        wrong = [None, "Bearer wrong", "Bearer sesame-12", "Bearer sesame-1234", "Basic sesame-123"]
+        for authorization in [*wrong, "sesame-123"]:
+            headers = {} if authorization is None else {"Authorization": authorization}
+            status, response_headers, answer = request(
+                live.port, "/v1/chat/completions", body, headers
+            )
+            assert status == 401, authorization
+            assert response_headers["www-authenticate"] == "Bearer"
+            error = answer["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == "invalid_api_key"
+            assert "Authorization: Bearer" in error["message"]
+        assert request(live.port, "/v1/models", method="GET")[0] == 401
+        refused = openai.OpenAI(base_url=f"{live.url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            refused.models.list()
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="sesame-123", max_retries=0)
+        assert client.models.list().data[0].id == "tiny-parm"
+        assert chat(client, "Hi", [0.5, 0.5], 3).usage.completion_tokens == 3
+        assert live.health()["status"] == "ok"  # probes need no key
+
+
+def test_listening_beyond_loopback_without_a_key_warns(model_folders, monkeypatch, capsys):
+    """``serve`` warns before it starts; uvicorn's run is replaced (nothing listens)."""
+    from align.serve import ServedModel, is_loopback, serve
+    from align.serve.app import GracefulServer
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.1.2.3", "example.org"]))
+    ran = []
+    monkeypatch.setattr(GracefulServer, "run", lambda self: ran.append(self.config.host))
+    served = ServedModel(
+        {"kind": "parm", "adapter": str(model_folders / "parm")}, base=str(model_folders / "base")
+    )
+    for host, key, warned in [
+        ("0.0.0.0", None, True),
+        ("0.0.0.0", "k", False),
+        ("127.0.0.1", None, False),
+        ("::1", None, False),
+    ]:
+        serve(served, host=host, api_key=key)
+        assert ("without an API key" in capsys.readouterr().err) == warned, (host, key)
+    assert ran == ["0.0.0.0", "0.0.0.0", "127.0.0.1", "::1"]
+    served.close()
+
+
+def test_past_the_queue_bound_a_request_is_a_429_with_retry_after(model_folders):
+    with serving(model_folders, max_batch=1, max_queue=1) as live:
+        decoding, _ = open_stream(live.port, long_body(True))  # holds the one row
+        waiting, waiting_response = open_stream(live.port, long_body(True, 8))  # queued
+        assert live.health()["in_flight"] == 2
+        body = json.dumps(long_body(False, 4)).encode()
+        status, headers, answer = request(live.port, "/v1/chat/completions", body)
+        assert status == 429 and headers["retry-after"] == "1", answer
+        assert (
+            answer["error"]["code"] == "queue_full" and "--max-queue" in answer["error"]["message"]
+        )
+        with pytest.raises(openai.RateLimitError):
+            chat(live.client(), "Hi", [0.5, 0.5], 3)
+        hang_up(decoding)  # its row frees: the waiting request decodes, to its end
+        events = rest_of_stream(waiting_response)
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        waiting.close()
+        assert live.idle()["in_flight"] == 0
+        assert chat(live.client(), "Hi", [0.5, 0.5], 3).usage.completion_tokens == 3
+
+
+def test_a_body_past_the_size_limit_is_a_413(model_folders, server):
+    # The default limit, 1 MiB.
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * (1 << 20)}]}).encode()
+    status, headers, answer = request(server.port, "/v1/chat/completions", big)
+    assert status == 413 and answer["error"]["code"] == "request_too_large"
+    assert "1048576 bytes" in answer["error"]["message"]
+    with serving(model_folders, max_body_bytes=2000) as live:
+        small = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        under = json.dumps({**small, "user": "x" * 1800}).encode()  # an ignored field
+        assert len(under) <= 2000
+        assert request(live.port, "/v1/chat/completions", under)[0] == 200
+        over = json.dumps({**small, "user": "x" * 2000}).encode()
+        assert request(live.port, "/v1/chat/completions", over)[0] == 413
+        chunks = iter([over[:1000], over[1000:]])  # no Content-Length: counted as it comes
+        status, _, answer = request(live.port, "/v1/chat/completions", chunks)
+        assert status == 413 and "2000 bytes" in answer["error"]["message"]
+        # A body declared far too large is refused before it is sent.
+        connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+        connection.putrequest("POST", "/v1/chat/completions")
+        connection.putheader("Content-Length", str(10**9))
+        connection.endheaders()
+        assert connection.getresponse().status == 413
+        connection.close()
+        assert request(live.port, "/v1/chat/completions", under)[0] == 200
+
+
+def test_a_request_past_the_time_limit_gets_an_error_and_frees_its_row(model_folders):
+    with serving(model_folders, request_timeout=0.1) as live:
+        before = live.health()
+        status, _, answer = request(
+            live.port, "/v1/chat/completions", json.dumps(long_body(False)).encode()
+        )
+        assert status == 504 and answer["error"]["code"] == "request_timeout"
+        assert "0.1 s (--request-timeout)" in answer["error"]["message"]
+        connection, response = open_stream(live.port, long_body(True))
+        events = rest_of_stream(response)  # the error event, then [DONE]
+        connection.close()
+        assert events[-1]["error"]["code"] == "request_timeout"
+        assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+        after = live.idle()
+        assert after["cancelled"] - before["cancelled"] == 2
+        assert after["steps"] - before["steps"] < 480  # both left long before their 480 tokens
+        short = request(live.port, "/v1/completions", b'{"prompt": "Hi", "max_tokens": 2}')
+        assert short[0] == 200
+
+
+def test_a_client_waiting_for_a_whole_answer_that_goes_away_frees_its_row(server):
+    before = server.idle()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps(long_body(False)), {})
+    wait_for(server, lambda health: health["decoding"] == 1)
+    hang_up(connection)
+    after = wait_for(
+        server,
+        lambda h: h["cancelled"] > before["cancelled"] and not h["decoding"] and not h["in_flight"],
+    )
+    assert after["steps"] - before["steps"] < 300  # far fewer than its 480 tokens
+    started = time.monotonic()
+    assert chat(server.client(), "Hi", [0.5, 0.5], 3).usage.completion_tokens == 3
+    assert time.monotonic() - started < 10
+
+
+@pytest.fixture(scope="module")
+def soak():
+    path = Path(__file__).resolve().parents[1] / "evaluation" / "soak_serve.py"
+    spec = importlib.util.spec_from_file_location("soak_serve", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["soak_serve"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["soak_serve"]
+
+
+def test_a_short_soak_of_mixed_requests_loses_no_good_request(model_folders, soak):
+    """evaluation/soak_serve.py's mix (good, malformed, oversized, unauthenticated,
+    disconnecting requests) from 16 clients: each kind gets its status, every good request
+    its whole answer, and every row is freed."""
+    limits = {"api_key": "soak-key", "max_queue": 64, "max_body_bytes": 1 << 16}
+    with serving(model_folders, max_batch=16, request_timeout=60, **limits) as live:
+        client = soak.Client(live.port, "soak-key", 4, limits["max_body_bytes"], "tiny-parm")
+        before = live.health()
+        plan = soak.plan(400, seed=1)
+        results = soak.run_soak(client, plan, 16, time.monotonic() + 120)
+        after = soak.wait_idle(live.port)
+    assert len(results) == len(plan)
+    lines, lost = soak.summary(results)
+    assert lost == 0, "\n".join(lines)
+    statuses = {}
+    for result in results:
+        statuses.setdefault(result.kind, set()).add(result.status)
+    assert statuses == {
+        "good": {200},
+        "good stream": {200},
+        "malformed": {400},
+        "oversized": {413},
+        "unauthenticated": {401},
+        "disconnecting": {200, None},  # a stream's first event read, or no answer read
+    }, "\n".join(lines)
+    assert all(result.ok for result in results), "\n".join(lines)
+    assert after["decoding"] == 0 and after["in_flight"] == 0
+    left_streams = sum(r.kind == "disconnecting" and r.status == 200 for r in results)
+    assert after["cancelled"] - before["cancelled"] >= left_streams > 0
+
+
+def _serve_command(model_folders, port, *options):
+    return [
+        sys.executable,
+        "-m",
+        "align.cli",
+        "serve",
+        "--base",
+        str(model_folders / "base"),
+        "--route",
+        f"{{kind: parm, adapter: {model_folders / 'parm'}}}",
+        "--port",
+        str(port),
+        *options,
+    ]
+
+
+def test_sigterm_drains_align_serve_and_it_exits_0_in_time(model_folders):
+    """``align serve`` in its own process: on SIGTERM new requests get a 503, in-flight ones
+    finish or end with a clear error within --shutdown-timeout, and the process exits 0."""
+    port = _free_port()
+    process = subprocess.Popen(
+        _serve_command(model_folders, port, "--max-batch", "1", "--shutdown-timeout", "0.5"),
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                request(port, "/health", method="GET")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "align serve did not start"
+                time.sleep(0.2)
+        # One row: four long streams decode one after another (seconds of work), and a
+        # whole request waits behind them.
+        streams = [open_stream(port, long_body(True)) for _ in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            whole = pool.submit(request, port, "/v1/chat/completions", json.dumps(long_body(False)))
+            while request(port, "/health", method="GET")[2]["in_flight"] < 5:
+                time.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            while (health := request(port, "/health", method="GET"))[0] == 200:
+                assert time.monotonic() - signalled < 5, health
+                time.sleep(0.01)
+            assert health[0] == 503 and health[2]["error"]["code"] == "shutting_down"
+            body = json.dumps(long_body(False, 2)).encode()
+            status, _, answer = request(port, "/v1/chat/completions", body)
+            assert status == 503 and "shutting down" in answer["error"]["message"]
+            ends = []
+            for connection, response in streams:
+                ends.append(rest_of_stream(response)[-1])
+                connection.close()
+            status, _, answer = whole.result(30)
+        assert process.wait(timeout=15) == 0, process.stdout.read()
+        assert time.monotonic() - signalled < 0.5 + 5  # --shutdown-timeout and a margin
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # Each stream ended with its whole answer or an error event saying why; the whole
+    # request waited behind four long ones and was cancelled.
+    finished = [e for e in ends if "error" not in e]
+    assert all(e["choices"][0]["finish_reason"] == "length" for e in finished)
+    cancelled = [e["error"] for e in ends if "error" in e]
+    assert cancelled and all(e["code"] == "shutting_down" for e in cancelled)
+    assert status == 503 and answer["error"]["code"] == "shutting_down"
+    output = process.stdout.read()
+    assert "Traceback" not in output, output
 
 
 @pytest.mark.parametrize("kind", ["genarm", "mod", "policy"])

@@ -18,7 +18,9 @@ import yaml
 
 from align.distributed import Shard
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Every launching test here reads one module-wide launch (the `runs` fixture): the stress script
+# repeats the module as one unit.
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.multiprocess("module")]
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "Hi",

@@ -405,6 +405,7 @@ def _launch(config: str, recipe: Path, output_dir: Path, *overrides: str) -> Non
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.multiprocess
 def test_a_zero2_gml2o_run_saves_its_state_per_rank_and_resumes_to_the_same_adapter(
     tmp_path, tiny_model_dir
 ):
@@ -461,6 +462,7 @@ def test_a_zero2_gml2o_run_saves_its_state_per_rank_and_resumes_to_the_same_adap
     assert "resume with the same world size" in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("config", ["cpu_2proc.yaml", "deepspeed_zero2_cpu.yaml"])
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny_model_dir, config):
     # One process with 4 pairs per step vs two processes with 2 each: the same global batches.

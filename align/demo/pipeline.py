@@ -47,7 +47,7 @@ class DemoConfig:
     """Every setting of the demo; a stage is redone only when the settings it uses change."""
 
     model: str = "smollm2-135m-instruct"
-    output: str = "demo"
+    output: str = "runs/demo"  # ignored by git: a demo run leaves a checkout clean
     data: str | None = None  # None: the shipped dataset (built into output/ when missing)
     data_prompts: int = 160  # prompts answered when the dataset is built here
     #: Objective → scorer (``align scorers``); None: the shipped dataset's. Any dataset with two

@@ -127,8 +127,12 @@ def main() -> None:
         )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    from align.distributed import leave_process_group
+
+    try:
+        main()
+    finally:
+        leave_process_group()

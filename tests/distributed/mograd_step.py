@@ -239,4 +239,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from align.distributed import leave_process_group
+
+    try:
+        main()
+    finally:
+        leave_process_group()

@@ -9,8 +9,12 @@ import sys
 
 if __name__ == "__main__":
     from align.cli import app
+    from align.distributed import leave_process_group
     from align.evaluate import main
 
     split = sys.argv.index("--")
-    main(sys.argv[1:split])
-    app(["generate", *sys.argv[split + 1 :]], prog_name="align", standalone_mode=False)
+    try:
+        main(sys.argv[1:split])
+        app(["generate", *sys.argv[split + 1 :]], prog_name="align", standalone_mode=False)
+    finally:
+        leave_process_group()

@@ -27,7 +27,8 @@ MAX_STOP_STRINGS = 4
 
 
 class RequestError(Exception):
-    """A bad request: ``status`` and an OpenAI-style error (message, param, code)."""
+    """A request refused: ``status`` and an OpenAI-style error (message, param, code), and
+    the response's extra ``headers`` (``Retry-After`` of a 429, ...)."""
 
     def __init__(
         self,
@@ -37,6 +38,7 @@ class RequestError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.kind = (
@@ -46,6 +48,7 @@ class RequestError(Exception):
             code,
             kind,
         )
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {

@@ -61,7 +61,8 @@ def create_app(
         try:
             yield
         finally:
-            scheduler.stop(timeout=5.0)  # bounded: a step takes well under that
+            # Bounded: the worker is a daemon thread, a step still running past it ends with us.
+            scheduler.stop(timeout=5.0)
 
     app = FastAPI(title="align serve", lifespan=lifespan)
     app.add_middleware(

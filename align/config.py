@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from align.errors import yaml_problem
+from align.errors import BadFileError, yaml_problem
+from align.files import read_text
 
 T = TypeVar("T")
 
@@ -82,13 +83,18 @@ def read_config(
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = read_text(path)
+    except BadFileError as error:
+        raise ConfigError(f"{what} {str(path)!r} is {error.problem}") from error
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(
             f"{what} {str(path)!r} is not valid YAML: {yaml_problem(error)}"
         ) from error
-    if data is None:
-        data = {}
+    if data is None and not overrides:  # empty (or only comments): not "a config with no fields"
+        raise ConfigError(f"{what} {str(path)!r} is empty")
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(
             f"{what} {str(path)!r} must be a mapping of fields, got {type(data).__name__}"

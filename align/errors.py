@@ -15,6 +15,16 @@ import sys
 DEBUG_VARIABLE = "ALIGN_DEBUG"
 
 
+class BadFileError(ValueError):
+    """A file that is there but cannot be read as what it should be: empty, truncated,
+    corrupted, not UTF-8, not valid JSON / safetensors / Parquet... (see :mod:`align.files`).
+    The message is ``<path>: <what is wrong>``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
 def debug_requested(flag: bool = False) -> bool:
     """``--debug`` given, or ``ALIGN_DEBUG`` set to anything but empty / 0 / false / no."""
     value = os.environ.get(DEBUG_VARIABLE, "").strip().lower()
@@ -25,9 +35,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """The exception types that mean "bad input", not "bug in align".
 
     ``ValueError`` covers align's own checks (``RecipeError``, ``MergeConfigError``,
-    ``MergeInputError``, ``CheckpointError``, bad α, schema errors) and JSON decoding; ``OSError``
-    covers missing files and folders, ``FileExistsError`` and ``ModelLoadError``. Types of
-    modules not loaded yet cannot have been raised, so they are only looked up when loaded.
+    ``MergeInputError``, ``CheckpointError``, ``BadFileError``, bad α, schema errors) and JSON
+    decoding; ``OSError`` covers missing files and folders, ``FileExistsError`` and
+    ``ModelLoadError``. Types of modules not loaded yet cannot have been raised, so they are
+    only looked up when loaded.
     """
     types: list[type[BaseException]] = [ValueError, OSError, KeyError]
     for module, name in (

@@ -9,8 +9,11 @@ business, converting is ours.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,15 @@ from align.data.schema import (
     make_preference_dataset,
     validate_preference_dataset,
 )
+from align.errors import BadFileError
+from align.files import check_text_file, read_text
 from align.preference import check_objectives
 
 Source = str | os.PathLike | Dataset
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: What each suffix is called in errors.
+FORMAT_NAMES = {".jsonl": "JSON Lines", ".json": "JSON", ".csv": "CSV", ".parquet": "Parquet"}
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "better_response_id", "safer_response_id")
 HH_COLUMNS = ("chosen", "rejected")
 ASSISTANT_TURN = "\n\nAssistant:"
@@ -55,7 +62,80 @@ def read_source(source: Source) -> Dataset:
         )
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    return load_dataset(file_format, data_files=str(path), split="train")
+    check_data_file(path)
+    from datasets.exceptions import DatasetGenerationError
+    from pyarrow import ArrowException
+
+    try:
+        with _quiet_readers():
+            return load_dataset(file_format, data_files=str(path), split="train")
+    except (DatasetGenerationError, ArrowException) as error:
+        # datasets says "An error occurred while generating the dataset": name the file and the
+        # reader's own complaint (or, for JSON, the first line that does not parse).
+        name = FORMAT_NAMES[path.suffix.lower()]
+        raise BadFileError(path, f"not valid {name} ({_parse_problem(path, error)})") from error
+
+
+#: The datasets readers log the error they then raise ("Failed to load JSON from file ..."):
+#: with the error raised as one line here, that log would be a second, longer copy of it.
+_READER_LOGGERS = tuple(
+    f"datasets.packaged_modules.{name}.{name}" for name in ("json", "csv", "parquet")
+)
+
+
+class _DropReaderErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to ")
+
+
+@contextlib.contextmanager
+def _quiet_readers() -> Iterator[None]:
+    dropped = _DropReaderErrors()
+    loggers = [logging.getLogger(name) for name in _READER_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(dropped)
+
+
+def check_data_file(path: Path) -> None:
+    """What can be told before parsing: an empty file, text that is not UTF-8, a file without
+    Parquet's ``PAR1`` markers (truncated, or another format under a .parquet name)."""
+    if path.suffix.lower() != ".parquet":
+        check_text_file(path, "no records")
+        return
+    size = path.stat().st_size
+    if size == 0:
+        raise BadFileError(path, "empty file (no records)")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        handle.seek(max(0, size - 4))
+        tail = handle.read(4)
+    if head != b"PAR1" or tail != b"PAR1" or size < 12:
+        where = "start" if head != b"PAR1" else "end"
+        raise BadFileError(path, f"truncated or not a Parquet file (no PAR1 marker at its {where})")
+
+
+def _parse_problem(path: Path, error: BaseException) -> str:
+    """Where a file that datasets could not read goes wrong, in a few words."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for number, line in enumerate(read_text(path).splitlines(), start=1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except json.JSONDecodeError as problem:
+                return f"line {number}, column {problem.colno}: {problem.msg}"
+    if suffix == ".json":
+        try:
+            json.loads(read_text(path))
+        except json.JSONDecodeError as problem:
+            return f"line {problem.lineno}, column {problem.colno}: {problem.msg}"
+    cause = error.__cause__ or error
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
 
 
 def _require_columns(dataset: Dataset, expected: Sequence[str], layout: str) -> None:
@@ -217,14 +297,20 @@ def load_preference_data(source: Any, layout: str = "auto", **kwargs: Any) -> Da
     Layouts: ``"schema"`` (align's own), ``"pku-saferlhf"``, ``"per-objective"`` (a dict
     ``{objective: source}``). ``kwargs`` go to the layout's loader (e.g. ``objectives``).
     """
-    if layout == "auto":
-        layout = detect_layout(source)
-    if layout == "schema":
-        return load_schema(source, **kwargs)
-    if layout == "pku-saferlhf":
-        return load_pku_saferlhf(source, **kwargs)
-    if layout == "per-objective":
-        return load_per_objective_pairs(source, **kwargs)
+    try:
+        if layout == "auto":
+            layout = detect_layout(source)
+        if layout == "schema":
+            return load_schema(source, **kwargs)
+        if layout == "pku-saferlhf":
+            return load_pku_saferlhf(source, **kwargs)
+        if layout == "per-objective":
+            return load_per_objective_pairs(source, **kwargs)
+    except ValueError as error:
+        # A check of the contents names the column and row; from a file, name the file too.
+        if isinstance(source, (str, os.PathLike)) and str(source) not in str(error):
+            raise ValueError(f"{source}: {error}") from error
+        raise
     raise ValueError(f"unknown layout {layout!r}; known layouts: {['auto', *LAYOUTS]}")
 
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+
+from align.errors import BadFileError
+from align.files import read_text
 
 
 def load_prompts(limit: int | None = None, categories: list[str] | None = None) -> list[dict]:
@@ -27,6 +32,30 @@ def load_prompts(limit: int | None = None, categories: list[str] | None = None) 
             raise ValueError(f"limit must be >= 1, got {limit}")
         records = records[:limit]
     return records
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """Prompts from a text file (one per line) or a ``.jsonl`` file (a ``prompt`` per line)."""
+    path = Path(path)
+    lines = read_text(path).splitlines()
+    if not any(line.strip() for line in lines):
+        raise BadFileError(path, "empty file (no prompts)")
+    if path.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise BadFileError(
+                path, f"line {number}, column {error.colno}: not valid JSON ({error.msg})"
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise BadFileError(path, f"line {number}: expected a JSON object with a 'prompt'")
+        texts.append(record["prompt"])
+    return texts
 
 
 def load_prompt_dataset(

@@ -22,6 +22,7 @@ from typing import Any
 
 from datasets import Dataset, Features, Value
 
+from align.files import check_text_file
 from align.io import atomic_file
 from align.preference import check_objectives, require_same_objectives
 
@@ -225,6 +226,7 @@ def load_jsonl(path: str | os.PathLike, objectives: Sequence[str] | None = None)
     must then have exactly the same fields. Blank lines are skipped; line numbers are 1-based.
     """
     path = Path(path)
+    check_text_file(path, "no records")  # empty or not UTF-8: said before parsing
     records: list[dict[str, Any]] = []
     fields: list[str] | None = None
     with path.open(encoding="utf-8") as handle:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,11 @@ def load_guide(
     one batched forward, and the weights sit in memory once.
     """
     folder = Path(reference).expanduser()
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
+    if not (folder / "adapter_config.json").is_file():
         return load_model(reference, **kwargs)
-    from peft import PeftModel
+    from align.adapters.loading import check_adapter_folder, load_adapter
 
-    import align.adapters  # noqa: F401  registers PBLoRA / SVD-LoRA with PEFT
-
-    named = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    named = check_adapter_folder(folder).get("base_model_name_or_path")
     source = named or base
     if source is None:
         raise ValueError(
@@ -35,6 +31,6 @@ def load_guide(
         )
     same_base = base is not None and resolve_model_path(source) == resolve_model_path(base)
     if base_model is not None and same_base:
-        return PeftModel.from_pretrained(base_model, folder).eval(), load_tokenizer(base)
+        return load_adapter(base_model, folder).eval(), load_tokenizer(base)
     model, tokenizer = load_model(source, **kwargs)
-    return PeftModel.from_pretrained(model, folder).eval(), tokenizer
+    return load_adapter(model, folder).eval(), tokenizer

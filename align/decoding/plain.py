@@ -88,15 +88,16 @@ def weighted_lora_rows(base: Any, adapters: Mapping[str, str]):
     ``(rows, k)`` makes ``base`` compute ``W x + Σ_k w[r, k] ΔW_k x`` for row r. With w a row's
     α this is the exact LoRA interpolation (rewarded soup) at that α, for every row of one
     batch. The base is bare again afterwards."""
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
+    from align.adapters.loading import load_adapter
+
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    model = load_adapter(base, adapters[names[0]], adapter_name=names[0])
     hooks = []
     try:
         for name in names[1:]:
-            model.load_adapter(adapters[name], adapter_name=name)
+            load_adapter(model, adapters[name], adapter_name=name)
         model.base_model.set_adapter(names)  # every adapter's update is added
         model.eval()
         rows = RowWeights(names)

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from align.files import read_json, read_safetensors_header
 from align.io import atomic_directory
 from align.merging.io import (
     Checkpoint,
@@ -95,7 +96,10 @@ class LoraAdapter:
         if not weights.is_file():
             refuse_pickles(folder, label)
             raise MergeInputError([f"{label}: no {ADAPTER_WEIGHTS} in {folder}"])
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path)
+        read_safetensors_header(
+            weights
+        )  # truncated or not safetensors: named here, not in safe_open
         problems = []
         if str(config.get("peft_type", "")).upper() != "LORA":
             problems.append(f"{label}: peft_type is {config.get('peft_type')!r}, not LORA")

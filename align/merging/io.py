@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from align.errors import BadFileError
+from align.files import read_json, read_safetensors_header
 from align.io import atomic_directory
 from align.preference import Preference, check_objectives, simplex_grid
 
@@ -149,21 +151,6 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     return getattr(torch, key)
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > 100_000_000:
-            raise CheckpointError(f"{path} is not a safetensors file (header of {length} bytes)")
-        try:
-            return json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path} is not a safetensors file: {error}") from error
-
-
 class Checkpoint:
     """A Hugging Face checkpoint folder read lazily, one tensor at a time.
 
@@ -178,7 +165,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.label}: no checkpoint folder at {self.folder}")
         self.tensors: dict[str, TensorInfo] = _index_tensors(self.folder, self.label)
         config = self.folder / "config.json"
-        self.config: dict[str, Any] = json.loads(config.read_text()) if config.is_file() else {}
+        self.config: dict[str, Any] = read_json(config) if config.is_file() else {}
         self.reads: dict[str, int] = {}
 
     def __repr__(self) -> str:
@@ -225,7 +212,9 @@ def refuse_pickles(folder: Path, label: str) -> None:
 def _index_tensors(folder: Path, label: str) -> dict[str, TensorInfo]:
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        weight_map: dict[str, str] = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise BadFileError(index, "not a safetensors index (no weight_map)")
         shards = sorted(set(weight_map.values()))
     else:
         weight_map = None
@@ -243,7 +232,7 @@ def _index_tensors(folder: Path, label: str) -> dict[str, TensorInfo]:
     for shard_name in shards:
         shard = folder / shard_name
         if not shard.is_file():
-            raise CheckpointError(f"{label}: {INDEX_NAME} names {shard_name}, which is missing")
+            raise BadFileError(folder / INDEX_NAME, f"names {shard_name}, which is missing")
         for name, entry in read_safetensors_header(shard).items():
             if name == "__metadata__":
                 continue
@@ -439,7 +428,7 @@ def copy_side_files(
         if not path.is_file():
             continue
         if name == "config.json" and dtype is not None:
-            config = json.loads(path.read_text())
+            config = read_json(path)
             dtype_name = str(dtype).removeprefix("torch.")
             # transformers 5 writes "dtype"; older versions read "torch_dtype".
             key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"

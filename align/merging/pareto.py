@@ -65,6 +65,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from align.files import read_json, read_safetensors_header
 from align.io import atomic_directory
 from align.merging.base import tensor_seed
 from align.merging.engine import MergeInputs, copy_inputs_side_files, open_inputs, plan_outputs
@@ -498,7 +499,7 @@ class ParetoArtifact:
         info_path = self.folder / ARTIFACT_INFO
         if not info_path.is_file():
             raise ValueError(f"{self.folder} is not a Pareto-merging artifact (no {ARTIFACT_INFO})")
-        self.info = json.loads(info_path.read_text())
+        self.info = read_json(info_path)
         if self.info.get("format") != FORMAT:
             raise ValueError(f"{info_path} is not an {FORMAT} file")
         if self.info.get("version") != FORMAT_VERSION:
@@ -509,6 +510,7 @@ class ParetoArtifact:
         self.low_rank = list(self.info["tensors"]["low_rank"])
         self.small = list(self.info["tensors"]["interpolated"])
         self.base = Checkpoint(self.folder, label="pareto base")
+        read_safetensors_header(self.folder / FACTORS_FILE)  # truncated: named before reading
         with safe_open(self.folder / FACTORS_FILE, framework="pt") as handle:
             # Factors are small (r(out+in) + K r² per matrix): load them all.
             self.factors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118

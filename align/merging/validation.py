@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from align.files import read_json
 from align.merging.io import Checkpoint
 
 # Config keys that legitimately differ between fine-tuned copies of one model.
@@ -39,10 +40,12 @@ class MergeInputError(ValueError):
 
     def __init__(self, mismatches: Sequence[str]):
         self.mismatches = list(mismatches)
+        if len(self.mismatches) == 1:  # one problem (a bad file, most often): one line
+            super().__init__(f"cannot merge these checkpoints: {self.mismatches[0]}")
+            return
         lines = "\n".join(f"  - {line}" for line in self.mismatches)
         super().__init__(
-            f"cannot merge these checkpoints: {len(self.mismatches)} mismatch"
-            f"{'es' if len(self.mismatches) != 1 else ''}\n{lines}"
+            f"cannot merge these checkpoints: {len(self.mismatches)} mismatches\n{lines}"
         )
 
 
@@ -55,7 +58,7 @@ def tokenizer_fingerprint(folder: Path) -> str | None:
     digest = hashlib.sha256()
     fast = folder / "tokenizer.json"
     if fast.is_file():
-        data = json.loads(fast.read_text(encoding="utf-8"))
+        data = read_json(fast)
         # Padding/truncation settings are runtime options, not the vocabulary.
         relevant = {
             key: data.get(key) for key in ("model", "added_tokens", "normalizer", "pre_tokenizer")

@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from align.errors import BadFileError
+from align.files import read_json, read_safetensors_header
 from align.io import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -192,6 +194,41 @@ def _explain_hub_errors(source: str, name_or_path: str | os.PathLike):
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_TOKENIZER_JSON = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+)
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _check_json_files(folder: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        if (folder / name).is_file():
+            read_json(folder / name)
+
+
+def check_model_files(folder: Path) -> None:
+    """A local checkpoint's configs and safetensors weights, checked before transformers reads
+    them: it stops on a truncated weights file with a safetensors error naming no file, and
+    skips a broken generation_config.json with a warning (the model then generates with other
+    settings than it was saved with)."""
+    _check_json_files(folder, ("config.json", "generation_config.json"))
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise BadFileError(index, "not a safetensors index (no weight_map)")
+        shards = sorted(set(weight_map.values()))
+        absent = [name for name in shards if not (folder / name).is_file()]
+        if absent:
+            raise BadFileError(index, f"names {', '.join(absent)}, which is missing")
+    else:
+        shards = [p.name for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_")]
+    for name in shards:
+        read_safetensors_header(folder / name)
 
 
 def load_tokenizer(
@@ -205,6 +242,8 @@ def load_tokenizer(
             f"{folder} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); save one next to the "
             f"weights with tokenizer.save_pretrained({str(folder)!r})"
         )
+    if folder.is_dir():
+        _check_json_files(folder, _TOKENIZER_JSON)
     with _explain_hub_errors(source, name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token is None:
@@ -227,6 +266,8 @@ def load_model(
     moves the model there (with quantization, it is used as ``device_map``).
     """
     source = resolve_model_path(name_or_path)
+    if Path(source).is_dir():
+        check_model_files(Path(source))
     tokenizer = load_tokenizer(source)
     if quantization_config is not None:
         kwargs.setdefault("device_map", str(device) if device is not None else "cpu")

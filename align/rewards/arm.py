@@ -8,7 +8,6 @@ guides decoding token by token (:mod:`align.decoding.guided`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from align.chat import format_prompt
+from align.files import read_json
 
 IGNORE_INDEX = -100
 #: The training record the trainers write beside an adapter (objectives, β, scoring settings).
@@ -126,7 +126,7 @@ def reward_settings(adapter: str | os.PathLike) -> dict[str, Any]:
     ``length_normalize``, ``max_length`` and ``max_prompt_length``. A folder without a record
     (or a record from before these were stored) gets the trainers' defaults."""
     path = Path(adapter) / TRAINING_INFO
-    record = json.loads(path.read_text()) if path.is_file() else {}
+    record = read_json(path) if path.is_file() else {}
     return {
         "length_normalize": bool(record.get("length_normalize", False)),
         "max_length": int(record.get("max_length") or 1024),

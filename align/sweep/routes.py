@@ -20,7 +20,6 @@ one process would have put it in, so the answers do not depend on the number of 
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from align.files import read_json
 from align.merging.io import MERGE_INFO
 from align.preference import Preference
 from align.registry import Registry
@@ -524,9 +524,9 @@ class MergedRoute(Route):
 
         info_file, trained = folder / MERGE_INFO, folder / TRAINING_INFO
         if info_file.is_file():
-            preference = json.loads(info_file.read_text())["preference"]
-        elif trained.is_file() and json.loads(trained.read_text()).get("preference"):
-            preference = json.loads(trained.read_text())["preference"]
+            preference = read_json(info_file)["preference"]
+        elif trained.is_file() and read_json(trained).get("preference"):
+            preference = read_json(trained)["preference"]
         else:
             raise ValueError(
                 f"route {name!r}: {folder} has no {MERGE_INFO} and no fixed α in {TRAINING_INFO}"
@@ -622,7 +622,7 @@ class MergedRoute(Route):
         interpolation and they are unchanged since (content digests); else None."""
         if not all((Path(f) / MERGE_INFO).is_file() for f in self.sources()):
             return None  # policies trained per α: nothing to interpolate
-        records = [json.loads((Path(f) / MERGE_INFO).read_text()) for f in self.sources()]
+        records = [read_json(Path(f) / MERGE_INFO) for f in self.sources()]
         first = records[0]
         models = first.get("models") or {}
         if set(models) != set(self.objectives) or any(
@@ -660,7 +660,7 @@ def _is_lora_of(folder: str, base: str) -> bool:
     config_file = Path(folder) / "adapter_config.json"
     if not config_file.is_file():
         return False
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     named = config.get("base_model_name_or_path")
     return (
         config.get("peft_type") == "LORA"

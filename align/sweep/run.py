@@ -72,6 +72,7 @@ def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepC
 def load_sweep_prompts(spec: Mapping[str, Any]) -> list[str]:
     """Prompts from ``{path: file.jsonl|.txt, limit: N}``, or the shipped held-out prompts."""
     from align.data import load_prompts
+    from align.data.prompts import read_prompt_file
 
     spec = dict(spec)
     limit = spec.pop("limit", None)
@@ -85,8 +86,7 @@ def load_sweep_prompts(spec: Mapping[str, Any]) -> list[str]:
         file = Path(path)
         if not file.is_file():
             raise ValueError(f"prompts file {path} does not exist")
-        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        texts = [json.loads(line)["prompt"] for line in lines] if file.suffix == ".jsonl" else lines
+        texts = read_prompt_file(file)
     texts = texts[offset:]
     return texts[:limit] if limit is not None else texts
 

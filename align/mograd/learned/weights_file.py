@@ -52,9 +52,12 @@ def load_weights(
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from align.files import read_safetensors_header
+
     path = default if source == "default" else Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{network.__name__} weights not found at {path}; {retrain}")
+    read_safetensors_header(path)  # truncated or not safetensors: an error naming the file
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     net = network(**json.loads(metadata.get("config", "{}")))

@@ -31,27 +31,26 @@ def check_checkpoint(folder: str | os.PathLike, trainer: Any = None) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {folder}")
-    missing = [
-        name
-        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE)
-        if not (folder / name).is_file()
-    ]
+    # DeepSpeed resumes the weights and the optimizer from its own global_step*/ files.
+    deepspeed = any(folder.glob("global_step*"))
+    required = (TRAINER_STATE,) if deepspeed else (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE)
+    missing = [name for name in required if not (folder / name).is_file()]
     # No optimizer.pt is a checkpoint saved with save_only_model (transformers then starts a new
-    # optimizer); the optimizer without its scheduler is a damaged one. DeepSpeed keeps its
-    # optimizer in global_step*/.
-    if not any(folder.glob("global_step*")):
-        pair = {name: (folder / name).is_file() for name in ("optimizer.pt", "scheduler.pt")}
-        if any(pair.values()):
-            missing += [name for name, present in pair.items() if not present]
+    # optimizer); the optimizer without its scheduler is a damaged one.
+    pair = {name: (folder / name).is_file() for name in ("optimizer.pt", "scheduler.pt")}
+    if not deepspeed and any(pair.values()):
+        missing += [name for name, present in pair.items() if not present]
     if missing:
         raise BadFileError(
             folder,
             f"incomplete checkpoint, no {' or '.join(missing)} (remove the folder to resume "
             f"from an earlier checkpoint, or set resume: false)",
         )
-    read_json(folder / ADAPTER_CONFIG)
-    read_safetensors_header(folder / ADAPTER_WEIGHTS)
     read_json(folder / TRAINER_STATE)
+    if (folder / ADAPTER_CONFIG).is_file():
+        read_json(folder / ADAPTER_CONFIG)
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        read_safetensors_header(folder / ADAPTER_WEIGHTS)
     for pattern in TORCH_FILES:
         for path in sorted(folder.glob(pattern)):
             check_torch_file(path)

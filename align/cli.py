@@ -462,11 +462,18 @@ def _route_spec(text: str) -> dict:
     """A route spec: inline YAML (``{kind: parm, adapter: ..., beta: 1}``) or a YAML file."""
     import yaml
 
+    from align.errors import yaml_problem
+    from align.files import read_text
+
     path = Path(text).expanduser()
     is_file = path.suffix in (".yaml", ".yml", ".json") or path.is_file()
     if is_file and not path.is_file():
         raise FileNotFoundError(f"no such route file: {path}")
-    spec = yaml.safe_load(path.read_text(encoding="utf-8") if is_file else text)
+    try:
+        spec = yaml.safe_load(read_text(path) if is_file else text)
+    except yaml.YAMLError as error:  # name the file (or the option) the YAML came from
+        where = path if is_file else "--route"
+        raise ValueError(f"{where}: not valid YAML: {yaml_problem(error)}") from error
     if not isinstance(spec, dict):
         raise ValueError(
             f"--route must be a mapping such as '{{kind: parm, adapter: FOLDER, beta: 1}}' "

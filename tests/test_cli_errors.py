@@ -315,7 +315,7 @@ def cut_last_record(path: Path) -> None:
 def latin1(path: Path) -> None:
     """One letter written as Latin-1 (0xe9), the rest left as it was."""
     data = path.read_bytes()
-    for old in (b"Explain", b'"none"', b"llama", b"prompt"):
+    for old in (b"Explain", b'"none"', b"llama", b"prompt", b"kind"):
         if old in data:
             path.write_bytes(data.replace(old, old[:2] + b"\xe9" + old[3:], 1))
             return
@@ -444,6 +444,12 @@ def generate_from_prompts(name: str):
     return command
 
 
+def serve_route(folder: Path, made: dict) -> tuple[list[str], Path]:
+    route = folder / "route.yaml"
+    route.write_text(f"kind: parm\nadapter: {made['root'] / 'parm' / 'final'}\n")
+    return ["serve", "--route", str(route), "--base", str(made["base"])], route
+
+
 def merge_models(source: str, pick):
     """A linear merge of the base and a copy of ``source``; ``pick`` names the file to break."""
 
@@ -554,6 +560,9 @@ BAD_FILES = [
     ("parm-config-empty", generate_with("parm", CONFIG), empty, "{file}: empty file (expected JSON)"),
     ("parm-config-latin1", generate_with("parm", CONFIG), latin1, "{file}: not UTF-8 text (byte 0xe9 at line "),
     ("parm-config-a-list", generate_with("parm", CONFIG), a_list, "{file}: expected a JSON object, got a list"),
+    # a route file of align serve
+    ("serve-route-latin1", serve_route, latin1, "{file}: not UTF-8 text (byte 0xe9 at line 1, column 3)"),
+    ("serve-route-not-yaml", serve_route, not_yaml, "{file}: not valid YAML: line 2, column 2"),
     # prompts files
     ("prompts-latin1", generate_from_prompts("prompts.txt"), latin1, "{file}: not UTF-8 text (byte 0xe9 at line 1, column 3)"),
     ("prompts-cut", generate_from_prompts("prompts.jsonl"), cut_last_record, "{file}: line 2, column "),

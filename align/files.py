@@ -65,7 +65,7 @@ def read_json(path: str | os.PathLike, *, expect: type | None = dict) -> Any:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise BadFileError(
-            path, f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+            path, f"not valid JSON ({error.msg}: line {error.lineno}, column {error.colno})"
         ) from None
     if expect is not None and not isinstance(value, expect):
         kind = {dict: "object", list: "list"}.get(expect, expect.__name__)

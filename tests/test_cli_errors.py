@@ -494,13 +494,13 @@ DATA_ERRORS = {
     ".jsonl": {
         empty: "empty file (no records)",
         garbage: "not UTF-8 text (byte 0x80 at line 1, column 1)",
-        cut_last_record: "not valid JSON Lines (line 48, column",
+        cut_last_record: "not valid JSON Lines (Unterminated string starting at: line 48, column",
         latin1: "not UTF-8 text (byte 0xe9 at line 2, column 15)",
     },
     ".json": {
         empty: "empty file (no records)",
         garbage: "not UTF-8 text (byte 0x80 at line 1, column 1)",
-        cut_last_record: "not valid JSON (line 1, column",
+        cut_last_record: "not valid JSON (Unterminated string starting at: line 1, column",
         latin1: "not UTF-8 text (byte 0xe9 at line 1, column ",
     },
     ".csv": {
@@ -545,10 +545,10 @@ BAD_FILES = [
     # the model a recipe trains
     ("model-weights-half", train_on_model("model.safetensors"), half, "{file}: " + NOT_SAFETENSORS),
     ("model-weights-empty", train_on_model("model.safetensors"), empty, "{file}: empty file (expected safetensors weights)"),
-    ("model-config-half", train_on_model("config.json"), half, "{file}: not valid JSON (line "),
+    ("model-config-half", train_on_model("config.json"), half, "{file}: not valid JSON ("),
     ("model-config-latin1", train_on_model("config.json"), latin1, "{file}: not UTF-8 text (byte 0xe9 at line "),
-    ("model-tokenizer-half", train_on_model("tokenizer.json"), half, "{file}: not valid JSON (line "),
-    ("model-generation-config-half", train_on_model("generation_config.json"), half, "{file}: not valid JSON (line "),
+    ("model-tokenizer-half", train_on_model("tokenizer.json"), half, "{file}: not valid JSON ("),
+    ("model-generation-config-half", train_on_model("generation_config.json"), half, "{file}: not valid JSON ("),
     # adapters that guide decoding: PBLoRA (align's own tuner) and LoRA
     ("parm-weights-half", generate_with("parm", WEIGHTS), half, "{file}: " + NOT_SAFETENSORS),
     ("parm-weights-garbage", generate_with("parm", WEIGHTS), garbage, "{file}: " + NOT_SAFETENSORS),
@@ -556,7 +556,7 @@ BAD_FILES = [
     ("parm-weights-missing", generate_with("parm", WEIGHTS), remove, "adapter: no adapter_model.safetensors beside its adapter_config.json"),
     ("parm-weights-missing-a-tensor", generate_with("parm", WEIGHTS), drop_tensor, "{file}: lacks 1 of the adapter's 24 tensors (first base_model.model.model.layers.0.self_attn.k_proj.pblora_A.weight)"),
     ("arm-weights-missing-a-tensor", generate_with("arm", WEIGHTS), drop_tensor, "{file}: lacks 1 of the adapter's 12 tensors (first "),
-    ("parm-config-half", generate_with("parm", CONFIG), half, "{file}: not valid JSON (line "),
+    ("parm-config-half", generate_with("parm", CONFIG), half, "{file}: not valid JSON ("),
     ("parm-config-empty", generate_with("parm", CONFIG), empty, "{file}: empty file (expected JSON)"),
     ("parm-config-latin1", generate_with("parm", CONFIG), latin1, "{file}: not UTF-8 text (byte 0xe9 at line "),
     ("parm-config-a-list", generate_with("parm", CONFIG), a_list, "{file}: expected a JSON object, got a list"),
@@ -565,16 +565,16 @@ BAD_FILES = [
     ("serve-route-not-yaml", serve_route, not_yaml, "{file}: not valid YAML: line 2, column 2"),
     # prompts files
     ("prompts-latin1", generate_from_prompts("prompts.txt"), latin1, "{file}: not UTF-8 text (byte 0xe9 at line 1, column 3)"),
-    ("prompts-cut", generate_from_prompts("prompts.jsonl"), cut_last_record, "{file}: line 2, column "),
+    ("prompts-cut", generate_from_prompts("prompts.jsonl"), cut_last_record, "{file}: not valid JSON Lines (Unterminated string starting at: line 2, column 12)"),
     ("prompts-empty", generate_from_prompts("prompts.jsonl"), empty, "{file}: empty file (no prompts)"),
     # checkpoints a run resumes from
     ("resume-weights-half", resume("arm", WEIGHTS), half, "{file}: " + NOT_SAFETENSORS),
     ("resume-weights-missing", resume("arm", WEIGHTS), remove, INCOMPLETE.format(WEIGHTS)),
     ("resume-weights-missing-a-tensor", resume("arm", WEIGHTS), drop_tensor, "{file}: lacks 1 of the adapter's 12 tensors"),
     ("resume-adapter-config-missing", resume("arm", CONFIG), remove, INCOMPLETE.format(CONFIG)),
-    ("resume-adapter-config-half", resume("arm", CONFIG), half, "{file}: not valid JSON (line "),
+    ("resume-adapter-config-half", resume("arm", CONFIG), half, "{file}: not valid JSON ("),
     ("resume-trainer-state-missing", resume("arm", "trainer_state.json"), remove, INCOMPLETE.format("trainer_state.json")),
-    ("resume-trainer-state-half", resume("arm", "trainer_state.json"), half, "{file}: not valid JSON (line "),
+    ("resume-trainer-state-half", resume("arm", "trainer_state.json"), half, "{file}: not valid JSON ("),
     ("resume-optimizer-garbage", resume("arm", "optimizer.pt"), garbage, "{file}: " + TORCH_ARCHIVE),
     ("resume-scheduler-missing", resume("arm", "scheduler.pt"), remove, INCOMPLETE.format("scheduler.pt")),
     ("resume-rng-state-half", resume("arm", "rng_state.pth"), half, "{file}: " + TORCH_ARCHIVE),
@@ -584,14 +584,14 @@ BAD_FILES = [
     ("resume-method-state-empty", resume("parm", "mograd_state.pt"), empty, "{file}: empty file (expected a torch.save archive)"),
     ("resume-method-state-of-another-method", resume("parm", "mograd_state.pt"), another_method_state, "{file}: holds another method's state (entries ['weights']; dwa keeps"),
     # merge inputs
-    ("merge-weights-half", merge_models("same", lambda m: m / "model.safetensors"), half, "cannot merge these checkpoints: brief: {file}: " + NOT_SAFETENSORS),
-    ("merge-weights-garbage", merge_models("same", lambda m: m / "model.safetensors"), garbage, "{file}: " + NOT_SAFETENSORS),
-    ("merge-config-latin1", merge_models("same", lambda m: m / "config.json"), latin1, "{file}: not UTF-8 text (byte 0xe9 at line "),
-    ("merge-shard-half", merge_models("sharded", last_shard), half, "{file}: " + NOT_SAFETENSORS),
-    ("merge-shard-missing", merge_models("sharded", last_shard), remove, f"{INDEX}: names model-00005-of-00005.safetensors, which is missing"),
-    ("merge-index-half", merge_models("sharded", lambda m: m / INDEX), half, "{file}: not valid JSON (line "),
-    ("merge-lora-weights-half", merge_lora(WEIGHTS), half, "{file}: " + NOT_SAFETENSORS),
-    ("merge-lora-config-empty", merge_lora(CONFIG), empty, "{file}: empty file (expected JSON)"),
+    ("merge-input-weights-half", merge_models("same", lambda m: m / "model.safetensors"), half, "cannot merge these checkpoints: brief: {file}: " + NOT_SAFETENSORS),
+    ("merge-input-weights-garbage", merge_models("same", lambda m: m / "model.safetensors"), garbage, "{file}: " + NOT_SAFETENSORS),
+    ("merge-input-config-latin1", merge_models("same", lambda m: m / "config.json"), latin1, "{file}: not UTF-8 text (byte 0xe9 at line "),
+    ("merge-input-shard-half", merge_models("sharded", last_shard), half, "{file}: " + NOT_SAFETENSORS),
+    ("merge-input-shard-missing", merge_models("sharded", last_shard), remove, f"{INDEX}: names model-00005-of-00005.safetensors, which is missing"),
+    ("merge-input-index-half", merge_models("sharded", lambda m: m / INDEX), half, "{file}: not valid JSON ("),
+    ("merge-input-lora-weights-half", merge_lora(WEIGHTS), half, "{file}: " + NOT_SAFETENSORS),
+    ("merge-input-lora-config-empty", merge_lora(CONFIG), empty, "{file}: empty file (expected JSON)"),
 ]
 # fmt: on
 

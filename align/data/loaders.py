@@ -128,12 +128,12 @@ def _parse_problem(path: Path, error: BaseException) -> str:
                 if line.strip():
                     json.loads(line)
             except json.JSONDecodeError as problem:
-                return f"line {number}, column {problem.colno}: {problem.msg}"
+                return f"{problem.msg}: line {number}, column {problem.colno}"
     if suffix == ".json":
         try:
             json.loads(read_text(path))
         except json.JSONDecodeError as problem:
-            return f"line {problem.lineno}, column {problem.colno}: {problem.msg}"
+            return f"{problem.msg}: line {problem.lineno}, column {problem.colno}"
     cause = error.__cause__ or error
     return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
 

@@ -50,7 +50,7 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise BadFileError(
-                path, f"line {number}, column {error.colno}: not valid JSON ({error.msg})"
+                path, f"not valid JSON Lines ({error.msg}: line {number}, column {error.colno})"
             ) from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise BadFileError(path, f"line {number}: expected a JSON object with a 'prompt'")

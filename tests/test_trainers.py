@@ -387,31 +387,45 @@ def _logged_losses(run: Path, steps: int) -> list[float]:
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry][:steps]
 
 
-def _launch(config: str, recipe: Path, output_dir: Path, *overrides: str) -> None:
+def _launch(
+    config: str,
+    recipe: Path,
+    output_dir: Path,
+    *overrides: str,
+    script: list[str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """``accelerate launch`` two processes of ``align.train`` (or of ``script``, a file in
+    tests/distributed/ and its arguments, which runs align.train itself)."""
+    program = ["-m", "align.train"]
+    if script is not None:
+        program = [str(REPO / "tests" / "distributed" / script[0]), *script[1:]]
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
         str(REPO / "accelerate_configs" / config),
-        "-m",
-        "align.train",
+        *program,
         str(recipe),
         "--set",
         f"args.output_dir={output_dir}",
         *overrides,
     ]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.multiprocess
-def test_a_zero2_gml2o_run_saves_its_state_per_rank_and_resumes_to_the_same_adapter(
+def test_a_zero2_gml2o_run_killed_while_saving_resumes_to_the_same_adapter(
     tmp_path, tiny_model_dir
 ):
     """GML2O under two-process ZeRO-2 keeps its recurrent state per rank (each rank's gradient
-    partition): a checkpoint holds one state file per rank, a run resumed from it ends with the
-    uninterrupted run's adapter and state, and a resume on another world size is refused."""
+    partition): a checkpoint holds one state file per rank; a run killed while it writes a
+    checkpoint resumes from the one before and ends with the uninterrupted run's adapter and
+    state; a resume on another world size is refused."""
     from align.trainers.base import MOGRAD_SHARD_STATE, MOGRAD_STATE
 
     recipe = write_recipe(
@@ -429,12 +443,23 @@ def test_a_zero2_gml2o_run_saves_its_state_per_rank_and_resumes_to_the_same_adap
         checkpoint = uninterrupted / f"checkpoint-{step}"
         assert all((checkpoint / name).is_file() for name in files), sorted(checkpoint.iterdir())
         assert not (checkpoint / MOGRAD_STATE).exists()
-    # Resuming from checkpoint-2 is what a run killed after it does (the kill-and-resume path
-    # itself: test_a_run_killed_after_a_checkpoint_resumes_to_the_same_adapter).
+    # A run killed (SIGKILL, rank 1) half-way through writing checkpoint-4's files: the partial
+    # checkpoint is never picked up, and the run resumes from checkpoint-2.
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
-    _launch("deepspeed_zero2_cpu.yaml", recipe, resumed)
+    killed = _launch(
+        "deepspeed_zero2_cpu.yaml",
+        recipe,
+        resumed,
+        script=["kill_during_save.py", "checkpoint-4"],
+        check=False,
+    )
+    assert killed.returncode != 0, "the run was not killed"
+    assert not (resumed / "final").exists() and not (resumed / "checkpoint-4").exists()
+    partial = resumed / ".checkpoint-4.partial"
+    assert any(path.is_file() for path in partial.rglob("*")), "killed before writing anything"
+    log = _launch("deepspeed_zero2_cpu.yaml", recipe, resumed).stdout
+    assert f"resuming from {resumed / 'checkpoint-2'}" in log
+    assert not partial.exists()
     expected, got = _final_adapter(uninterrupted), _final_adapter(resumed)
     assert expected.keys() == got.keys()
     for name in expected:

@@ -67,6 +67,13 @@ class AtomicCheckpoints:
         run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         staging_root = run_dir / f".{name}.partial"
+        # A staging folder left by a run killed while it wrote this checkpoint: none of its
+        # files may end up in the new one. The barriers are unconditional: whether the folder
+        # exists depends on when each process looks (the main one may have started writing).
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)

@@ -501,7 +501,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny
         timeout=600,
     )
     distributed = tmp_path / "distributed"
-    _launch(config, recipe, distributed, "--set", "args.per_device_train_batch_size=2")
+    launch = _launch(config, recipe, distributed, "--set", "args.per_device_train_batch_size=2")
+    # DDP is not asked to search for unused parameters (an autograd traversal every step).
+    assert "find_unused_parameters=True" not in launch.stderr
     if "deepspeed" in config:
         # DeepSpeed really ran (not a plain multi-CPU run under its name): its checkpoint layout.
         assert list((distributed / "checkpoint-4").glob("global_step*")), "no DeepSpeed checkpoint"

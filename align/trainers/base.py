@@ -41,11 +41,11 @@ from align.trainers.data import (
     select_objectives,
     tokenize_preference_dataset,
 )
-from align.trainers.options import KeepsCheckpointingDefault, add_aggregator_parameters
+from align.trainers.options import AlignTrainingDefaults, add_aggregator_parameters
 
 
 @dataclass
-class MultiObjectivePreferenceConfig(KeepsCheckpointingDefault, DPOConfig):
+class MultiObjectivePreferenceConfig(AlignTrainingDefaults, DPOConfig):
     """Fields every align preference trainer adds to TRL's ``DPOConfig``."""
 
     objectives: list[str] | None = field(

@@ -44,7 +44,7 @@ from trl.trainer.utils import nanstd
 
 from align.preference import Preference, check_objectives, sample_preferences
 from align.trainers.checkpoints import AtomicCheckpoints
-from align.trainers.options import KeepsCheckpointingDefault, add_aggregator_parameters
+from align.trainers.options import AlignTrainingDefaults, add_aggregator_parameters
 from align.trainers.registry import register_trainer
 
 MODES = ("scalarized", "per_objective")
@@ -55,7 +55,7 @@ _EPS = 1e-4  # TRL's
 
 
 @dataclass
-class MOGRPOConfig(KeepsCheckpointingDefault, GRPOConfig):
+class MOGRPOConfig(AlignTrainingDefaults, GRPOConfig):
     """TRL's ``GRPOConfig`` plus what multi-objective RL needs (α, rewards, mode, adapter)."""
 
     objectives: list[str] | None = field(

@@ -20,9 +20,16 @@ def keep_checkpointing_default(config: Any) -> None:
 
 
 @dataclass
-class KeepsCheckpointingDefault:
+class AlignTrainingDefaults:
     """Config mixin (before the TRL config in the bases): the old checkpointing name declared
-    ``None`` by default and resolved by :func:`keep_checkpointing_default`."""
+    ``None`` by default and resolved by :func:`keep_checkpointing_default`, and DDP told that
+    every trainable parameter takes part in every step.
+
+    transformers asks DDP to search for unused parameters whenever the model is not a bare
+    ``PreTrainedModel`` (a PEFT model never is): an extra autograd traversal every step, and a
+    warning that it found none. Every trainable parameter of align's adapters is on the path of
+    every loss, so the search is off unless a recipe sets ``ddp_find_unused_parameters: true``
+    (e.g. for a LoRA on a module its loss never reaches)."""
 
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -33,6 +40,8 @@ class KeepsCheckpointingDefault:
 
     def __post_init__(self) -> None:
         keep_checkpointing_default(self)
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
 
 

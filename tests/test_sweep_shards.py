@@ -293,3 +293,18 @@ def test_evaluate_module_reports_a_bad_config_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "missing.yaml")])
     assert str(exit_info.value).startswith("error: evaluation config")
+
+
+def test_leave_process_group_destroys_the_default_group_once(tmp_path):
+    # What every entry point calls on its way out (a gloo group left to interpreter exit can
+    # abort a process whose work is done).
+    import torch.distributed as dist
+
+    from align.distributed import leave_process_group
+
+    store = tmp_path / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    leave_process_group()
+    assert not dist.is_initialized()
+    leave_process_group()  # nothing left to destroy: a no-op

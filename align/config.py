@@ -1,6 +1,6 @@
 """One way in for every YAML file align reads: training recipes (:mod:`align.train`), evaluation
 configs (:mod:`align.sweep.run`), merge configs (:mod:`align.merging.config`) and meta-training
-recipes (:mod:`align.mograd.learned.training`).
+recipes (``lab.meta_training``, the repository's research code).
 
 Each reads its file with :func:`read_config` (missing file, broken YAML, not a mapping: one
 message naming the file), applies ``key.sub=value`` overrides the same way, reads ``1e-4`` as

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python evaluation/ml2o_heldout.py                  # 3 seeds, 100 steps
     OMP_NUM_THREADS=1 python evaluation/ml2o_heldout.py --seeds 0 --steps 50 --output r.json
 
-The problems (:func:`align.mograd.learned.training.problems.heldout_problems`) differ from the
+The problems (:func:`lab.meta_training.problems.heldout_problems`) differ from the
 meta-training distribution in size, architecture, data and number of objectives: ZDT2 (n = 20)
 and DTLZ2 (m = 3), a rotated quadratic with n = 200 and m = 4, a 2-hidden-layer GELU multi-task
 network with three tasks on mixture data, a rank-4 adapter on the o/up projections of a 3-layer
@@ -40,10 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# lab/ (the research code, not shipped with align) is found from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from align.metrics import hypervolume
 from align.mograd import get_aggregator
-from align.mograd.learned.training.meta import jacobian_at
-from align.mograd.learned.training.problems import Problem, heldout_problems
+from lab.meta_training.meta import jacobian_at
+from lab.meta_training.problems import Problem, heldout_problems
 
 METHODS = ("ml2o", "gml2o", "gram_l2o", "mgda", "pcgrad", "linear")
 #: Learned methods (rows of the "paired by seed" table).

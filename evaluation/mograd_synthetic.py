@@ -34,9 +34,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+# lab/ (the research code, not shipped with align) is found from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from align.io import atomic_file
 from align.metrics import hypervolume
-from align.mograd.synthetic import (
+from align.preference import simplex_grid
+from lab.synthetic import (
     PROBLEMS,
     PSL_PROTOCOL,
     get_problem,
@@ -45,7 +49,6 @@ from align.mograd.synthetic import (
     pareto_set_learning,
     solve_finite_set,
 )
-from align.preference import simplex_grid
 
 DEFAULTS = {
     # Plain projected gradient descent, as the finite-set solver is specified.

@@ -23,8 +23,8 @@ from align.mograd.learned.gram_l2o import (
     load_gram_network,
     save_gram_network,
 )
-from align.mograd.learned.training.gram_meta import GramMetaConfig, meta_train_gram
-from align.mograd.learned.training.problems import BoxProblem, Quadratic
+from lab.meta_training.gram_meta import GramMetaConfig, meta_train_gram
+from lab.meta_training.problems import BoxProblem, Quadratic
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

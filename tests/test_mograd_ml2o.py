@@ -22,8 +22,8 @@ from align.mograd.learned.ml2o import (
     save_network,
 )
 from align.mograd.learned.network import ML2ONet, encode, network_inputs
-from align.mograd.learned.training.meta import MetaConfig, meta_train, progress
-from align.mograd.learned.training.problems import Quadratic
+from lab.meta_training.meta import MetaConfig, meta_train, progress
+from lab.meta_training.problems import Quadratic
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from align.metrics import hypervolume, pareto_mask
 from align.mograd import available_aggregators
-from align.mograd.synthetic import (
+from align.preference import simplex_grid
+from lab.synthetic import (
     PROBLEMS,
     PSL_PROTOCOL,
     ParetoSetModel,
@@ -25,8 +26,7 @@ from align.mograd.synthetic import (
     pareto_set_learning,
     solve_finite_set,
 )
-from align.mograd.synthetic.solvers import responds_to_preference
-from align.preference import simplex_grid
+from lab.synthetic.solvers import responds_to_preference
 
 pymoo_problems = pytest.importorskip("pymoo.problems")
 

@@ -99,8 +99,8 @@ def test_research_code_stays_off_the_runtime_import_path():
         "from align.mograd.registry import METHODS\n"
         "from align.merging.registry import METHODS as MERGES\n"
         "METHODS.names(); MERGES.names()\n"
-        "loaded = [m for m in sys.modules if m.startswith(('align.testing', "
-        "'align.mograd.learned.training', 'align.mograd.synthetic'))]\n"
+        "loaded = [m for m in sys.modules if m == 'lab' or m.startswith(('align.testing', "
+        "'lab.'))]\n"
         "print(loaded)\n"
     )
     result = subprocess.run(

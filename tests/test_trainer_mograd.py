@@ -128,7 +128,7 @@ def test_the_preference_aware_flags_match_what_each_method_does_with_alpha():
     """The declared flags against a probe: two different α on the same losses / Gram (an
     independent check, run on fresh instances of every registered method)."""
     from align.mograd.registry import canonical_aggregators
-    from align.mograd.synthetic.solvers import responds_to_preference
+    from lab.synthetic.solvers import responds_to_preference
 
     for name in canonical_aggregators():
         declared = name in preference_aware_aggregators()

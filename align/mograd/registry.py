@@ -14,8 +14,8 @@ from typing import Any
 from align.mograd.base import MultiGradientMethod
 from align.registry import Registry
 
-#: Sub-packages (``learned.training``: meta-training) are not scanned: research code stays off
-#: the runtime import path.
+#: Research code (meta-training, synthetic problems) lives outside the package, in the
+#: repository's ``lab/``: nothing here imports it.
 METHODS: Registry = Registry(
     "multi-gradient method",
     ("align.mograd.scalarizations", "align.mograd.aggregators", "align.mograd.learned"),

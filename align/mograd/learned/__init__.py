@@ -16,9 +16,9 @@ update ``d (P,)`` out, coordinate by coordinate, with per-coordinate recurrent s
   Gram matrix, the losses and a short history to simplex weights w, ``d = wᵀJ``, guarded by
   GML2O's test written on the Gram; it runs wherever MGDA runs (DDP, ZeRO-0/1/2/3,
   feature-level), with m × 19 numbers of state;
-* :mod:`~align.mograd.learned.training` — meta-training (the problem distribution and the
-  truncated-BPTT meta-trainers), off the runtime import path:
-  ``python -m align.mograd.learned.training recipes/ml2o_meta.yaml`` (or
+* ``lab/meta_training/`` (the repository's research code, not shipped) — meta-training (the
+  problem distribution and the truncated-BPTT meta-trainers):
+  ``python -m lab.meta_training recipes/ml2o_meta.yaml`` (or
   ``recipes/gram_l2o_meta.yaml``) retrains the weights.
 
 The design choices the paper leaves open, and measured results, are in ``README.md`` here.

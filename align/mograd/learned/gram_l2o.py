@@ -46,7 +46,7 @@ after a rejection the network sees MGDA's weights as the previous ones). Under
 ``accumulation="micro"`` with k micro-batches per optimizer step it advances k times per step.
 A call with another m starts a fresh history, with a warning.
 
-Meta-trained like ML2O (:mod:`~align.mograd.learned.training.gram_meta`, the same problems and
+Meta-trained like ML2O (``lab.meta_training.gram_meta`` in the repository, the same problems and
 meta-loss, without the guard); default weights ship in ``weights/gram_l2o_default.safetensors``.
 """
 
@@ -217,7 +217,7 @@ def load_gram_network(source: str | os.PathLike | GramL2ONet | None = "default")
         GramL2ONet,
         source,
         default_weights_path(),
-        "train them with `python -m align.mograd.learned.training recipes/gram_l2o_meta.yaml` "
+        "train them with `python -m lab.meta_training recipes/gram_l2o_meta.yaml` "
         "or pass weights=None (untrained)",
     )
 

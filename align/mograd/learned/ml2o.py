@@ -56,7 +56,7 @@ def load_network(source: str | os.PathLike | ML2ONet | None = "default") -> ML2O
         ML2ONet,
         source,
         default_weights_path(),
-        "train them with `python -m align.mograd.learned.training recipes/ml2o_meta.yaml` or "
+        "train them with `python -m lab.meta_training recipes/ml2o_meta.yaml` or "
         "pass weights=None for the untrained (MGDA-equivalent) network",
     )
 

@@ -4,7 +4,7 @@ Every problem is a function of one flat parameter vector ``x (dim,)`` returning 
 objectives ``f(x) (m,)`` (all minimised, all ≥ 0), differentiable in x so that the meta-trainer
 can back-propagate through the trajectory. Four families:
 
-* :class:`BoxProblem` — a benchmark of :mod:`align.mograd.synthetic` (ZDT1/2, VLMOP2, DTLZ2) with
+* :class:`BoxProblem` — a benchmark of :mod:`lab.synthetic` (ZDT1/2, VLMOP2, DTLZ2) with
   projection onto its box; deterministic.
 * :class:`Quadratic` — ``f_i = ½ mean((A_i (x − a_i))²)``, random ill-conditioned A_i, distinct
   minimisers a_i (so the objectives conflict), optional gradient noise (a random linear term
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from align.mograd.synthetic.problems import get_problem
+from lab.synthetic.problems import get_problem
 
 
 class Problem:
@@ -61,7 +61,7 @@ class Problem:
 
 
 class BoxProblem(Problem):
-    """A :mod:`align.mograd.synthetic` benchmark, float32, projected onto its box."""
+    """A :mod:`lab.synthetic` benchmark, float32, projected onto its box."""
 
     def __init__(self, name: str, lr: float = 0.05, **options) -> None:
         self.problem = get_problem(name, **options)

@@ -1,14 +1,14 @@
 """Synthetic multi-objective problems with known Pareto fronts, and solvers that run any
 registered multi-gradient method on them — the test bench of :mod:`align.mograd`.
 
-* :mod:`~align.mograd.synthetic.problems`: ZDT1, ZDT2, VLMOP2, DTLZ2 as differentiable torch
+* :mod:`~lab.synthetic.problems`: ZDT1, ZDT2, VLMOP2, DTLZ2 as differentiable torch
   functions with bounds, dense true fronts and reference points;
-* :mod:`~align.mograd.synthetic.solvers`: a finite-set solver (one solution per α) and Pareto
+* :mod:`~lab.synthetic.solvers`: a finite-set solver (one solution per α) and Pareto
   set learning (an α-conditioned network; by default the smooth Tchebycheff paper's protocol,
   ``PSL_PROTOCOL``), both scored by hypervolume gap.
 """
 
-from align.mograd.synthetic.problems import (
+from lab.synthetic.problems import (
     DTLZ2,
     PROBLEMS,
     VLMOP2,
@@ -17,7 +17,7 @@ from align.mograd.synthetic.problems import (
     SyntheticProblem,
     get_problem,
 )
-from align.mograd.synthetic.solvers import (
+from lab.synthetic.solvers import (
     PSL_PROTOCOL,
     ParetoSetModel,
     SolveResult,

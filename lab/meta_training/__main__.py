@@ -1,12 +1,12 @@
 """Meta-train ML2O (or Gram-L2O) from a recipe and write the weights.
 
-    python -m align.mograd.learned.training recipes/ml2o_meta.yaml
-    python -m align.mograd.learned.training recipes/gram_l2o_meta.yaml   # method: gram_l2o
-    python -m align.mograd.learned.training recipes/ml2o_meta.yaml --output /tmp/ml2o.safetensors \\
+    python -m lab.meta_training recipes/ml2o_meta.yaml
+    python -m lab.meta_training recipes/gram_l2o_meta.yaml   # method: gram_l2o
+    python -m lab.meta_training recipes/ml2o_meta.yaml --output /tmp/ml2o.safetensors \\
         --set max_minutes=1 --set iterations=50
 
-The recipe's ``meta:`` block holds the fields of :class:`~align.mograd.learned.training.meta.MetaConfig`;
-``method:`` is ``ml2o`` (default) or ``gram_l2o`` (:mod:`~align.mograd.learned.training.gram_meta`);
+The recipe's ``meta:`` block holds the fields of :class:`~lab.meta_training.meta.MetaConfig`;
+``method:`` is ``ml2o`` (default) or ``gram_l2o`` (:mod:`~lab.meta_training.gram_meta`);
 ``output:`` is where the weights go (relative paths from the current directory). The weights
 file carries the network config and a summary of the run (settings, wall time, validation of
 the untrained = MGDA network and of the trained one) in its metadata
@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m align.mograd.learned.training")
+    parser = argparse.ArgumentParser(prog="python -m lab.meta_training")
     parser.add_argument("recipe", help="a YAML recipe (recipes/ml2o_meta.yaml)")
     parser.add_argument("--output", help="where to write the weights (default: the recipe's)")
     parser.add_argument(
@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     method = str(recipe.get("method", "ml2o")).lower()
     if method == "gram_l2o":
         from align.mograd.learned.gram_l2o import save_gram_network as save_network
-        from align.mograd.learned.training.gram_meta import GramMetaConfig as MetaConfig
-        from align.mograd.learned.training.gram_meta import meta_train_gram as meta_train
+        from lab.meta_training.gram_meta import GramMetaConfig as MetaConfig
+        from lab.meta_training.gram_meta import meta_train_gram as meta_train
     elif method == "ml2o":
         from align.mograd.learned.ml2o import save_network
-        from align.mograd.learned.training.meta import MetaConfig, meta_train
+        from lab.meta_training.meta import MetaConfig, meta_train
     else:
         parser.error(f"method must be ml2o or gram_l2o, got {method!r}")
     config = build_dataclass(MetaConfig, recipe.get("meta") or {}, "meta-training recipe 'meta'")

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from align.mograd.learned.network import ML2ONet, network_inputs
-from align.mograd.learned.training.problems import FAMILIES, Problem, sample_problem
+from lab.meta_training.problems import FAMILIES, Problem, sample_problem
 
 
 @dataclass

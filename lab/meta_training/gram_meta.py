@@ -8,7 +8,7 @@ segment, x and the history detached after it) and the cosine schedule are ML2O's
 and its history to simplex weights w and the step is ``x ← Π(x − η wᵀJ)``. Meta-training runs
 the network unguarded (as ML2O is meta-trained without GML2O's guard).
 
-    python -m align.mograd.learned.training recipes/gram_l2o_meta.yaml
+    python -m lab.meta_training recipes/gram_l2o_meta.yaml
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from align.mograd.learned.gram_l2o import GramL2ONet
-from align.mograd.learned.training.meta import (
+from lab.meta_training.meta import (
     Learner,
     MetaConfig,
     train_network,

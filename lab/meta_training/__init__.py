@@ -2,6 +2,6 @@
 
 * :mod:`.problems` — the training problem distribution and the held-out problems;
 * :mod:`.meta` — ML2O's truncated-BPTT meta-trainer; :mod:`.gram_meta` — Gram-L2O's;
-* ``python -m align.mograd.learned.training recipes/ml2o_meta.yaml`` (or
+* ``python -m lab.meta_training recipes/ml2o_meta.yaml`` (or
   ``recipes/gram_l2o_meta.yaml``) retrains the shipped weights.
 """

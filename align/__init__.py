@@ -15,6 +15,9 @@ _LAZY = {
     "simplex_grid": "align.preference",
 }
 
+#: Sub-packages reachable as attributes (``align.scorers``) without an import of their own.
+_SUBMODULES = ("adapters", "data", "decoding", "models", "preference", "rewards", "scorers")
+
 __all__ = ["Preference", "__version__", "sample_preferences", "simplex_grid"]
 
 # Third-party start-up noise an align user cannot act on is filtered before it is logged.
@@ -27,15 +30,6 @@ _peft_hook.install()
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in {
-        "adapters",
-        "data",
-        "decoding",
-        "models",
-        "pareto",
-        "preference",
-        "rewards",
-        "scorers",
-    }:
+    if name in _SUBMODULES:
         return importlib.import_module(f"align.{name}")
     raise AttributeError(f"module 'align' has no attribute {name!r}")

@@ -156,7 +156,7 @@ def demo(
         ),
     ] = None,
     recipes: Annotated[
-        Path | None, typer.Option(help="Recipe folder (default: the checkout's recipes/).")
+        Path | None, typer.Option(help="Recipe folder (default: the recipes align ships).")
     ] = None,
     overrides: Annotated[
         list[str] | None,

@@ -4,6 +4,8 @@ Stages, each cached in the output folder and reused on a re-run when its setting
 
 1. **data** — the shipped ``recipes/data/positive_brief.jsonl`` (real SmolLM2 answers labelled
    by VADER sentiment and token count; :mod:`align.demo.dataset`), or built when missing;
+   the recipes and the dataset are package data (``align/recipes/``, which a checkout's
+   ``recipes/`` links to): an installed align finds them outside a checkout;
 2. **parm** — one PARM trained on both objectives (``recipes/parm_cpu.yaml``);
 3. **arms** — one GenARM ARM per objective (``recipes/genarm_cpu.yaml``);
 4. **policy** (``--with-dpo``) — an SVD-LoRA policy trained by preference DPO
@@ -37,9 +39,17 @@ EVAL_PROMPT_OFFSET = 270
 SHIPPED_OBJECTIVES = {"positive": "positivity", "brief": "brevity"}
 
 
-def repository_root() -> Path:
-    """The checkout align runs from (recipes/ and the shipped dataset live there)."""
-    return Path(__file__).resolve().parents[2]
+def shipped_recipes() -> Path:
+    """The recipes align ships: ``align/recipes/`` of the installed package (package data; in a
+    checkout, what ``recipes/`` at the repository root links to)."""
+    from importlib import resources
+
+    return Path(str(resources.files("align").joinpath("recipes")))
+
+
+def shipped_dataset() -> Path:
+    """The demo's shipped dataset (real SmolLM2 answers, ``recipes/data/positive_brief.jsonl``)."""
+    return shipped_recipes() / "data" / "positive_brief.jsonl"
 
 
 @dataclass
@@ -53,7 +63,7 @@ class DemoConfig:
     #: Objective → scorer (``align scorers``); None: the shipped dataset's. Any dataset with two
     #: or more objectives runs: one PARM on all of them, one ARM each, soups along all of them.
     objectives: dict[str, str] | None = None
-    recipes: str | None = None  # None: <checkout>/recipes
+    recipes: str | None = None  # None: the shipped recipes (shipped_recipes())
     # 40 PARM steps and 20 per ARM (the same pairs budget) keep `make demo` within 15 minutes on
     # 2 CPU cores; 60 / 30 reach further (the README's ablation table).
     parm_steps: int = 40
@@ -83,11 +93,12 @@ class DemoConfig:
     overrides: tuple[str, ...] = ()
 
     def recipes_dir(self) -> Path:
-        folder = Path(self.recipes) if self.recipes else repository_root() / "recipes"
+        folder = Path(self.recipes) if self.recipes else shipped_recipes()
         if not (folder / "parm_cpu.yaml").is_file():
+            where = "" if self.recipes else " (align's installation lacks its package data)"
             raise FileNotFoundError(
-                f"the demo's recipes are not in {folder}: run it from a clone of align "
-                "(git clone ...; cd align; align demo) or pass --recipes"
+                f"the demo's recipes are not in {folder}{where}: pass --recipes DIR, a folder "
+                "with align's recipes (recipes/ of a clone)"
             )
         return folder
 
@@ -305,10 +316,11 @@ def demo_dataset(config: DemoConfig, out: Path) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"no dataset at {path}")
         return path.resolve()
-    shipped = repository_root() / "recipes" / "data" / "positive_brief.jsonl"
+    shipped = shipped_dataset()
     if shipped.is_file() and config.model == "smollm2-135m-instruct":
         return shipped
-    # Another model, or no checkout: make the dataset from this model's own answers.
+    # Another model (or an installation without its package data): make the dataset from this
+    # model's own answers.
     from align.demo.dataset import build_demo_dataset, write_demo_dataset
 
     path = out / "data" / "positive_brief.jsonl"

@@ -42,12 +42,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from align.data import load_preference_data
-    from align.demo.pipeline import repository_root
+    from align.demo.pipeline import shipped_dataset
     from align.models import load_model
     from align.trainers import PARMConfig, PARMTrainer
 
     model, tokenizer = load_model()
-    pairs = load_preference_data(repository_root() / "recipes/data/positive_brief.jsonl")
+    pairs = load_preference_data(shipped_dataset())
     pairs = pairs.select(range(64))
     common = dict(
         output_dir="/tmp/align-bench",

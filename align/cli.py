@@ -654,5 +654,28 @@ def merge(
     console.print(f"{len(folders)} folder(s) in {time.perf_counter() - started:.1f} s")
 
 
+@app.command("convert-parm")
+def convert_parm(
+    src: Annotated[Path, typer.Argument(help="A PBLoRA adapter folder of PARM's own code.")],
+    dst: Annotated[Path, typer.Argument(help="The folder to write (new or empty).")],
+    objective: Annotated[
+        list[str] | None,
+        typer.Option(help="Objective name, one per preference dimension in pref_vec's order."),
+    ] = None,
+    to_reference: Annotated[
+        bool,
+        typer.Option("--to-reference", help="The other way: an align PBLoRA folder to PARM's."),
+    ] = False,
+) -> None:
+    """Convert a PBLoRA adapter between the layout of PARM's reference code and align's."""
+    from align.adapters.pblora.reference import convert_reference_parm, save_reference_parm
+
+    if to_reference:
+        written = save_reference_parm(src, dst)
+    else:
+        written = convert_reference_parm(src, dst, objective or [])
+    console.print(f"wrote {written}")
+
+
 if __name__ == "__main__":
     app()

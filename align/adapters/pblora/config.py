@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from align.adapters.config import PreferenceAdapterConfig
 
@@ -14,9 +15,13 @@ THETA_INITS = ("fan_in_m", "parm")
 class PBLoraConfig(PreferenceAdapterConfig):
     """``ΔW(α) = s · (B1 W1 A1 + B2 W2(α) A2)`` with ``W2(α) = reshape(Θ α, r2×r2)``.
 
-    Defaults are PARM's: r1 = r2 = 4, lora_alpha = 8, scaling ``s = lora_alpha / r2`` on both
-    blocks, dropout 0.05, q/k/v projections, A / W1 / Θ kaiming-uniform and B zero (so the
-    adapter starts as the identity).
+    The sizes are those of PARM's training run (its ``code/training/run.sh``: r1 = r2 = 4,
+    lora_alpha = 8; ``train_pref_arm.py``: dropout 0.05, q/k/v projections), with its scaling
+    ``s = lora_alpha / r2`` on both blocks. A and W1 are Kaiming-uniform and B zero, as in PARM's
+    ``reset_lora_parameters`` (so the adapter starts as the identity). Θ is not initialised as
+    PARM's by default: PARM stores it as W2 (m, r2²) and draws that Kaiming-uniform, U(±1/r2);
+    the default ``theta_init="fan_in_m"`` draws Θ (r2², m) Kaiming-uniform, U(±1/√m). Pass
+    ``theta_init="parm"`` for PARM's. Folders of PARM's own code: :mod:`.reference`.
     """
 
     @classmethod
@@ -54,6 +59,18 @@ class PBLoraConfig(PreferenceAdapterConfig):
             raise ValueError(
                 f"PBLoraConfig needs r1 >= 0 and r2 >= 1, got r1={self.r1}, r2={self.r2}"
             )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder=None, **kwargs):
+        """PEFT's, refusing a folder of PARM's reference code: its tensors have other names, so
+        PEFT would load it as an identity adapter with a mere missing-keys warning."""
+        from align.adapters.pblora.reference import reference_layout, reference_layout_error
+
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        reason = reference_layout(folder) if folder.is_dir() else None  # hub ids: not checked
+        if reason:
+            raise reference_layout_error(folder, reason)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     @property
     def scaling(self) -> float:

@@ -869,8 +869,10 @@ def test_sigterm_drains_align_serve_and_it_exits_0_in_time(model_folders):
                 ends.append(rest_of_stream(response)[-1])
                 connection.close()
             status, _, answer = whole.result(30)
-        assert process.wait(timeout=15) == 0, process.stdout.read()
-        assert time.monotonic() - signalled < 0.5 + 5  # --shutdown-timeout and a margin
+        assert process.wait(timeout=30) == 0, process.stdout.read()
+        # --shutdown-timeout and a margin: a bound (no hang), not a timing; on a loaded 2-core
+        # machine a decoding step and the interpreter's teardown took 6.7 s.
+        assert time.monotonic() - signalled < 0.5 + 20
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,6 +1,7 @@
 """What the wheel ships: the recipes and the demo's dataset as package data, no research code
 (lab/), and an installed align that finds them outside a checkout; the names ``align`` lists."""
 
+import ast
 import importlib
 import json
 import os
@@ -56,6 +57,22 @@ def test_the_checkout_recipes_folder_is_the_packages():
     assert (REPO / "recipes").resolve() == shipped_recipes().resolve() == PACKAGE / "recipes"
     assert DemoConfig().recipes_dir() == shipped_recipes()
     assert shipped_dataset().is_file()
+
+
+def test_no_module_of_align_imports_the_research_package():
+    """lab/ (synthetic problems, meta-training) is not installed: align must not need it."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(name == "lab" or name.startswith("lab.") for name in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
 
 
 def test_the_wheel_ships_recipes_and_dataset_not_lab_and_works_outside_a_checkout(tmp_path):

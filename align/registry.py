@@ -31,7 +31,8 @@ class Registry(Generic[T]):
     ``what`` names the kind of thing in errors ("merge method", "scorer"); ``packages`` are
     imported on first lookup (a package's modules one by one, so each built-in registers itself;
     sub-packages are left alone, which keeps research code such as meta-training off the runtime
-    import path); ``attribute`` is the class attribute set to the registered name.
+    import path; a plain module is imported itself); ``attribute`` is the class attribute set to
+    the registered name.
     """
 
     def __init__(self, what: str, packages: tuple[str, ...] = (), *, attribute: str = "name"):

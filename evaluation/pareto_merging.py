@@ -30,7 +30,7 @@ import torch
 
 from align.io import atomic_directory
 from align.merging import ParetoArtifact, get_merge_method, open_inputs, pareto_merge
-from align.merging.io import copy_side_files, read_stack
+from align.merging.checkpoint_io import copy_side_files, read_stack
 from align.metrics import hypervolume, pareto_mask
 from align.models import cache_root, embedded_model_path
 from align.preference import simplex_grid

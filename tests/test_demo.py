@@ -381,7 +381,7 @@ def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from align.merging.adapters import merge_lora_adapters
+    from align.merging.lora import merge_lora_adapters
     from align.models import load_model
     from align.sweep.routes import MergedRoute, Runtime
 

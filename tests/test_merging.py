@@ -34,7 +34,8 @@ from align.merging import (
     parse_merge_config,
 )
 from align.merging.base import tensor_seed
-from align.merging.io import INDEX_NAME, MERGE_INFO, SWEEP_INFO, StreamingWriter
+from align.merging.checkpoint_io import INDEX_NAME, MERGE_INFO, StreamingWriter
+from align.merging.sweeps import SWEEP_INFO
 from align.metrics import pareto_mask
 from align.preference import simplex_grid
 
@@ -376,7 +377,7 @@ def test_merge_killed_mid_write_leaves_nothing_that_looks_complete(checkpoints, 
         import time
         from pathlib import Path
         from align.merging import merge_checkpoints
-        from align.merging.io import StreamingWriter
+        from align.merging.checkpoint_io import StreamingWriter
 
         original = StreamingWriter.write
         def slow(self, name, tensor):
@@ -439,7 +440,7 @@ def test_sweep_killed_half_way_resumes_from_the_finished_alphas(checkpoints, tmp
         import time
         from pathlib import Path
         from align.merging import engine, merge_checkpoints
-        from align.merging.io import StreamingWriter
+        from align.merging.checkpoint_io import StreamingWriter
 
         calls, original = [0], engine.stream_merge
         def counted(*args, **kwargs):
@@ -551,6 +552,56 @@ def test_a_sweep_interrupted_by_ctrl_c_resumes_in_the_same_process(tmp_path):
     made.clear()
     write_sweep(tmp_path / "t", grid, produce, merge_method="m", job={"inputs": "y"})
     assert len(made) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["s", "t"]
+
+
+def test_a_merge_sweep_resumes_by_content_not_by_modification_time(
+    checkpoints, tmp_path, monkeypatch
+):
+    """An input touched but unchanged (new mtime) keeps the finished α; an input changed in
+    place (same size, other bytes, old mtime put back) redoes the sweep from the start."""
+    import shutil
+
+    from align.merging import engine
+
+    helpful = tmp_path / "helpful"
+    shutil.copytree(checkpoints["helpful"], helpful)
+    weights = helpful / "model.safetensors"
+    models = {"helpful": str(helpful), "harmless": str(checkpoints["harmless"])}
+    produced, original = [], engine.stream_merge
+
+    def sweep(out: Path, stop_after: int | None = None) -> None:
+        def spy(inputs, method, preferences, folders, **kwargs):
+            if len(produced) == stop_after:
+                raise KeyboardInterrupt  # Ctrl-C keeps the staging folder for a re-run
+            produced.extend(p.to_dict()["helpful"] for p in preferences)
+            return original(inputs, method, preferences, folders, **kwargs)
+
+        produced.clear()
+        monkeypatch.setattr(engine, "stream_merge", spy)
+        kwargs = {"method": "linear", "sweep": 4, "pass_size": 1}
+        if stop_after is None:
+            merge_checkpoints(models, out, **kwargs)
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                merge_checkpoints(models, out, **kwargs)
+
+    sweep(tmp_path / "touched", stop_after=2)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**10))  # touched, same bytes
+    sweep(tmp_path / "touched")
+    assert sorted(produced) == pytest.approx([0.5, 0.75, 1.0])  # the two finished α reused
+
+    sweep(tmp_path / "changed", stop_after=2)
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    first = 8 + int.from_bytes(data[:8], "little")  # the first byte after the header
+    data[first] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    assert weights.stat().st_size == stat.st_size
+    sweep(tmp_path / "changed")
+    assert sorted(produced) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # all redone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["changed", "helpful", "touched"]
 
 
 def test_stale_staging_is_removed_live_and_unknown_staging_is_kept(tmp_path):

@@ -82,7 +82,8 @@ def test_the_kind_of_a_multi_gradient_method_is_its_base_class():
 
 
 def test_every_merge_method_runs_through_the_registry():
-    from align.merging.base import Merge, MergeMethod
+    from align.merging.base import Merge
+    from align.merging.engine import MergeMethod
     from align.merging.registry import METHODS, get_merge_method
 
     for name in METHODS.names():

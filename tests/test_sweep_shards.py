@@ -47,7 +47,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     from peft import LoraConfig, get_peft_model
 
     from align.adapters import PBLoraConfig
-    from align.merging.adapters import merge_lora_adapters
+    from align.merging.lora import merge_lora_adapters
     from align.models import load_model
     from align.testing import tiny_causal_lm
 

@@ -345,7 +345,7 @@ def demo_dataset(config: DemoConfig, out: Path) -> Path:
 
 def _soup(config: DemoConfig, out: Path, arms: dict[str, Path]) -> Path:
     from align.io import content_digest
-    from align.merging.adapters import merge_lora_adapters
+    from align.merging.lora import merge_lora_adapters
 
     folder = out / "soup"
     # Keyed by what the ARMs contain, not where they are: a retrained ARM makes a new soup.

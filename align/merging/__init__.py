@@ -14,8 +14,7 @@ Inputs are validated before any work (:class:`MergeInputError` lists every misma
 checkpoints are refused, and every output folder is written atomically.
 """
 
-from align.merging.adapters import merge_lora_adapters
-from align.merging.base import MergeMethod
+from align.merging.checkpoint_io import MERGE_INFO, Checkpoint, CheckpointError, StreamingWriter
 from align.merging.config import (
     MergeConfig,
     MergeConfigError,
@@ -23,18 +22,11 @@ from align.merging.config import (
     parse_merge_config,
     run_merge_config,
 )
-from align.merging.engine import MergeInputs, merge_checkpoints, open_inputs
-from align.merging.io import (
-    MERGE_INFO,
-    SWEEP_INFO,
-    Checkpoint,
-    CheckpointError,
-    StreamingWriter,
-    sweep_preferences,
-    write_sweep,
-)
+from align.merging.engine import MergeInputs, MergeMethod, merge_checkpoints, open_inputs
+from align.merging.lora import merge_lora_adapters
 from align.merging.pareto import ParetoArtifact, ParetoMergeOptions, pareto_merge
 from align.merging.registry import available_merge_methods, get_merge_method, register_merge_method
+from align.merging.sweeps import SWEEP_INFO, sweep_preferences, write_sweep
 from align.merging.validation import MergeInputError, check_compatible
 
 __all__ = [

@@ -1,12 +1,15 @@
-"""The interface every merge method implements: α-independent preparation, then α applied.
+"""What every merge is (:class:`Merge`), and the math the tensor-level methods share.
 
-A merge method combines, for one tensor name, the K fine-tuned tensors ``θ_1 … θ_K`` (and the
-base tensor ``θ_base`` when the method works on task vectors ``τ_k = θ_k − θ_base``) with the
-preference α (one weight per model, on the simplex) into one tensor.
+A tensor-level merge method (:class:`~align.merging.engine.MergeMethod`) combines, for one
+tensor name, the K fine-tuned tensors ``θ_1 … θ_K`` (and the base tensor ``θ_base`` when the
+method works on task vectors ``τ_k = θ_k − θ_base``) with the preference α (one weight per
+model, on the simplex) into one tensor. That class lives with the streaming engine that runs
+it (its ``run`` is the engine), so this module, the registry and the engine import one another
+in one direction only.
 
-The work is split in two so that a sweep over many α is cheap: :meth:`MergeMethod.prepare`
+The work is split in two so that a sweep over many α is cheap: ``MergeMethod.prepare``
 does everything that does not depend on α once per tensor (task vectors, TIES trimming, DARE
-drop masks), and :meth:`MergeMethod.apply` turns the prepared state and one α into the merged
+drop masks), and ``MergeMethod.apply`` turns the prepared state and one α into the merged
 tensor. Methods see float32 (float64 if an input is float64) tensors and return the same; the
 engine casts to the output dtype.
 """
@@ -27,10 +30,11 @@ class Merge(ABC):
     """Anything ``merge_method:`` can name: its options validated in the constructor, and
     :meth:`run` turning a parsed merge config into output folders.
 
-    Tensor-level methods (:class:`MergeMethod`: linear, TIES, DARE, SLERP ...) run through the
-    streaming engine; LoRA interpolation and Pareto merging are merges of their own kind
-    (:mod:`align.merging.methods.lora`, :mod:`align.merging.methods.pareto`). All of them are
-    found through one registry, so ``align merge`` is a lookup and a call.
+    Tensor-level methods (:class:`~align.merging.engine.MergeMethod`: linear, TIES, DARE,
+    SLERP ...) run through the streaming engine that defines them; LoRA interpolation and
+    Pareto merging are merges of their own kind (:mod:`align.merging.lora`,
+    :mod:`align.merging.pareto`). All of them are found through one registry, so ``align
+    merge`` is a lookup and a call.
     """
 
     #: The registered name (set by :func:`align.merging.registry.register_merge_method`).
@@ -63,41 +67,6 @@ class Merge(ABC):
     def run(self, config: Any, out: Path, *, overwrite: bool = False) -> list[Path]:
         """Do what ``config`` (a :class:`~align.merging.config.MergeConfig`) asks; returns the
         folders written."""
-
-
-class MergeMethod(Merge):
-    """One way to merge K tensors along α, streamed tensor by tensor by the engine."""
-
-    #: Whether the method needs the base model (task vectors) — else it must not get one.
-    needs_base: ClassVar[bool] = True
-
-    def run(self, config: Any, out: Path, *, overwrite: bool = False) -> list[Path]:
-        from align.merging.engine import merge_checkpoints
-
-        return merge_checkpoints(
-            config.models,
-            out,
-            method=self,
-            base_model=config.base_model,
-            preference=config.preference,
-            sweep=config.sweep,
-            dtype=config.dtype,
-            max_shard_size=config.max_shard_size,
-            overwrite=overwrite,
-            pass_size=config.pass_size,
-        )
-
-    @abstractmethod
-    def prepare(self, name: str, tensors: Tensor, base: Tensor | None) -> Any:
-        """α-independent work for one tensor. ``tensors`` is ``(K, *shape)``."""
-
-    @abstractmethod
-    def apply(self, prepared: Any, weights: Tensor) -> Tensor:
-        """The merged tensor for α = ``weights`` (shape ``(K,)``, same dtype as the tensors)."""
-
-    def merge(self, name: str, tensors: Tensor, base: Tensor | None, weights: Tensor) -> Tensor:
-        """``apply(prepare(...), weights)``: one tensor, one α."""
-        return self.apply(self.prepare(name, tensors, base), weights)
 
 
 # --- helpers shared by several methods ----------------------------------------------------------

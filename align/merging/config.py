@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.config import ConfigError
+from align.config import ConfigError, read_config
+from align.merging.registry import METHODS, get_merge_method
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -88,8 +89,6 @@ def parse_merge_config(data: Mapping[str, Any], source: str = "config") -> Merge
             "merge_method is required (e.g. linear, task_arithmetic, ties, dare_ties, lora, pareto)"
         )
     else:
-        from align.merging.registry import METHODS
-
         try:
             method_class = METHODS.get(method)
         except ValueError as error:
@@ -178,7 +177,6 @@ def parse_merge_config(data: Mapping[str, Any], source: str = "config") -> Merge
 
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:
-    from align.config import ConfigError, read_config
 
     try:
         data = read_config(path, "merge config")
@@ -191,8 +189,6 @@ def run_merge_config(
     config: MergeConfig, out: str | os.PathLike, *, overwrite: bool = False
 ) -> list[Path]:
     """Run a parsed config; returns the folders written (the artifact for ``pareto``)."""
-    from align.merging.registry import get_merge_method
-
     return get_merge_method(config.merge_method, **config.parameters).run(
         config, Path(out), overwrite=overwrite
     )

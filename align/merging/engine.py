@@ -11,7 +11,7 @@ So a sweep of S preferences reads every input tensor exactly once and writes S c
 peak memory is the K (+1) input tensors of one name, their prepared form and one output tensor,
 independent of the model size and of S. Every output folder is built under a temporary name and
 renamed into place only when complete (:func:`align.io.atomic_directory`); a sweep is written by
-:func:`align.merging.io.write_sweep`: each α's folder is atomic inside the sweep's staging
+:func:`align.merging.sweeps.write_sweep`: each α's folder is atomic inside the sweep's staging
 folder, the sweep folder is renamed into place when all are done, and a sweep interrupted
 part-way resumes from the α it had finished (``pass_size`` α per pass over the inputs).
 
@@ -24,33 +24,71 @@ from __future__ import annotations
 import logging
 import os
 import time
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from align.io import atomic_directory
-from align.merging.base import MergeMethod
-from align.merging.io import (
+from align.merging.base import Merge
+from align.merging.checkpoint_io import (
     Checkpoint,
     StreamingWriter,
     copy_merge_side_files,
     dtype_from_name,
-    folder_signature,
     output_plan,
     read_stack,
     resolve_checkpoint,
-    sweep_grid,
     write_merge_info,
-    write_sweep,
 )
 from align.merging.registry import get_merge_method
+from align.merging.sweeps import input_signature, sweep_grid, write_sweep
 from align.merging.validation import MergeInputError, check_compatible
 from align.preference import Preference, check_objectives
 
 logger = logging.getLogger(__name__)
+
+
+class MergeMethod(Merge):
+    """One way to merge K tensors along α, streamed tensor by tensor by this engine.
+
+    :meth:`prepare` does the α-independent work for one tensor once, :meth:`apply` turns it and
+    one α into the merged tensor (see :mod:`align.merging.base`); the files of
+    :mod:`align.merging.methods` hold these two, the math only.
+    """
+
+    #: Whether the method needs the base model (task vectors) — else it must not get one.
+    needs_base: ClassVar[bool] = True
+
+    def run(self, config: Any, out: Path, *, overwrite: bool = False) -> list[Path]:
+        return merge_checkpoints(
+            config.models,
+            out,
+            method=self,
+            base_model=config.base_model,
+            preference=config.preference,
+            sweep=config.sweep,
+            dtype=config.dtype,
+            max_shard_size=config.max_shard_size,
+            overwrite=overwrite,
+            pass_size=config.pass_size,
+        )
+
+    @abstractmethod
+    def prepare(self, name: str, tensors: Tensor, base: Tensor | None) -> Any:
+        """α-independent work for one tensor. ``tensors`` is ``(K, *shape)``."""
+
+    @abstractmethod
+    def apply(self, prepared: Any, weights: Tensor) -> Tensor:
+        """The merged tensor for α = ``weights`` (shape ``(K,)``, same dtype as the tensors)."""
+
+    def merge(self, name: str, tensors: Tensor, base: Tensor | None, weights: Tensor) -> Tensor:
+        """``apply(prepare(...), weights)``: one tensor, one α."""
+        return self.apply(self.prepare(name, tensors, base), weights)
 
 
 @dataclass
@@ -225,7 +263,7 @@ def merge_checkpoints(
     A sweep merges ``pass_size`` α per pass over the inputs (default: all of them, so every
     input tensor is read once). A sweep that is interrupted (killed, Ctrl-C) resumes when run
     again: the α it had finished are kept, the rest are merged (see
-    :func:`~align.merging.io.write_sweep`); with the default single pass the α finish together,
+    :func:`~align.merging.sweeps.write_sweep`); with the default single pass the α finish together,
     so give a ``pass_size`` to make a long sweep resumable part-way.
     """
     out = Path(out)
@@ -255,7 +293,7 @@ def merge_checkpoints(
     job = {
         "parameters": dict(getattr(method, "params", {})),
         "models": {
-            name: [inputs.sources[name], folder_signature(inputs.sources[name])]
+            name: input_signature(inputs.sources[name])
             for name in [*inputs.objectives, *(["base"] if inputs.base is not None else [])]
         },
         "dtype": None if out_dtype is None else str(out_dtype),

@@ -47,6 +47,10 @@ Artifact (a folder)
       D_j(α) for any α without the models;
     * ``pareto_merge.json``: format, objective names (α order), rank, base method and
       preference, scalarization, training record, and which tensors are which.
+
+Registered as the merge method ``pareto`` (:class:`ParetoMerging`): a config with ``models``
+trains the artifact (options: the fields of :class:`ParetoMergeOptions`) into OUT; a config
+with ``artifact: FOLDER`` and a preference or a sweep materialises checkpoints from it.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +71,8 @@ from safetensors.torch import save_file
 
 from align.files import read_json, read_safetensors_header
 from align.io import atomic_directory
-from align.merging.base import tensor_seed
-from align.merging.engine import MergeInputs, copy_inputs_side_files, open_inputs, plan_outputs
-from align.merging.io import (
+from align.merging.base import Merge, tensor_seed
+from align.merging.checkpoint_io import (
     Checkpoint,
     OutputTensor,
     StreamingWriter,
@@ -78,7 +81,9 @@ from align.merging.io import (
     read_stack,
     write_merge_info,
 )
-from align.merging.registry import get_merge_method
+from align.merging.engine import MergeInputs, copy_inputs_side_files, open_inputs, plan_outputs
+from align.merging.registry import get_merge_method, register_merge_method
+from align.merging.sweeps import input_signature, sweep_grid, write_sweep
 from align.preference import Preference, sample_preferences
 
 logger = logging.getLogger(__name__)
@@ -674,6 +679,67 @@ class ParetoArtifact:
         )
         base = sum(info.nbytes for info in self.base.tensors.values())
         return {"base": base, "factors": factors}
+
+
+@register_merge_method("pareto")
+class ParetoMerging(Merge):
+    """Pareto merging (Chen & Kwok, ICML 2025): one compact artifact, any α materialised."""
+
+    trains_artifact = True
+
+    @property
+    def options(self) -> dict[str, Any]:  # type: ignore[override]
+        """The fields of :class:`ParetoMergeOptions` and their defaults."""
+        return {
+            f.name: f.default if f.default_factory is MISSING else f.default_factory()
+            for f in fields(ParetoMergeOptions)
+        }
+
+    def check_options(self) -> None:
+        ParetoMergeOptions(**self.params)  # every other check, before any work
+
+    def run(self, config: Any, out: Path, *, overwrite: bool = False) -> list[Path]:
+        """A config with ``models`` trains the artifact into ``out``; one with ``artifact:`` and
+        a preference or a sweep materialises checkpoints from a trained one."""
+        if config.artifact is None:
+            options = dict(self.params)
+            if options["dtype"] is None:
+                options["dtype"] = config.dtype
+            artifact = pareto_merge(
+                config.models,
+                out,
+                base_model=config.base_model,
+                options=options,
+                max_shard_size=config.max_shard_size,
+                overwrite=overwrite,
+            )
+            return [artifact.folder]
+        artifact = ParetoArtifact(config.artifact)
+        if config.preference is not None:
+            return [
+                artifact.materialize(
+                    config.preference,
+                    out,
+                    overwrite=overwrite,
+                    max_shard_size=config.max_shard_size,
+                )
+            ]
+
+        def produce(alphas, folders):
+            artifact.write_checkpoints(list(alphas), folders, max_shard_size=config.max_shard_size)
+
+        return write_sweep(
+            out,
+            sweep_grid(config.sweep, artifact.objectives),
+            produce,
+            merge_method=self.name,
+            job={
+                "artifact": input_signature(artifact.folder),
+                "max_shard_size": config.max_shard_size,
+            },
+            overwrite=overwrite,
+            pass_size=config.pass_size,
+        )
 
 
 class _atomic_many:

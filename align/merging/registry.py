@@ -1,9 +1,11 @@
 """One registry of merges: ``get_merge_method("ties", density=0.5)``.
 
-Methods live one per file in :mod:`align.merging.methods` and register themselves with
-:func:`register_merge_method`; the package is imported on first lookup. Tensor-level methods
-(:class:`~align.merging.base.MergeMethod`) and the merges of their own kind (``lora``,
-``pareto``) are all :class:`~align.merging.base.Merge` and are all found here.
+Tensor-level methods live one per file in :mod:`align.merging.methods`; the merges of their
+own kind live in their own modules (``lora``: :mod:`align.merging.lora`, ``pareto``:
+:mod:`align.merging.pareto`). Each registers itself with :func:`register_merge_method`, and
+those modules are imported on first lookup. Tensor-level methods
+(:class:`~align.merging.engine.MergeMethod`) and the others are all
+:class:`~align.merging.base.Merge` and are all found here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 from align.merging.base import Merge
 from align.registry import Registry
 
-METHODS: Registry = Registry("merge method", ("align.merging.methods",))
+METHODS: Registry = Registry(
+    "merge method", ("align.merging.methods", "align.merging.lora", "align.merging.pareto")
+)
 
 
 def register_merge_method(name: str, *aliases: str) -> Callable[[type], type]:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from align.files import read_json
-from align.merging.io import Checkpoint
+from align.merging.checkpoint_io import Checkpoint
 
 # Config keys that legitimately differ between fine-tuned copies of one model.
 IGNORED_CONFIG_KEYS = frozenset(

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from align.files import read_json
-from align.merging.io import MERGE_INFO
+from align.merging.checkpoint_io import MERGE_INFO
 from align.preference import Preference
 from align.registry import Registry
 

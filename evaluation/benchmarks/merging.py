@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evaluation/ for 
 
 from pareto_merging import OBJECTIVES, derived_checkpoints  # noqa: E402
 
-from align.merging.io import MERGE_INFO  # noqa: E402
+from align.merging.checkpoint_io import MERGE_INFO  # noqa: E402
 from align.preference import simplex_grid  # noqa: E402
 
 MEASURE = (

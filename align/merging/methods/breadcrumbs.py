@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from align.merging.base import (
-    MergeMethod,
     check_bool,
     check_fraction,
     check_number,
@@ -28,6 +27,7 @@ from align.merging.base import (
     task_vectors,
     weighted_sum,
 )
+from align.merging.engine import MergeMethod
 from align.merging.registry import register_merge_method
 
 

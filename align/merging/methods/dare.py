@@ -29,7 +29,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from align.merging.base import (
-    MergeMethod,
     check_drop_options,
     check_fraction,
     drop_and_rescale_,
@@ -38,6 +37,7 @@ from align.merging.base import (
     tensor_seed,
     weighted_sum,
 )
+from align.merging.engine import MergeMethod
 from align.merging.registry import register_merge_method
 
 

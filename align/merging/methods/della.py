@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from align.merging.base import (
-    MergeMethod,
     check_drop_options,
     check_fraction,
     check_number,
@@ -37,6 +36,7 @@ from align.merging.base import (
     tensor_seed,
     weighted_sum,
 )
+from align.merging.engine import MergeMethod
 from align.merging.registry import register_merge_method
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from align.merging.base import MergeMethod, weighted_sum
+from align.merging.base import weighted_sum
+from align.merging.engine import MergeMethod
 from align.merging.registry import register_merge_method
 
 

@@ -21,7 +21,8 @@ import itertools
 import torch
 from torch import Tensor
 
-from align.merging.base import MergeMethod, check_bool, task_vectors, weighted_sum
+from align.merging.base import check_bool, task_vectors, weighted_sum
+from align.merging.engine import MergeMethod
 from align.merging.registry import register_merge_method
 
 _EPS = 1e-8

@@ -35,7 +35,8 @@ import math
 import torch
 from torch import Tensor
 
-from align.merging.base import MergeMethod, check_fraction, weighted_sum
+from align.merging.base import check_fraction, weighted_sum
+from align.merging.engine import MergeMethod
 from align.merging.registry import register_merge_method
 
 _EPS = 1e-8

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from align.merging.base import MergeMethod, check_number, task_vectors, weighted_sum
+from align.merging.base import check_number, task_vectors, weighted_sum
+from align.merging.engine import MergeMethod
 from align.merging.registry import register_merge_method
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from align.merging.base import (
-    MergeMethod,
     check_bool,
     check_fraction,
     check_number,
@@ -27,6 +26,7 @@ from align.merging.base import (
     task_vectors,
     trim_to_density_,
 )
+from align.merging.engine import MergeMethod
 from align.merging.registry import register_merge_method
 
 

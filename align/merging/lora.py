@@ -3,8 +3,8 @@
 Each input is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
 trained on the same base model. Per module, ΔW_k = s_k B_k A_k with PEFT's scaling
 s_k = lora_alpha / r (or lora_alpha / √r with rsLoRA; ``rank_pattern`` / ``alpha_pattern``
-honoured). The math and why A and B must not be averaged separately are in
-:mod:`align.merging.methods.lora`.
+honoured). The math, and why A and B must not be averaged separately, is below (registered as
+the merge method ``lora``: :class:`LoraInterpolation`).
 
 * ``output="adapter"``: one LoRA adapter whose rank per module is the sum of the inputs' ranks
   (scaling 1 via ``lora_alpha = r`` per module), loadable with ``PeftModel.from_pretrained``.
@@ -14,6 +14,27 @@ honoured). The math and why A and B must not be averaged separately are in
 Adapters may have different ranks and target different modules (a module an adapter does not
 adapt has ΔW_k = 0 there). DoRA, LoRA biases and non-LoRA adapters are refused: they are not
 linear in ΔW. ``modules_to_save`` copies (full weights) are interpolated linearly.
+
+The math
+--------
+
+Exact interpolation of PEFT LoRA adapters: ΔW(α) = Σ_k α_k ΔW_k, with ΔW_k = s_k B_k A_k.
+
+Averaging A and B separately, as the public rewarded-soups LLaMA code does and as PEFT's
+``add_weighted_adapter(combination_type="linear")`` does, is not interpolation of the updates:
+
+    (Σ_k α_k B_k)(Σ_j α_j A_j) = Σ_k α_k² B_k A_k + Σ_{k≠j} α_k α_j B_k A_j
+
+has the wrong weights α_k² on each model's own update plus cross terms B_k A_j that neither model
+ever learned (A_j's input directions paired with B_k's outputs), and it requires equal ranks.
+The exact form stacks the ranks instead — the rank-R adapter, R = Σ_k r_k,
+
+    A = [A_1; A_2; …; A_K]            (R × in)
+    B = [α_1 s_1 B_1, …, α_K s_K B_K]  (out × R),  scaling 1
+
+satisfies B A = Σ_k α_k s_k B_k A_k exactly, for any ranks (this is PEFT's ``cat`` combination,
+the only exact one). Models with α_k = 0 are left out. The same sum can instead be folded into
+the base weights as one dense ΔW per matrix, giving a plain checkpoint.
 """
 
 from __future__ import annotations
@@ -30,25 +51,89 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
 from align.files import read_json, read_safetensors_header
-from align.io import atomic_directory
-from align.merging.io import (
+from align.io import atomic_directory, content_digest
+from align.merging.base import Merge
+from align.merging.checkpoint_io import (
     Checkpoint,
     StreamingWriter,
     copy_side_files,
     dtype_from_name,
-    folder_signature,
     output_plan,
     refuse_pickles,
     resolve_checkpoint,
-    sweep_grid,
     write_merge_info,
-    write_sweep,
 )
-from align.merging.methods.lora import LoraInterpolation
+from align.merging.registry import register_merge_method
+from align.merging.sweeps import input_signature, sweep_grid, write_sweep
 from align.merging.validation import MergeInputError
 from align.preference import Preference, check_objectives
+
+
+@register_merge_method("lora", "lora_cat")
+class LoraInterpolation(Merge):
+    """Σ_k α_k ΔW_k of PEFT LoRA adapters, exactly: ranks concatenated (or dense ΔW folded)."""
+
+    options = {"output": "adapter"}
+
+    def check_options(self) -> None:
+        if self.params["output"] not in ("adapter", "checkpoint"):
+            raise ValueError(
+                f"lora output must be 'adapter' (concatenated-rank LoRA) or 'checkpoint' "
+                f"(ΔW folded into the base weights), got {self.params['output']!r}"
+            )
+
+    def run(self, config: Any, out: Path, *, overwrite: bool = False) -> list[Path]:
+        return merge_lora_adapters(
+            config.models,
+            out,
+            preference=config.preference,
+            sweep=config.sweep,
+            output=self.params["output"],
+            base_model=config.base_model,
+            dtype=config.dtype,
+            max_shard_size=config.max_shard_size,
+            overwrite=overwrite,
+            pass_size=config.pass_size,
+        )
+
+    @staticmethod
+    def concatenate(
+        lora_a: Sequence[Tensor],
+        lora_b: Sequence[Tensor],
+        scalings: Sequence[float],
+        weights: Sequence[float],
+    ) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` with ``B A = Σ_k w_k s_k B_k A_k`` (scaling 1); zero weights left out."""
+        keep = [k for k, w in enumerate(weights) if float(w) != 0.0]
+        if not keep:
+            raise ValueError("every weight is zero: nothing to interpolate")
+        a = torch.cat([lora_a[k] for k in keep], dim=0)
+        b = torch.cat([lora_b[k] * (float(weights[k]) * float(scalings[k])) for k in keep], dim=1)
+        return a, b
+
+    @staticmethod
+    def dense_delta(
+        lora_a: Sequence[Tensor],
+        lora_b: Sequence[Tensor],
+        scalings: Sequence[float],
+        weights: Sequence[float],
+    ) -> Tensor:
+        """``Σ_k w_k s_k B_k A_k`` as one dense ``out × in`` matrix."""
+        delta = None
+        for a, b, s, w in zip(lora_a, lora_b, scalings, weights):
+            if float(w) == 0.0:
+                continue
+            term = (b @ a) * (float(w) * float(s))
+            delta = term if delta is None else delta + term
+        if delta is None:
+            raise ValueError("every weight is zero: nothing to interpolate")
+        return delta
+
+
+# --- adapter folders ---------------------------------------------------------------------------
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -349,7 +434,7 @@ def merge_lora_adapters(
 ) -> list[Path]:
     """Interpolate LoRA adapters exactly along α; see the module notes. Returns the folders.
 
-    A sweep is written by :func:`~align.merging.io.write_sweep` (``pass_size`` α per pass;
+    A sweep is written by :func:`~align.merging.sweeps.write_sweep` (``pass_size`` α per pass;
     an interrupted sweep resumes from the α it had finished)."""
     method = LoraInterpolation(output=output)
     objectives, adapters = load_adapters(models)
@@ -364,8 +449,6 @@ def merge_lora_adapters(
         if base_model is None:
             raise ValueError("folding LoRA updates into a checkpoint needs base_model")
         base = Checkpoint(resolve_checkpoint(base_model), label=f"base ({base_model})")
-    from align.io import content_digest
-
     # What the inputs contained: a reader can tell whether they still hold what was merged.
     digests = {n: content_digest(p) for n, p in models.items()}
 
@@ -400,7 +483,7 @@ def merge_lora_adapters(
     job = {
         "parameters": {**method.params, "dtype": None if dtype is None else str(dtype)},
         "model_digests": digests,
-        "base_model": None if base is None else [str(base.folder), folder_signature(base.folder)],
+        "base_model": None if base is None else input_signature(base.folder),
         "max_shard_size": max_shard_size,
     }
     return write_sweep(

@@ -32,6 +32,7 @@ from align.trainers.grpo import MOGRPOConfig, MOGRPOTrainer, objective_advantage
 # with the launch script of the multi-process tests (and its recipes' python: rewards).
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 from grpo_run import shortness, vowels  # noqa: E402
+from launching import accelerate_launch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -466,22 +467,14 @@ def test_two_processes_give_the_one_process_update_on_the_same_global_batch(
     of the shards' Grams) after two steps of 2 × 4 completions equal one process's 8."""
     model_dir, reference = one_process_runs
     out = tmp_path / "two.pt"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / config),
-        str(RUN_SCRIPT),
-        str(model_dir),
-        str(out),
-        "--batch",
-        "4",
-    ]
     env = _env()
     if "deepspeed" not in config:
         env["ACCELERATE_USE_CPU"] = "1"  # else `accelerate launch` starts one process
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    result = accelerate_launch(
+        REPO / "accelerate_configs" / config,
+        *(str(RUN_SCRIPT), str(model_dir), str(out), "--batch", "4"),
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     got = torch.load(out)
     assert got["world_size"] == 2

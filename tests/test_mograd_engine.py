@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import accelerate_launch
 from torch import nn
 
 from align.mograd import get_aggregator
@@ -443,20 +442,12 @@ def _accelerate_config(tmp_path: Path, backend: str) -> Path:
 
 def _launch(tmp_path: Path, backend: str, *arguments: str) -> dict:
     out = tmp_path / f"{backend}.pt"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(_accelerate_config(tmp_path, backend)),
-        str(STEP_SCRIPT),
-        str(out),
-        *arguments,
-    ]
     env = _env()
     if backend == "ddp":
         env["ACCELERATE_USE_CPU"] = "1"  # else `accelerate launch` starts one process
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = accelerate_launch(
+        _accelerate_config(tmp_path, backend), str(STEP_SCRIPT), str(out), *arguments, env=env
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     results = torch.load(out)
     assert results["world_size"] == 2
@@ -539,20 +530,13 @@ def test_zero2_feature_level_and_full_accumulation(tmp_path):
 @pytest.mark.slow
 def test_zero2_refuses_micro_accumulation_for_gradient_level_methods(tmp_path):
     out = tmp_path / "refused.pt"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(_accelerate_config(tmp_path, "zero2")),
+    result = accelerate_launch(
+        _accelerate_config(tmp_path, "zero2"),
         str(STEP_SCRIPT),
         str(out),
-        "--methods",
-        "mgda",
-        "--micro-batches",
-        "2",
-    ]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+        *("--methods", "mgda", "--micro-batches", "2"),
+        env=_env(),
+    )
     assert result.returncode != 0
     assert "needs accumulation='full'" in result.stderr
 

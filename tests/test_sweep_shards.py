@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from launching import accelerate_launch
 
 from align.distributed import Shard
 
@@ -121,12 +119,6 @@ def _sweep_config(tmp_path: Path, models: dict[str, Path]) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _launch(*arguments: str) -> tuple[float, str]:
     """``accelerate launch`` two CPU processes (gloo) running ``arguments``: its wall time and
     what the processes wrote to stderr."""
@@ -138,18 +130,10 @@ def _launch(*arguments: str) -> tuple[float, str]:
         "PYTHONPATH": str(REPO),
         "ACCELERATE_USE_CPU": "1",  # else `accelerate launch` starts one process
     }
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
-        "--main_process_port",
-        str(_free_port()),
-        *arguments,
-    ]
     started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = accelerate_launch(
+        REPO / "accelerate_configs" / "cpu_2proc.yaml", *arguments, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return time.perf_counter() - started, result.stderr
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from launching import accelerate_launch
 from peft import get_peft_model
 
 from align.adapters import PBLoraConfig, SVDLoraConfig, merge_at_preference, set_preference
@@ -400,19 +401,11 @@ def _launch(
     program = ["-m", "align.train"]
     if script is not None:
         program = [str(REPO / "tests" / "distributed" / script[0]), *script[1:]]
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / config),
-        *program,
-        str(recipe),
-        "--set",
-        f"args.output_dir={output_dir}",
-        *overrides,
-    ]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+    result = accelerate_launch(
+        REPO / "accelerate_configs" / config,
+        *(*program, str(recipe), "--set", f"args.output_dir={output_dir}", *overrides),
+        env=_env(),
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -108,6 +108,8 @@ def main() -> None:
             if outcome != "pass":
                 logs.append(log[-4000:])
             print(f"  {unit} run {attempt + 1}: {outcome} ({elapsed:.0f} s)", flush=True)
+            if outcome != "pass":  # why, at once: a long stress run may be stopped before its end
+                print("    " + "\n    ".join(log.strip().splitlines()[-15:]), flush=True)
         results[unit] = {
             "pass": outcomes.count("pass"),
             "fail": outcomes.count("fail") + outcomes.count("timeout"),
@@ -115,6 +117,8 @@ def main() -> None:
             "median_s": statistics.median(seconds),
             "failing_logs": logs,
         }
+        if options.json:  # after every test, for the same reason
+            options.json.write_text(json.dumps(results, indent=1))
     table = Table(title=f"multi-process tests, {options.repeats} runs each")
     for column in ("test", "passed", "failed", "aborted", "median s"):
         table.add_column(column, justify="left" if column == "test" else "right")

@@ -33,3 +33,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_collection_modifyitems(items):
+    import launching
+
+    launching.MULTIPROCESS_TESTS.update(
+        item.nodeid for item in items if item.get_closest_marker("multiprocess")
+    )

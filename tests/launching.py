@@ -6,11 +6,16 @@ the machine holds it: another job, or the store of a launch that is still shutti
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+#: Node ids of the collected tests marked ``multiprocess`` (filled by conftest.py): a launch
+#: from any other test is refused, so `-m multiprocess` and the stress script miss none.
+MULTIPROCESS_TESTS: set[str] = set()
 
 
 def free_port() -> int:
@@ -24,6 +29,9 @@ def accelerate_launch(
 ) -> subprocess.CompletedProcess:
     """Run ``accelerate launch --config_file CONFIG PROGRAM...`` (a script and its arguments,
     or ``-m module ...``); its output is captured as text."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    if test and test not in MULTIPROCESS_TESTS:
+        raise AssertionError(f"{test} launches processes: mark it @pytest.mark.multiprocess")
     command = [
         sys.executable,
         "-m",

@@ -588,12 +588,14 @@ def _assert_sharded_gml2o_matches_one_process(backend: str, ranks: tuple[int, in
     assert int(states[-1]["accepted"]) >= 1  # the learned step was taken: the state advanced
 
 
+@pytest.mark.multiprocess
 def test_zero2_two_processes_give_the_same_update_and_state_as_one_process():
     """GML2O under ZeRO-2: each rank runs the network on its gradient partition with that
     partition's recurrent state."""
     _assert_sharded_gml2o_matches_one_process("zero2", (2, 2))
 
 
+@pytest.mark.multiprocess
 def test_zero3_two_processes_give_the_same_update_and_state_as_one_process():
     """GML2O under ZeRO-3: each rank runs the network on its ``safe_get_local_grad``
     partitions (without their padding: r1 = 3 gives 9-element tensors, split 5 + 4 and a pad)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def main() -> None:
         table.add_column(column, justify="left" if column == "test" else "right")
     for unit, counts in results.items():
         table.add_row(
-            unit.removeprefix("tests/"),
+            escape(unit.removeprefix("tests/")),  # "[zero2]" is a parameter, not markup
             str(counts["pass"]),
             str(counts["fail"]),
             str(counts["abort"]),

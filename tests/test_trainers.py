@@ -683,7 +683,7 @@ def test_per_pair_preference_scores_and_weights_each_pair_at_its_own_alpha(tmp_p
     batch = one_batch(trainer)
     loss = trainer.compute_loss(trainer.model, batch)
     # The α the trainer drew for this micro-batch, one per pair (same seeded draw).
-    trainer._alpha_step = -1
+    trainer.preference_steps.restart()
     alphas = trainer.training_preference(pairs=4)
     assert not torch.allclose(alphas[0], alphas[1])
     # Reference: each pair alone, at its own α, through the batch-α path.
@@ -779,7 +779,7 @@ def test_the_language_model_anchor_adds_the_mean_token_nll_of_the_responses(tmp_
     assert anchored._metrics["train"]["nll"]  # logged
     # Reference: the responses' token log-probs from the logits, at the α the trainer drew.
     batch = one_batch(plain)
-    plain._alpha_step = -1
+    plain.preference_steps.restart()
     alphas = plain.training_preference(pairs=4)
     plain.set_model_preference(plain.model, torch.cat([alphas, alphas]))
     with torch.no_grad():

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from align.chat import format_prompt
 from align.files import read_json
+from align.rewards.scoring import IGNORE_INDEX, full_row_log_probs, fused_head
 
-IGNORE_INDEX = -100
 #: The training record the trainers write beside an adapter (objectives, β, scoring settings).
 TRAINING_INFO = "align_training.json"
 
@@ -91,33 +90,18 @@ def sequence_log_probs(
 ) -> torch.Tensor:
     """``Σ_t log π(label_t | ·)`` per row over the labelled (response) tokens, shape (B,).
 
-    ``average=True`` divides by the number of response tokens (a length-normalised variant; the
-    references do not normalise). Extra keyword arguments (e.g. ``pref=``) go to the model.
+    ``labels``: the ids of the response tokens, ``IGNORE_INDEX`` elsewhere (as
+    :func:`encode_responses` gives them). ``average=True`` divides by the number of response
+    tokens (a length-normalised variant; the references do not normalise). Extra keyword
+    arguments (e.g. ``pref=``) go to the model. Scored through TRL's fused LM head
+    (:mod:`align.rewards.scoring`, added for the call if the model has none), as the trainers
+    score.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits
-    targets = labels[:, 1:]
-    # cross_entropy fuses log-softmax and gather: no (B, T, V) log-prob tensor is kept.
-    token_log_probs = -F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view_as(targets)
-    mask = targets != IGNORE_INDEX
-    total = (token_log_probs * mask).sum(dim=1)
-    return total / mask.sum(dim=1).clamp(min=1) if average else total
-
-
-def prompt_cache(model: Any, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor) -> Any:
-    """The KV cache of left-padded prompts (each less its last token, which starts its
-    continuation): read once, then shared by every response of that prompt."""
-    return model(
-        input_ids=prefix_ids,
-        attention_mask=prefix_mask,
-        position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    ).cache
+    with fused_head(model):
+        scores = full_row_log_probs(
+            model, input_ids, attention_mask, (labels != IGNORE_INDEX).long(), **model_kwargs
+        )
+    return scores.score(average).float()
 
 
 def reward_settings(adapter: str | os.PathLike) -> dict[str, Any]:

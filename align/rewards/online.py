@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from align.rewards.arm import prompt_cache, reward_settings, tokenize_prompt, tokenize_response
+from align.rewards.arm import reward_settings, tokenize_prompt, tokenize_response
+from align.rewards.scoring import continuation_log_probs, fused_head, prompt_cache
 
 RewardSpec = str | Callable[..., Sequence[float | None]]
 
@@ -90,10 +90,9 @@ def prompt_shared_log_probs(
     EOS after the response, the same cuts), so the scores are those of
     :func:`align.rewards.arm_rewards` with the same settings. ``pref``: one α per response row
     ``(N, m)`` for a PARM (each row's prompt is read at that row's α, so rows of one prompt
-    share its cache only when they share α).
+    share its cache only when they share α). Scored by
+    :func:`align.rewards.scoring.continuation_log_probs`, the trainers' prompt-shared scoring.
     """
-    from transformers import DynamicCache
-
     from align.adapters import set_preference
 
     if len(prompts) != len(responses):
@@ -140,28 +139,19 @@ def prompt_shared_log_probs(
             first = [members[0] for _, members in chunk]
             set_preference(model, pref[first])
         cache = prompt_cache(model, prefix, prefix_mask)
-        shared = DynamicCache()
-        index = owner.to(device)
-        for layer_index, layer in enumerate(cache.layers):
-            shared.update(layer.keys[index], layer.values[index], layer_index)
         if pref is not None:
             set_preference(model, pref[rows])
-        begin = prefix_mask.sum(dim=1)[index][:, None]
-        logits = model(
-            input_ids=cont.to(device),
-            attention_mask=torch.cat([prefix_mask[index], cont_mask.to(device)], dim=1),
-            position_ids=begin + torch.arange(width, device=device),
-            cache=shared,
-            use_cache=False,
-        ).logits
-        targets = cont[:, 1:].to(device)
-        token_log_probs = -F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
-        ).view_as(targets)
-        mask = completion_mask[:, 1:].to(device).to(token_log_probs)
-        total = (token_log_probs * mask).sum(dim=1)
-        if length_normalize:
-            total = total / mask.sum(dim=1).clamp(min=1)
+        with fused_head(model):
+            log_probs = continuation_log_probs(
+                model,
+                cache,
+                owner.to(device),
+                prefix_mask,
+                cont.to(device),
+                cont_mask.to(device),
+                completion_mask.to(device),
+            )
+        total = log_probs.score(length_normalize)
         scores[torch.tensor(rows)] = total.float().cpu()
     return scores
 

@@ -6,7 +6,8 @@
 """
 
 from align.trainers.arm import ARMConfig, ARMTrainer
-from align.trainers.base import MultiObjectivePreferenceConfig, MultiObjectivePreferenceTrainer
+from align.trainers.base import MultiObjectivePreferenceTrainer
+from align.trainers.config import MultiObjectivePreferenceConfig
 from align.trainers.dpo import PreferenceDPOConfig, PreferenceDPOTrainer
 from align.trainers.parm import PARMConfig, PARMTrainer
 

@@ -21,6 +21,7 @@ from align.adapters.base import ADAPTERS
 from align.trainers.arm import attention_targets
 from align.trainers.base import MultiObjectivePreferenceConfig, MultiObjectivePreferenceTrainer
 from align.trainers.data import select_objectives
+from align.trainers.pair_scoring import PairScores
 from align.trainers.registry import register_trainer
 
 #: The preference adapters a policy can get (the lower-case names of the adapter registry).
@@ -70,15 +71,15 @@ class PreferenceDPOTrainer(MultiObjectivePreferenceTrainer):
             kwargs["peft_config"] = config
         super().__init__(model, args, train_dataset, *rest, **kwargs)
 
-    def pair_scores(
-        self, model: Any, inputs: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Implicit DPO rewards ``log π_θ(y|x; α) − log π_ref(y|x)`` of both responses."""
-        policy = self.sequence_log_probs(model, inputs)
+    def score_pairs(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> PairScores:
+        """Implicit DPO rewards ``log π_θ(y|x; α) − log π_ref(y|x)`` of both responses (the
+        NLL: the policy's)."""
+        log_probs = self.response_log_probs(model, inputs)
+        policy = log_probs.score(self.args.length_normalize)
         with torch.no_grad():
             if self.ref_model is not None:
                 reference = self.sequence_log_probs(self.ref_model, inputs)
             else:
                 with self.accelerator.unwrap_model(model).disable_adapter():
                     reference = self.sequence_log_probs(model, inputs)
-        return (policy - reference).chunk(2)
+        return PairScores(*(policy - reference).chunk(2), -log_probs.mean().mean())

@@ -315,7 +315,10 @@ def generate(
     arm: Annotated[
         list[str],
         typer.Option(
-            help="PARM: one adapter folder. GenARM / MOD: NAME=PATH per objective, in α order."
+            help=(
+                "PARM: one adapter folder. GenARM: NAME=PATH of an ARM per objective; MOD: "
+                "NAME=PATH of a policy per objective (in α order)."
+            )
         ),
     ],
     preference: Annotated[str, typer.Option(help="α, e.g. helpful=0.7,harmless=0.3 (or 0.7,0.3).")],
@@ -396,7 +399,9 @@ def generate(
         pairs = [item.split("=", 1) for item in arm]
         if any(len(pair) != 2 for pair in pairs):
             raise typer.BadParameter(
-                f"{mode} takes --arm NAME=PATH per objective", param_hint="--arm"
+                f"{mode} takes --arm NAME=PATH per objective"
+                + (" (the objective's policy)" if mode == "mod" else " (the objective's ARM)"),
+                param_hint="--arm",
             )
         loaded = {name: load_guide(path, base) for name, path in pairs}
         models = {name: model for name, (model, _) in loaded.items()}

@@ -27,19 +27,19 @@ import parm_ablation  # noqa: E402
 
 
 def restrict_to_base_top_k(k: int) -> None:
-    """Patch :func:`align.decoding.guided._combine`: its first output is the base's log-probs
+    """Patch :func:`align.decoding.guided.combine_scores`: its first output is the base's log-probs
     for PARM (a separate base, or the shared module's adapter-off copy) and GenARM alike."""
-    combine = guided._combine
+    combine = guided.combine_scores
 
-    def combine_within_top_k(guidance, groups, outputs):
-        scores = combine(guidance, groups, outputs)
+    def combine_within_top_k(guidance, forwards, outputs):
+        scores = combine(guidance, forwards, outputs)
         if guidance.mode not in ("parm", "genarm"):
             return scores
         base = outputs[0][0]
         kth = base.topk(k, dim=-1).values[:, -1:]
         return torch.log_softmax(scores.masked_fill(base < kth, float("-inf")), dim=-1)
 
-    guided._combine = combine_within_top_k
+    guided.combine_scores = combine_within_top_k
 
 
 def main(

@@ -322,25 +322,64 @@ def test_the_mod_route_takes_a_divergence_and_names_it():
     from align.sweep import build_route
 
     generation = {"max_new_tokens": 4}
-    arms = {"helpful": "a", "harmless": "b"}
+    policies = {"helpful": "a", "harmless": "b"}
     route = build_route(
-        {"name": "m", "kind": "mod", "arms": arms, "divergence": "alpha", "divergence_alpha": 0.5},
+        {
+            "name": "m",
+            "kind": "mod",
+            "policies": policies,
+            "divergence": "alpha",
+            "divergence_alpha": 0.5,
+        },
         ["helpful", "harmless"],
         generation,
     )
     assert route.describe() == {
         "kind": "mod",
-        "arms": arms,
+        "policies": policies,
         "divergence": "alpha",
         "divergence_alpha": 0.5,
     }
+    assert route.sources() == ["a", "b"]
     plain = build_route(
-        {"name": "m", "kind": "mod", "arms": arms}, ["helpful", "harmless"], generation
+        {"name": "m", "kind": "mod", "policies": policies}, ["helpful", "harmless"], generation
     )
     assert plain.describe()["divergence"] == "reverse_kl"
     with pytest.raises(ValueError, match="route 'm'.*divergence"):
         build_route(
-            {"name": "m", "kind": "mod", "arms": arms, "divergence": "alpha"},
+            {"name": "m", "kind": "mod", "policies": policies, "divergence": "alpha"},
             ["helpful", "harmless"],
             generation,
         )
+
+
+def test_the_mod_route_takes_arms_as_the_other_name_of_its_policies():
+    """Configs written before the field was named ``policies`` call it ``arms``: the same route,
+    and the same fingerprint (their cached answers stay valid)."""
+    from align.sweep import build_route
+
+    objectives, generation = ["helpful", "harmless"], {"max_new_tokens": 4}
+    folders = {"helpful": "a", "harmless": "b"}
+    old = build_route({"name": "m", "kind": "mod", "arms": folders}, objectives, generation)
+    new = build_route({"name": "m", "kind": "mod", "policies": folders}, objectives, generation)
+    assert old.policies == new.policies == folders
+    assert old.describe() == new.describe()
+    assert (
+        old.fingerprint()
+        == new.fingerprint()
+        == {
+            "kind": "mod",
+            "arms": folders,
+            "divergence": "reverse_kl",
+        }
+    )
+    with pytest.raises(ValueError, match="route 'm'.*`policies` or `arms`.*not both"):
+        build_route(
+            {"name": "m", "kind": "mod", "policies": folders, "arms": folders},
+            objectives,
+            generation,
+        )
+    with pytest.raises(ValueError, match="route 'm'.*give `policies`"):
+        build_route({"name": "m", "kind": "mod"}, objectives, generation)
+    with pytest.raises(ValueError, match="`arms` must map each objective"):
+        build_route({"name": "m", "kind": "mod", "arms": {"helpful": "a"}}, objectives, generation)

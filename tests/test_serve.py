@@ -903,7 +903,7 @@ def test_every_kind_of_served_route_answers_as_the_sweep_builds_it(model_folders
     arms = {o: str(model_folders / o) for o in OBJECTIVES}
     spec = {
         "genarm": {"kind": "genarm", "arms": arms, "beta": 1.0},
-        "mod": {"kind": "mod", "arms": arms},
+        "mod": {"kind": "mod", "policies": arms},
         "policy": {"kind": "policy", "adapter": str(model_folders / "parm")},
     }[kind]
     served = ServedModel(spec, base=str(model_folders / "base"))

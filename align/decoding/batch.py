@@ -20,7 +20,8 @@ everyone else's token. A row leaving takes its cache rows with it, and columns t
 padding for every row left are cut off, so the cache stays as wide as the longest row still
 decoding. The formula, the models' grouping (a PARM on the shared base runs base and PARM rows
 as one forward) and the per-row α are those of :func:`align.decoding.guided.guided_decode`
-(the same ``_plan`` and ``_Group``): a row decodes the same tokens whoever shares its batch.
+(the same ``plan_forwards``, ``ModelForward`` and ``combine_scores``): a row decodes the same
+tokens whoever shares its batch.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from align.decoding.guided import Guidance, _combine, _plan, sampling_processors
+from align.decoding.guided import Guidance, combine_scores, plan_forwards, sampling_processors
 from align.preference import Preference, PreferenceLike
 
 
@@ -58,7 +59,7 @@ class DecodingBatch:
         self.vocab_size = vocab_size
         model = base if guidance.needs_base else guidance.models[0]
         self.device = torch.device(device) if device is not None else _device_of(model)
-        self._groups, self._restore = _plan(
+        self._forwards, self._restore = plan_forwards(
             base if guidance.needs_base else None, guidance, None, vocab_size
         )
         self.keys: list[Hashable] = []
@@ -113,8 +114,8 @@ class DecodingBatch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         active, width = len(self.keys), self.width
-        for group in self._groups:
-            group.extend((ids, mask, positions), alpha, active, width)
+        for forward in self._forwards:
+            forward.extend((ids, mask, positions), alpha, active, width)
         total = max(width, columns)
         self._mask = torch.cat([_pad_left(self._mask, total), _pad_left(mask, total)])
         lengths = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
@@ -135,9 +136,9 @@ class DecodingBatch:
         column = torch.ones((len(self.keys), 1), dtype=self._mask.dtype, device=self.device)
         mask = torch.cat([self._mask, column], dim=-1)
         inputs = (self._pending[:, None], mask, self._positions[:, None])
-        outputs = [group.step(inputs) for group in self._groups]
+        outputs = [forward.step(inputs) for forward in self._forwards]
         self._mask, self._positions, self._pending = mask, self._positions + 1, None
-        return _combine(self.guidance, self._groups, outputs)
+        return combine_scores(self.guidance, self._forwards, outputs)
 
     def feed(self, tokens: torch.Tensor | Sequence[int]) -> None:
         """The token chosen for each row (in :attr:`keys` order) at the last step."""
@@ -160,8 +161,8 @@ class DecodingBatch:
             return
         kept = [i for i, key in enumerate(self.keys) if key not in leaving]
         if not kept:
-            for group in self._groups:
-                group.reset()
+            for forward in self._forwards:
+                forward.reset()
             self.keys = []
             self._mask = self._mask[:0, :0]
             self._positions = self._positions[:0]
@@ -169,8 +170,8 @@ class DecodingBatch:
             return
         index = torch.tensor(kept, device=self.device)
         active = len(self.keys)
-        for group in self._groups:
-            group.keep(index, active)
+        for forward in self._forwards:
+            forward.keep(index, active)
         self.keys = [self.keys[i] for i in kept]
         self._mask, self._positions = self._mask[index], self._positions[index]
         if self._pending is not None:
@@ -179,8 +180,8 @@ class DecodingBatch:
         used = self._mask.any(dim=0).nonzero()
         first = int(used[0]) if len(used) else self.width
         if first:
-            for group in self._groups:
-                group.trim(first)
+            for forward in self._forwards:
+                forward.trim(first)
             self._mask = self._mask[:, first:]
 
     def close(self) -> None:

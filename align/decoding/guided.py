@@ -209,11 +209,12 @@ def sampling_processors(
 
 
 @dataclass
-class _Copy:
-    """One weighting of a model's scores: ``weight`` maps rows of α ``(R, m)`` to their
-    coefficients ``(R,)``, ``coefficient`` holds them per active row; ``gate`` switches a
-    shared-base PARM's adapter off (0) or on (1) for these rows; ``uses_alpha``: its scores
-    depend on α during the prompt (PARM rows), so its prefill cannot be shared across α."""
+class ScoreTerm:
+    """One term of the mixed next-token score, ``coefficient · log-probs`` of one model: ``weight``
+    maps rows of α ``(R, m)`` to their coefficients ``(R,)``, ``coefficient`` holds them per
+    active row; ``gate`` switches a shared-base PARM's adapter off (0) or on (1) for this term's
+    rows; ``uses_alpha``: its scores depend on α during the prompt (PARM rows), so its prefill
+    cannot be shared across α."""
 
     weight: Callable[[torch.Tensor], torch.Tensor]
     gate: float | None = None
@@ -223,18 +224,19 @@ class _Copy:
     reference: bool = False
 
 
-class _Group:
-    """One model with its own KV cache, run each step on ``len(copies)`` stacked copies of the
-    active rows (only a shared-base PARM stacks two: base rows and PARM rows in one forward)."""
+class ModelForward:
+    """One model's batched forward each step: the model with its own KV cache, run on one
+    stacked copy of the active rows per :class:`ScoreTerm` it feeds (only a shared-base PARM
+    feeds two: base rows and PARM rows in one forward)."""
 
-    def __init__(self, model: nn.Module, vocab_size: int, copies: list[_Copy], arm=None):
+    def __init__(self, model: nn.Module, vocab_size: int, terms: list[ScoreTerm], arm=None):
         self.scorer = _CachedScorer(model, vocab_size)
-        self.copies = copies
-        self.arm = arm  # the PARM whose α (and row gate) this group sets, if any
+        self.terms = terms
+        self.arm = arm  # the PARM whose α (and row gate) this forward sets, if any
         self.alpha: Preference | None = None  # per active row, for the PARM
 
-    def _configure(self, copies: Sequence[_Copy], rows: int, alpha: Preference | None) -> None:
-        """Set the PARM's α and row gate for a forward over ``copies`` × ``rows`` rows."""
+    def _configure(self, terms: Sequence[ScoreTerm], rows: int, alpha: Preference | None) -> None:
+        """Set the PARM's α and row gate for a forward over ``terms`` × ``rows`` rows."""
         if self.arm is None or alpha is None or rows == 0:
             return
         from align.adapters import preference_tuner, set_preference
@@ -243,28 +245,26 @@ class _Group:
         # One α for every row takes the adapter's folded path (LoRA's per-token cost).
         set_preference(
             self.arm,
-            alpha[0]
-            if same
-            else Preference(alpha.weights.repeat(len(copies), 1), alpha.objectives),
+            alpha[0] if same else Preference(alpha.weights.repeat(len(terms), 1), alpha.objectives),
         )
-        if copies[0].gate is not None:
-            gate = torch.cat([torch.full((rows,), float(c.gate)) for c in copies])
+        if terms[0].gate is not None:
+            gate = torch.cat([torch.full((rows,), float(t.gate)) for t in terms])
             preference_tuner(self.arm).set_row_gate(gate)
 
     def prefill(self, inputs: tuple[torch.Tensor, ...], repeats: int) -> list[torch.Tensor]:
-        """Scores after the prompts, per copy, for ``repeats`` × prompts rows (α-major). A copy
+        """Scores after the prompts, per term, for ``repeats`` × prompts rows (α-major). A term
         whose scores do not depend on α runs the prompts once and repeats the result."""
         prompts = inputs[0].shape[0]
         caches, outputs = [], []
-        for copy in self.copies:
-            shared = repeats > 1 and not copy.uses_alpha
+        for term in self.terms:
+            shared = repeats > 1 and not term.uses_alpha
             rows = prompts if shared else prompts * repeats
             alpha = (
                 None
                 if self.alpha is None
                 else Preference(self.alpha.weights[:rows], self.alpha.objectives)
             )
-            self._configure([copy], rows, alpha)
+            self._configure([term], rows, alpha)
             self.scorer.cache = DynamicCache()
             log_probs = self.scorer(*(t if shared else t.repeat(repeats, 1) for t in inputs))
             if shared:
@@ -274,46 +274,46 @@ class _Group:
             caches.append(self.scorer.cache)
             outputs.append(log_probs)
         self.scorer.cache = caches[0] if len(caches) == 1 else _stack_caches(caches)
-        self._configure(self.copies, prompts * repeats, self.alpha)
+        self._configure(self.terms, prompts * repeats, self.alpha)
         return outputs
 
     def step(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        copies = len(self.copies)
+        copies = len(self.terms)
         if copies > 1:
             inputs = tuple(t.repeat(copies, 1) for t in inputs)
         return list(self.scorer(*inputs).chunk(copies))
 
     def keep(self, rows: torch.Tensor, active: int) -> None:
         """Keep only ``rows`` (indices into the ``active`` current rows): finished rows leave
-        the batch and every copy's cache."""
+        the batch and every stacked copy's cache."""
         if _cache_width(self.scorer.cache) is not None:
-            index = torch.cat([rows + c * active for c in range(len(self.copies))])
+            index = torch.cat([rows + c * active for c in range(len(self.terms))])
             self.scorer.cache.batch_select_indices(index.to(self.scorer_device))
-        for copy in self.copies:
-            copy.coefficient = copy.coefficient[rows.to(copy.coefficient.device)]
+        for term in self.terms:
+            term.coefficient = term.coefficient[rows.to(term.coefficient.device)]
         if self.alpha is not None:
             self.alpha = Preference(self.alpha.weights[rows.cpu()], self.alpha.objectives)
-        self._configure(self.copies, len(rows), self.alpha)
+        self._configure(self.terms, len(rows), self.alpha)
 
     def extend(
         self, inputs: tuple[torch.Tensor, ...], alpha: Preference, active: int, width: int
     ) -> None:
         """Add rows after the ``active`` current ones: read their left-padded prompts
         ``inputs`` (ids, mask, positions; possibly 0 columns wide) into a cache of their own
-        and merge it into this group's, whose ``width`` columns the rows already have (the
+        and merge it into this model's cache, whose ``width`` columns the rows already have (the
         shorter of the two is padded on the left, those columns masked by the caller)."""
         added = inputs[0].shape[0]
         device = inputs[0].device
         weights = alpha.to_tensor(torch.float32)
-        for copy in self.copies:
-            new = copy.weight(weights).to(device)[:, None]
-            copy.coefficient = (
-                new if copy.coefficient is None else torch.cat([copy.coefficient, new])
+        for term in self.terms:
+            new = term.weight(weights).to(device)[:, None]
+            term.coefficient = (
+                new if term.coefficient is None else torch.cat([term.coefficient, new])
             )
-        copies = len(self.copies)
+        copies = len(self.terms)
         prompt_cache = None
         if inputs[0].shape[1]:
-            self._configure(self.copies, added, alpha)
+            self._configure(self.terms, added, alpha)
             running = self.scorer.cache
             self.scorer.cache = DynamicCache()
             self.scorer(*(t.repeat(copies, 1) for t in inputs))
@@ -327,13 +327,13 @@ class _Group:
                 if self.alpha is None or not active
                 else Preference(torch.cat([self.alpha.weights, alpha.weights]), alpha.objectives)
             )
-        self._configure(self.copies, active + added, self.alpha)
+        self._configure(self.terms, active + added, self.alpha)
 
     def reset(self) -> None:
         """No rows: an empty cache, no coefficients."""
         self.scorer.cache = DynamicCache()
-        for copy in self.copies:
-            copy.coefficient = None
+        for term in self.terms:
+            term.coefficient = None
         self.alpha = None
 
     def trim(self, columns: int) -> None:
@@ -421,7 +421,7 @@ def _column(index: int, scale: float = 1.0) -> Callable[[torch.Tensor], torch.Te
     return lambda alpha: alpha[:, index] * scale
 
 
-def _plan(
+def plan_forwards(
     base: nn.Module | None,
     guidance: Guidance,
     preference: Preference | None,
@@ -443,17 +443,17 @@ def _plan(
         tuner = preference_tuner(arm)
         previous = get_preference(arm)
         if guidance.mode == "policy":
-            groups = [_Group(arm, vocab_size, [_Copy(_ones, uses_alpha=True)], arm=arm)]
+            forwards = [ModelForward(arm, vocab_size, [ScoreTerm(_ones, uses_alpha=True)], arm=arm)]
         else:
-            guide = _Copy(_constant(inverse_beta), uses_alpha=True)
+            guide = ScoreTerm(_constant(inverse_beta), uses_alpha=True)
             if base is not None and arm.get_base_model() is base:
-                copies = [_Copy(_ones, gate=0.0)]
-                copies += [replace(guide, gate=1.0)] if inverse_beta else []
-                groups = [_Group(arm, vocab_size, copies, arm=arm)]
+                terms = [ScoreTerm(_ones, gate=0.0)]
+                terms += [replace(guide, gate=1.0)] if inverse_beta else []
+                forwards = [ModelForward(arm, vocab_size, terms, arm=arm)]
             else:
-                groups = [_Group(base, vocab_size, [_Copy(_ones)])]
+                forwards = [ModelForward(base, vocab_size, [ScoreTerm(_ones)])]
                 if inverse_beta:
-                    groups.append(_Group(arm, vocab_size, [guide], arm=arm))
+                    forwards.append(ModelForward(arm, vocab_size, [guide], arm=arm))
 
         def restore() -> None:
             tuner.set_row_gate(None)
@@ -466,45 +466,47 @@ def _plan(
             ]
         else:
             pairs = [(policy, _column(j)) for j, policy in enumerate(guidance.models)]
-        groups = [_Group(model, vocab_size, [_Copy(weight)]) for model, weight in pairs]
+        forwards = [ModelForward(model, vocab_size, [ScoreTerm(weight)]) for model, weight in pairs]
         if guidance.mode == "mod" and guidance.divergence != "reverse_kl":
-            groups.insert(0, _Group(base, vocab_size, [_Copy(_ones, reference=True)]))
+            forwards.insert(0, ModelForward(base, vocab_size, [ScoreTerm(_ones, reference=True)]))
 
         def restore() -> None:
             return None
 
     if preference is None:
-        return groups, restore
+        return forwards, restore
     alpha = preference.to_tensor(torch.float32)
-    for group in groups:
-        for copy in group.copies:
-            copy.coefficient = copy.weight(alpha)
-        if group.arm is not None:
-            group.alpha = preference
+    for forward in forwards:
+        for term in forward.terms:
+            term.coefficient = term.weight(alpha)
+        if forward.arm is not None:
+            forward.alpha = preference
     if guidance.mode in ("genarm", "mod"):
-        groups = [
-            g for g in groups if g.copies[0].reference or bool((g.copies[0].coefficient != 0).any())
+        forwards = [
+            f for f in forwards if f.terms[0].reference or bool((f.terms[0].coefficient != 0).any())
         ]
-    return groups, restore
+    return forwards, restore
 
 
-def _combine(guidance: Guidance, groups: Sequence[_Group], outputs: Sequence) -> torch.Tensor:
-    """The next-token log-probs of one step from every model's (per copy) log-probs."""
+def combine_scores(
+    guidance: Guidance, forwards: Sequence[ModelForward], outputs: Sequence
+) -> torch.Tensor:
+    """The next-token log-probs of one step from every model's (per term) log-probs."""
     if guidance.divergence == "reverse_kl":
         scores = 0
-        for group, log_probs in zip(groups, outputs):
-            for copy, values in zip(group.copies, log_probs):
-                scores = scores + copy.coefficient * values
+        for forward, log_probs in zip(forwards, outputs):
+            for term, values in zip(forward.terms, log_probs):
+                scores = scores + term.coefficient * values
         return torch.log_softmax(scores, dim=-1)  # the normaliser log Z
     from align.decoding.divergences import mix_policies
 
     reference, weights, policies = None, [], []
-    for group, log_probs in zip(groups, outputs):
-        for copy, values in zip(group.copies, log_probs):
-            if copy.reference:
+    for forward, log_probs in zip(forwards, outputs):
+        for term, values in zip(forward.terms, log_probs):
+            if term.reference:
                 reference = values
             else:
-                weights.append(copy.coefficient[:, 0])
+                weights.append(term.coefficient[:, 0])
                 policies.append(values)
     return mix_policies(
         torch.stack(policies, dim=1),
@@ -565,13 +567,13 @@ def guided_decode(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=device
     )
 
-    groups, restore = _plan(base, guidance, preference, vocab_size)
+    forwards, restore = plan_forwards(base, guidance, preference, vocab_size)
     try:
-        for group in groups:
-            for copy in group.copies:
-                copy.coefficient = copy.coefficient.to(device)[:, None]
+        for forward in forwards:
+            for term in forward.terms:
+                term.coefficient = term.coefficient.to(device)[:, None]
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        outputs = [g.prefill((input_ids, attention_mask, positions), repeats) for g in groups]
+        outputs = [f.prefill((input_ids, attention_mask, positions), repeats) for f in forwards]
         sequences = input_ids.repeat(repeats, 1)
         mask = attention_mask.repeat(repeats, 1)
         positions = positions[:, -1:].repeat(repeats, 1)
@@ -582,8 +584,8 @@ def guided_decode(
             streamer.put(sequences.cpu())
         for step in range(max_new_tokens):
             if step:
-                outputs = [g.step((next_tokens[:, None], mask, positions)) for g in groups]
-            scores = _combine(guidance, groups, outputs)
+                outputs = [f.step((next_tokens[:, None], mask, positions)) for f in forwards]
+            scores = combine_scores(guidance, forwards, outputs)
             scores = processors(sequences[active], scores)
             if do_sample:
                 next_tokens = torch.multinomial(
@@ -611,8 +613,8 @@ def guided_decode(
             # Drop finished rows once they are an eighth of the batch: a cache copy per drop.
             if drop_finished and int(done.sum()) * 8 >= len(active):
                 keep = (~done).nonzero().squeeze(1)
-                for group in groups:
-                    group.keep(keep, len(active))
+                for forward in forwards:
+                    forward.keep(keep, len(active))
                 if on_rows_kept is not None:
                     on_rows_kept(keep)
                 active, next_tokens = active[keep], next_tokens[keep]

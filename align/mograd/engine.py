@@ -62,8 +62,8 @@ How each kind of method gets there
   (``safe_set_local_grad``, padding zero) by the backward of the returned scalar, which reaches
   no parameter: ZeRO-3's gradient epilogue (after that backward) has nothing to reduce and the
   optimizer step reads ``d``; m backward passes, no more
-  (:func:`~align.mograd.distributed.deliver_zero3` says why this is exact, and that the scalar
-  must then be backpropagated alone). ZeRO-0: as on one process. Not with
+  (:func:`~align.mograd.gradient_injection.deliver_zero3` says why this is exact, and that the
+  scalar must then be backpropagated alone). ZeRO-0: as on one process. Not with
   ``feature_level=True`` (``NotImplementedError``).
 * **feature-level** (``feature_level=True``, gradient-level methods; MGDA-UB, Sener & Koltun
   2018): the Gram is taken from the gradients w.r.t. a shared representation ``features=z``
@@ -149,7 +149,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from align.mograd import distributed as D
+from align.mograd import gradient_injection as D
 from align.mograd.base import (
     GradientAggregator,
     LossAggregator,
@@ -660,8 +660,8 @@ class MultiObjectiveEngine:
         the guard's inner products and norms are all-reduced (m + 2 numbers). ZeRO-1/2: each
         rank injects its part of d as ZeRO-2 does for MGDA. ZeRO-3: each rank writes its part
         of d as its gradient partitions when the returned scalar is backpropagated
-        (:func:`~align.mograd.distributed.deliver_zero3`, which says why that is exact): no
-        further backward through the model, m backward passes in all."""
+        (:func:`~align.mograd.gradient_injection.deliver_zero3`, which says why that is
+        exact): no further backward through the model, m backward passes in all."""
         params, m = self.parameters, jacobian.shape[0]
         self.last_gram = gram.detach()
         if shards.stage == 0:

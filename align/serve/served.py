@@ -2,8 +2,9 @@
 
 A route spec is what ``align evaluate`` configs list under ``routes:`` —
 ``{kind: parm, adapter: ..., beta: ...}``, ``{kind: genarm, arms: {objective: folder}, beta:
-...}``, ``{kind: mod, arms: {...}}`` or ``{kind: policy, adapter: ...}`` — and the frozen base
-is loaded once by the sweep's :class:`~align.sweep.routes.Runtime`; the route hands over the
+...}``, ``{kind: mod, policies: {objective: folder}}`` or ``{kind: policy, adapter: ...}`` —
+and the frozen base is loaded once by the sweep's :class:`~align.sweep.routes.Runtime`; the
+route's :meth:`~align.sweep.routes.Route.per_row_guidance` hands over the
 :class:`~align.decoding.guided.Guidance` that decodes it at a per-row α.
 """
 
@@ -52,7 +53,7 @@ class ServedModel:
         self.route = build_route(spec, objectives, {})
         self.runtime = Runtime(base, device=device, dtype=dtype)
         try:
-            self.guidance = self.route.guidance(self.runtime)
+            self.guidance = self.route.per_row_guidance(self.runtime)
         except Exception:
             self.route.close()
             raise
@@ -134,11 +135,13 @@ class ServedModel:
 
 
 def objectives_of_spec(spec: Mapping[str, Any]) -> tuple[str, ...]:
-    """The objectives a route spec names: its ``arms``' keys (GenARM, MOD), or those recorded
-    in its adapter's ``adapter_config.json`` (PARM, policy)."""
-    arms = spec.get("arms")
-    if isinstance(arms, Mapping) and arms:
-        return tuple(str(k) for k in arms)
+    """The objectives a route spec names: the keys of its ``arms`` (GenARM) or ``policies``
+    (MOD; ``arms`` there too, its other name), or those recorded in its adapter's
+    ``adapter_config.json`` (PARM, policy)."""
+    for field in ("arms", "policies"):
+        folders = spec.get(field)
+        if isinstance(folders, Mapping) and folders:
+            return tuple(str(k) for k in folders)
     adapter = spec.get("adapter")
     if adapter is not None:
         config = Path(str(adapter)).expanduser() / "adapter_config.json"
@@ -149,8 +152,8 @@ def objectives_of_spec(spec: Mapping[str, Any]) -> tuple[str, ...]:
             return tuple(names)
     raise ValueError(
         f"cannot tell the objectives of route {dict(spec)}: a served route is parm or policy "
-        "(`adapter`: its adapter_config.json names them) or genarm or mod (`arms`: one per "
-        "objective); or give them (--objectives a,b)"
+        "(`adapter`: its adapter_config.json names them), genarm (`arms`: one per objective) or "
+        "mod (`policies`: one per objective); or give them (--objectives a,b)"
     )
 
 

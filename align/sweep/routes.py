@@ -39,17 +39,18 @@ ROUTES: Registry = Registry("route kind", attribute="kind")
 
 @dataclass(frozen=True)
 class Pass:
-    """One batch of a route's answers: the α rows ``first:last`` of its grid for the prompts
-    ``start:stop``, decoded together (answers ``[k - first][i - start]``)."""
+    """One batch of a route's answers: the α rows ``alpha_start:alpha_stop`` of its grid for the
+    prompts ``prompt_start:prompt_stop``, decoded together (answers
+    ``[k - alpha_start][i - prompt_start]``)."""
 
-    first: int
-    last: int
-    start: int
-    stop: int
+    alpha_start: int
+    alpha_stop: int
+    prompt_start: int
+    prompt_stop: int
 
     @property
     def rows(self) -> int:
-        return (self.last - self.first) * (self.stop - self.start)
+        return (self.alpha_stop - self.alpha_start) * (self.prompt_stop - self.prompt_start)
 
 
 def batched_passes(prompts: int, alphas: int, batch_size: int, alphas_per_pass: int) -> list[Pass]:
@@ -59,9 +60,14 @@ def batched_passes(prompts: int, alphas: int, batch_size: int, alphas_per_pass: 
             f"batch_size and alphas_per_pass must be >= 1, got {batch_size}, {alphas_per_pass}"
         )
     return [
-        Pass(first, min(first + alphas_per_pass, alphas), start, min(start + batch_size, prompts))
-        for first in range(0, alphas, alphas_per_pass)
-        for start in range(0, prompts, batch_size)
+        Pass(
+            alpha_start,
+            min(alpha_start + alphas_per_pass, alphas),
+            prompt_start,
+            min(prompt_start + batch_size, prompts),
+        )
+        for alpha_start in range(0, alphas, alphas_per_pass)
+        for prompt_start in range(0, prompts, batch_size)
     ]
 
 
@@ -71,8 +77,8 @@ def assemble(
     """``answers[k][i]`` from the answers of passes that cover every (α, prompt) once."""
     answers: list[list[str | None]] = [[None] * prompts for _ in range(alphas)]
     for one, rows in zip(passes, results, strict=True):
-        for k, texts in zip(range(one.first, one.last), rows, strict=True):
-            answers[k][one.start : one.stop] = texts
+        for k, texts in zip(range(one.alpha_start, one.alpha_stop), rows, strict=True):
+            answers[k][one.prompt_start : one.prompt_stop] = texts
     missing = sum(text is None for row in answers for text in row)
     if missing:
         raise ValueError(f"{missing} (α, prompt) answers are missing from the passes")
@@ -120,14 +126,14 @@ class Route(ABC):
         progress: Any = None,
     ) -> list[list[list[str]]]:
         """The answers of ``passes`` (of the whole sweep's ``prompts`` and ``alphas``), one
-        ``[k - first][i - start]`` list per pass."""
+        ``[k - alpha_start][i - prompt_start]`` list per pass."""
         results = []
         for one in passes:
-            chunk = prompts[one.start : one.stop]
+            chunk = prompts[one.prompt_start : one.prompt_stop]
             results.append(
                 [
-                    self.answer(runtime, chunk, alphas[k], one.start)
-                    for k in range(one.first, one.last)
+                    self.answer(runtime, chunk, alphas[k], one.prompt_start)
+                    for k in range(one.alpha_start, one.alpha_stop)
                 ]
             )
             if progress is not None:
@@ -170,7 +176,7 @@ class Route(ABC):
         """Take off what this route attached to the shared base (the next route needs it bare)."""
         return None
 
-    def guidance(self, runtime: Runtime) -> Any:
+    def per_row_guidance(self, runtime: Runtime) -> Any:
         """The :class:`~align.decoding.guided.Guidance` that decodes this route at any per-row
         α, step by step (what ``align serve`` runs); routes answering a fixed set of α have
         none."""
@@ -195,7 +201,8 @@ def _detach(model: Any) -> None:
 
 
 class Runtime:
-    """What routes share during one sweep: the base model, its tokenizer, loaded guides."""
+    """What routes share during one sweep: the base model, its tokenizer, and the loading of
+    adapters and checkpoints onto it."""
 
     def __init__(self, base: str, device: str | None = None, dtype: str = "float32"):
         from align.models import load_model
@@ -205,7 +212,7 @@ class Runtime:
         self.model, self.tokenizer = load_model(base, **self.load_options)
         self.model.eval()
 
-    def guide(self, reference: str, shared: bool = True) -> Any:
+    def load_model(self, reference: str, shared: bool = True) -> Any:
         """``(model, tokenizer)`` of an adapter folder or checkpoint; an adapter on the base is
         attached to the shared base (``shared``) or to a copy of its own."""
         from align.decoding.loading import load_guide
@@ -261,14 +268,16 @@ class Runtime:
                 guided_sweep(
                     self.model if guidance.needs_base else None,
                     self.tokenizer,
-                    prompts[one.start : one.stop],
+                    prompts[one.prompt_start : one.prompt_stop],
                     guidance,
-                    alphas[one.first : one.last].tolist(),
+                    alphas[one.alpha_start : one.alpha_stop].tolist(),
                     max_new_tokens=options.get("max_new_tokens", 48),
                     do_sample=options.get("do_sample", False),
                     temperature=options.get("temperature", 1.0),
                     top_p=options.get("top_p"),
-                    seed=None if seed is None else seed + one.first * len(prompts) + one.start,
+                    seed=None
+                    if seed is None
+                    else seed + one.alpha_start * len(prompts) + one.prompt_start,
                 )
             )
             if progress is not None:
@@ -284,7 +293,10 @@ class Runtime:
         results = self.guided_passes(guidance, prompts, alphas, passes, generation, progress)
         return assemble(passes, results, len(alphas), len(prompts))
 
-    def guided(self, guidance: Any, prompts: list[str], alpha: np.ndarray, generation) -> list[str]:
+    def guided_answers(
+        self, guidance: Any, prompts: list[str], alpha: np.ndarray, generation
+    ) -> list[str]:
+        """Answers at one α: :meth:`guided_sweep` of a one-row grid."""
         return self.guided_sweep(guidance, prompts, np.asarray(alpha)[None], generation)[0]
 
 
@@ -322,7 +334,7 @@ class GuidedRoute(Route):
     @abstractmethod
     def _build(self, runtime: Runtime) -> Any: ...
 
-    def _guide(self, runtime: Runtime) -> Any:
+    def _cached_guidance(self, runtime: Runtime) -> Any:
         if self._guidance is None:
             self._guidance = self._build(runtime)
         return self._guidance
@@ -330,17 +342,19 @@ class GuidedRoute(Route):
     def answer(
         self, runtime: Runtime, prompts: list[str], alpha: np.ndarray, offset=0
     ) -> list[str]:
-        return runtime.guided(self._guide(runtime), prompts, alpha, self.generation)
+        return runtime.guided_answers(
+            self._cached_guidance(runtime), prompts, alpha, self.generation
+        )
 
-    def guidance(self, runtime: Runtime) -> Any:
-        return self._guide(runtime)
+    def per_row_guidance(self, runtime: Runtime) -> Any:
+        return self._cached_guidance(runtime)
 
     def passes(self, base: str, prompts: int, alphas: int) -> list[Pass]:
         return guided_route_passes(self.generation, prompts, alphas)
 
     def answer_passes(self, runtime, prompts, alphas, passes, progress=None):
         return runtime.guided_passes(
-            self._guide(runtime), prompts, alphas, passes, self.generation, progress
+            self._cached_guidance(runtime), prompts, alphas, passes, self.generation, progress
         )
 
     def close(self) -> None:
@@ -359,7 +373,7 @@ class PARMRoute(GuidedRoute):
         from align.decoding.guided import parm_guidance
         from align.preference import require_same_objectives
 
-        model, tokenizer = runtime.guide(self.adapter)
+        model, tokenizer = runtime.load_model(self.adapter)
         guidance = parm_guidance(model, self.beta, tokenizer=tokenizer)
         require_same_objectives(
             guidance.objectives, self.objectives, f"PARM {self.adapter}", "the sweep"
@@ -391,7 +405,7 @@ class GenARMRoute(GuidedRoute):
         from align.decoding.guided import genarm_guidance
 
         # One model per ARM: two adapters cannot both be injected into the shared base.
-        loaded = {k: runtime.guide(path, shared=False) for k, path in self.arms.items()}
+        loaded = {k: runtime.load_model(path, shared=False) for k, path in self.arms.items()}
         return genarm_guidance(
             {k: model for k, (model, _) in loaded.items()},
             self.beta,
@@ -406,24 +420,38 @@ class GenARMRoute(GuidedRoute):
 
 
 @register_route("mod")
-class MODRoute(GenARMRoute):
-    """MOD: one policy per objective (``arms: {objective: folder}``), mixed by α under
+class MODRoute(GuidedRoute):
+    """MOD: one policy per objective (``policies: {objective: folder}``), mixed by α under
     ``divergence`` (``reverse_kl``: log-probs mixed linearly; ``forward_kl``,
     ``jensen_shannon``, ``alpha`` with its order ``divergence_alpha``: the closed form of that
-    f-divergence, the sweep's base as the reference policy)."""
+    f-divergence, the sweep's base as the reference policy).
+
+    ``arms:`` is accepted for ``policies:`` (what configs named the field before; it holds the
+    same folders)."""
 
     def __init__(
         self,
         name,
         objectives,
         generation,
-        arms: Mapping[str, str],
+        policies: Mapping[str, str] | None = None,
         divergence: str = "reverse_kl",
         divergence_alpha: float | None = None,
+        arms: Mapping[str, str] | None = None,
     ):
         from align.decoding.divergences import check_divergence
 
-        super().__init__(name, objectives, generation, arms, beta=1.0)
+        super().__init__(name, objectives, generation)
+        if policies is not None and arms is not None:
+            raise ValueError(
+                f"route {name!r}: give `policies` or `arms` (its other name), not both"
+            )
+        if policies is None and arms is None:
+            raise ValueError(f"route {name!r}: give `policies`: one policy folder per objective")
+        field = "policies" if policies is not None else "arms"
+        self.policies = _per_objective(
+            policies if policies is not None else arms, self.objectives, name, field
+        )
         try:
             self.divergence_alpha = check_divergence(divergence, divergence_alpha)
         except ValueError as error:
@@ -434,7 +462,7 @@ class MODRoute(GenARMRoute):
         from align.decoding.guided import mod_guidance
 
         # Each policy needs its own weights: MOD mixes full models, no shared base.
-        loaded = {k: runtime.guide(path, shared=False) for k, path in self.arms.items()}
+        loaded = {k: runtime.load_model(path, shared=False) for k, path in self.policies.items()}
         return mod_guidance(
             {k: model for k, (model, _) in loaded.items()},
             [tok for _, tok in loaded.values()],
@@ -443,10 +471,20 @@ class MODRoute(GenARMRoute):
         )
 
     def describe(self) -> dict[str, Any]:
-        described = {"kind": self.kind, "arms": self.arms, "divergence": self.divergence}
+        described = {"kind": self.kind, "policies": self.policies, "divergence": self.divergence}
         if self.divergence_alpha is not None:
             described["divergence_alpha"] = self.divergence_alpha
         return described
+
+    def fingerprint(self) -> dict[str, Any]:
+        # Under the key earlier versions wrote: cached MOD answers stay valid (same folders).
+        return {
+            ("arms" if key == "policies" else key): value
+            for key, value in super().fingerprint().items()
+        }
+
+    def sources(self) -> list[str]:
+        return list(self.policies.values())
 
 
 @register_route("policy")
@@ -463,7 +501,7 @@ class PolicyRoute(Route):
         from align.preference import require_same_objectives
 
         if self._model is None:
-            self._model, _ = runtime.guide(self.adapter)
+            self._model, _ = runtime.load_model(self.adapter)
             require_same_objectives(
                 objectives_of(self._model), self.objectives, f"policy {self.adapter}", "the sweep"
             )
@@ -478,7 +516,7 @@ class PolicyRoute(Route):
         set_preference(model, Preference(torch.as_tensor(alpha), self.objectives))
         return runtime.plain(model, prompts, self.generation, offset)
 
-    def guidance(self, runtime: Runtime) -> Any:
+    def per_row_guidance(self, runtime: Runtime) -> Any:
         """The policy decoding alone, α injected per row."""
         from align.decoding.guided import policy_guidance
 
@@ -539,7 +577,7 @@ class MergedRoute(Route):
     def answer(
         self, runtime: Runtime, prompts: list[str], alpha: np.ndarray, offset=0
     ) -> list[str]:
-        model, _ = runtime.guide(self._folder(alpha))
+        model, _ = runtime.load_model(self._folder(alpha))
         try:
             return runtime.plain(model, prompts, self.generation, offset)
         finally:
@@ -575,8 +613,8 @@ class MergedRoute(Route):
         guidance = mod_guidance({"soup": runtime.model})
         with weighted_lora_rows(runtime.model, sources) as row_weights:
             for one in passes:
-                block = np.asarray(alphas[one.first : one.last])
-                chunk = prompts[one.start : one.stop]
+                block = np.asarray(alphas[one.alpha_start : one.alpha_stop])
+                chunk = prompts[one.prompt_start : one.prompt_stop]
                 row_weights.set(torch.as_tensor(block).repeat_interleave(len(chunk), dim=0))
                 texts = guided_generate(
                     None,
@@ -588,7 +626,9 @@ class MergedRoute(Route):
                     do_sample=options.get("do_sample", False),
                     temperature=options.get("temperature", 1.0),
                     top_p=options.get("top_p"),
-                    seed=None if seed is None else seed + one.first * len(prompts) + one.start,
+                    seed=None
+                    if seed is None
+                    else seed + one.alpha_start * len(prompts) + one.prompt_start,
                     on_rows_kept=row_weights.keep,
                 )
                 results.append(
@@ -603,13 +643,13 @@ class MergedRoute(Route):
         try:
             for one in passes:
                 rows = []
-                for k in range(one.first, one.last):
+                for k in range(one.alpha_start, one.alpha_stop):
                     if self._folder(alphas[k]) != folder:
                         _detach(model)
                         model, folder = None, self._folder(alphas[k])
-                        model, _ = runtime.guide(folder)
-                    chunk = prompts[one.start : one.stop]
-                    rows.append(runtime.plain(model, chunk, self.generation, one.start))
+                        model, _ = runtime.load_model(folder)
+                    chunk = prompts[one.prompt_start : one.prompt_stop]
+                    rows.append(runtime.plain(model, chunk, self.generation, one.prompt_start))
                 results.append(rows)
                 if progress is not None:
                     progress.update(1)

@@ -89,7 +89,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from align.mograd.learned.ml2o import ML2O, _lstsq, span_weights
+from align.mograd.learned.ml2o import ML2O, gram_lstsq, span_weights
 from align.mograd.learned.network import ML2ONet
 from align.mograd.registry import register_aggregator
 
@@ -194,7 +194,7 @@ class GML2O(ML2O):
         )
         self._decide(ok, proposal)
         if ok:
-            self.last_weights = _lstsq(proposal["gram"], inner)
+            self.last_weights = gram_lstsq(proposal["gram"], inner)
             return proposal["update"].to(jacobian.dtype)
         self.last_weights = proposal["baseline_weights"]
         return proposal["baseline"].to(jacobian.dtype)

@@ -77,10 +77,10 @@ def _state_zeros(size: int, width: int, dtype: torch.dtype, device: torch.device
 def span_weights(jacobian: Tensor, gram: Tensor, direction: Tensor) -> Tensor:
     """The coefficients w of the projection of ``direction`` onto the span of the gradients
     (``Jᵀw`` closest to d): ML2O's "weights" for logging (float64, (m,))."""
-    return _lstsq(gram, jacobian.double() @ direction.double())
+    return gram_lstsq(gram, jacobian.double() @ direction.double())
 
 
-def _lstsq(gram: Tensor, target: Tensor) -> Tensor:
+def gram_lstsq(gram: Tensor, target: Tensor) -> Tensor:
     """``G w = J d`` in the least-squares sense (float64, on the CPU)."""
     solution = torch.linalg.lstsq(
         gram.double().cpu(), target.double().cpu().unsqueeze(1), driver="gelsd"
@@ -263,7 +263,7 @@ class ML2O(UpdateAggregator):
         the m inner products ``J d`` of the logged weights; GML2O's guard adds ``‖d‖²``)."""
         proposal = self.propose(jacobian, gram=gram, total=total)
         inner = all_reduce(jacobian.double() @ proposal["update"].double())
-        self.last_weights = _lstsq(proposal["gram"], inner)
+        self.last_weights = gram_lstsq(proposal["gram"], inner)
         return proposal["update"].to(jacobian.dtype)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
-"""Private helpers of :mod:`align.mograd.engine`: process groups, gradient injection, DeepSpeed.
+"""How :mod:`align.mograd.engine` injects its direction into the gradients: process groups, the
+surrogate whose backward delivers it, Accelerate / DDP checks, DeepSpeed ZeRO partitions.
 
 Nothing here is public API. The DeepSpeed part reads and writes ZeRO's gradient partitions
 through the attributes DeepSpeed itself uses in ``deepspeed.utils.tensor_fragment``

@@ -33,12 +33,15 @@ import os
 import random
 import secrets
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# The server start-up and the port probe are the serving benchmark's.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+from serve_load import free_port, launch_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -344,26 +347,8 @@ def start_server(base: str, parm: Path, port: int, api_key: str, options: list[s
         str(port),
         *options,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "ALIGN_API_KEY": api_key}
-    process = subprocess.Popen(command, cwd=ROOT, env=env)
-    deadline = time.monotonic() + 600
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"align serve exited with status {process.returncode}")
-        try:
-            health(port)
-            return process
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise SystemExit("align serve did not start in 600 s") from None
-            time.sleep(0.3)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "ALIGN_API_KEY": api_key}
+    return launch_server(command, port, env)
 
 
 def main() -> None:

@@ -80,8 +80,13 @@ def start_server(
         str(max_batch),
         *(["--threads", str(threads)] if threads else []),
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    return launch_server(command, port, {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+
+
+def launch_server(command: list[str], port: int, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``align serve`` (``command``) from the repository root with ``env`` added to this
+    process's, and return once its /health answers (at most 600 s)."""
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
     deadline = time.monotonic() + 600
     while True:
         if process.poll() is not None:
@@ -91,9 +96,9 @@ def start_server(
             return process
         except OSError:
             if time.monotonic() > deadline:
-                process.terminate()
+                process.kill()
                 raise SystemExit("align serve did not start in 600 s") from None
-            time.sleep(0.5)
+            time.sleep(0.3)
 
 
 def run_level(client, model: str, requests: list[dict], concurrency: int, max_tokens: int):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port
 from peft import get_peft_model
 
 from align.adapters import PBLoraConfig
@@ -829,7 +830,7 @@ def _serve_command(model_folders, port, *options):
 def test_sigterm_drains_align_serve_and_it_exits_0_in_time(model_folders):
     """``align serve`` in its own process: on SIGTERM new requests get a 503, in-flight ones
     finish or end with a clear error within --shutdown-timeout, and the process exits 0."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         _serve_command(model_folders, port, "--max-batch", "1", "--shutdown-timeout", "0.5"),
         cwd=Path(__file__).resolve().parents[1],
@@ -991,12 +992,6 @@ def test_serve_command_bad_input_is_one_error_line(model_folders):
         assert "Traceback" not in result.output
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_serve_command_on_the_embedded_model_with_a_parm(tmp_path):
     """``align serve`` as a user runs it: the embedded SmolLM2 guided by a PARM, concurrent
@@ -1005,7 +1000,7 @@ def test_serve_command_on_the_embedded_model_with_a_parm(tmp_path):
 
     base, _ = load_model()
     pblora(base).save_pretrained(tmp_path / "parm")
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable,
         "-m",

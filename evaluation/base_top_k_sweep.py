@@ -20,16 +20,16 @@ from typing import Annotated
 import torch
 import typer
 
-import align.decoding.guided as guided
+import align.decoding.batch as decoder
 
 sys.path.insert(0, str(Path(__file__).parent))
 import parm_ablation  # noqa: E402
 
 
 def restrict_to_base_top_k(k: int) -> None:
-    """Patch :func:`align.decoding.guided.combine_scores`: its first output is the base's log-probs
+    """Patch the combine_scores the decoder (:mod:`align.decoding.batch`) calls: its first output is the base's log-probs
     for PARM (a separate base, or the shared module's adapter-off copy) and GenARM alike."""
-    combine = guided.combine_scores
+    combine = decoder.combine_scores
 
     def combine_within_top_k(guidance, forwards, outputs):
         scores = combine(guidance, forwards, outputs)
@@ -39,7 +39,7 @@ def restrict_to_base_top_k(k: int) -> None:
         kth = base.topk(k, dim=-1).values[:, -1:]
         return torch.log_softmax(scores.masked_fill(base < kth, float("-inf")), dim=-1)
 
-    guided.combine_scores = combine_within_top_k
+    decoder.combine_scores = combine_within_top_k
 
 
 def main(

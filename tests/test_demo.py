@@ -418,13 +418,15 @@ def test_a_soup_sweep_in_one_weighted_pass_equals_each_merged_alpha_alone(
     from collections import Counter
 
     from align.chat import encode_prompts
-    from align.decoding.plain import weighted_lora_rows
+    from align.decoding import lora_soup
+    from align.preference import Preference
 
     # The token ids the soup rows really decode (re-encoding the texts need not give them back).
     batch = encode_prompts(runtime.tokenizer, prompts * len(alphas))
     sources = route.interpolated_sources(str(tiny_folder))
-    with weighted_lora_rows(runtime.model, sources) as row_weights, torch.no_grad():
-        row_weights.set(torch.as_tensor(alphas).repeat_interleave(len(prompts), dim=0))
+    with lora_soup(runtime.model, sources) as guidance, torch.no_grad():
+        rows = torch.as_tensor(alphas).repeat_interleave(len(prompts), dim=0)
+        guidance.set_preference(Preference(rows, guidance.objectives))
         pad = runtime.tokenizer.pad_token_id
         ids = runtime.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=pad)
     # The token found after the first position in the most rows.

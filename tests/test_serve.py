@@ -27,9 +27,16 @@ from peft import get_peft_model
 
 from align.adapters import PBLoraConfig
 from align.chat import format_prompt
-from align.decoding import genarm_guidance, guided_decode, mod_guidance, parm_guidance
-from align.decoding.batch import DecodingBatch, Sampler, choose_tokens
-from align.decoding.guided import policy_guidance
+from align.decoding import (
+    DecodingBatch,
+    Sampler,
+    choose_tokens,
+    genarm_guidance,
+    guided_decode,
+    mod_guidance,
+    parm_guidance,
+    policy_guidance,
+)
 from align.testing import tiny_causal_lm
 
 openai = pytest.importorskip("openai")

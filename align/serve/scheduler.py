@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from align.decoding.batch import Sampler, choose_tokens
+from align.decoding import RowSettings, Sampler
 from align.preference import Preference
 from align.serve.schema import Generation
 
@@ -265,6 +265,9 @@ class Scheduler:
                 [job.key for job in incoming],
                 [job.generation.prompt_ids for job in incoming],
                 Preference(alpha, self.served.objectives),
+                # The job itself says when it is done (EOS unless ignored, stop strings,
+                # max_tokens), as it streams the text.
+                [RowSettings(job.sampler, on_token=job.push) for job in incoming],
             )
             jobs.update((job.key, job) for job in incoming)
             if running:
@@ -273,14 +276,8 @@ class Scheduler:
             return
         self.stats.peak_rows = max(self.stats.peak_rows, len(jobs))
         self.stats.decoding = len(jobs)
-        scores = batch.step()
-        tokens = choose_tokens(scores, [jobs[key].sampler for key in batch.keys])
-        batch.feed(tokens)
+        step = batch.advance()  # finished rows leave the batch at once (drop_finished=0)
         self.stats.steps += 1
-        keys = list(batch.keys)
-        finished = [key for key, token in zip(keys, tokens.tolist()) if jobs[key].push(token)]
-        if finished:
-            batch.remove(finished)
-            for key in finished:
-                jobs.pop(key)
-            self.stats.finished += len(finished)
+        for key in step.finished:
+            jobs.pop(key)
+        self.stats.finished += len(step.finished)

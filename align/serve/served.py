@@ -16,8 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from align.decoding.batch import DecodingBatch
-from align.decoding.guided import check_same_tokenizer
+from align.decoding import DecodingBatch, check_same_tokenizer
 from align.preference import Preference, require_same_objectives
 from align.sweep import routes as _routes
 
@@ -118,7 +117,15 @@ class ServedModel:
 
     # --- decoding --------------------------------------------------------------------------
     def new_batch(self) -> DecodingBatch:
-        return DecodingBatch(self.base, self.guidance, vocab_size=len(self.tokenizer))
+        # A finished request's row leaves at once: its slot is free for the next request.
+        pad = self.tokenizer.pad_token_id
+        return DecodingBatch(
+            self.base,
+            self.guidance,
+            vocab_size=len(self.tokenizer),
+            pad_token_id=0 if pad is None else pad,
+            drop_finished=0.0,
+        )
 
     def card(self) -> dict[str, Any]:
         """What ``/v1/models`` says about the served model, beyond OpenAI's fields."""

@@ -258,7 +258,7 @@ class Runtime:
         """Each pass's α block × prompt batch in one decoding pass, the prompts read once per
         pass by the models whose scores do not depend on α; a sampled pass is seeded by its
         place in the sweep."""
-        from align.decoding.guided import guided_sweep
+        from align.decoding import guided_sweep
 
         options = dict(generation)
         seed = options.get("seed")
@@ -370,7 +370,7 @@ class PARMRoute(GuidedRoute):
         self.adapter, self.beta = str(adapter), float(beta)
 
     def _build(self, runtime: Runtime) -> Any:
-        from align.decoding.guided import parm_guidance
+        from align.decoding import parm_guidance
         from align.preference import require_same_objectives
 
         model, tokenizer = runtime.load_model(self.adapter)
@@ -402,7 +402,7 @@ class GenARMRoute(GuidedRoute):
         self.beta = float(beta)
 
     def _build(self, runtime: Runtime) -> Any:
-        from align.decoding.guided import genarm_guidance
+        from align.decoding import genarm_guidance
 
         # One model per ARM: two adapters cannot both be injected into the shared base.
         loaded = {k: runtime.load_model(path, shared=False) for k, path in self.arms.items()}
@@ -459,7 +459,7 @@ class MODRoute(GuidedRoute):
         self.divergence = divergence
 
     def _build(self, runtime: Runtime) -> Any:
-        from align.decoding.guided import mod_guidance
+        from align.decoding import mod_guidance
 
         # Each policy needs its own weights: MOD mixes full models, no shared base.
         loaded = {k: runtime.load_model(path, shared=False) for k, path in self.policies.items()}
@@ -518,7 +518,7 @@ class PolicyRoute(Route):
 
     def per_row_guidance(self, runtime: Runtime) -> Any:
         """The policy decoding alone, α injected per row."""
-        from align.decoding.guided import policy_guidance
+        from align.decoding import policy_guidance
 
         return policy_guidance(self._policy(runtime))
 
@@ -601,27 +601,25 @@ class MergedRoute(Route):
         sources = self.interpolated_sources(runtime.base_name)
         if sources is None:
             return self._answer_each(runtime, prompts, alphas, passes, progress)
-        from align.decoding.guided import guided_generate, mod_guidance
-        from align.decoding.plain import weighted_lora_rows
+        from align.decoding import guided_generate, lora_soup
 
         options = dict(self.generation)
         seed = options.get("seed")
         results = []
         # The base, its rows weighting the input adapters, decoded greedily (or sampled) by
-        # align's decoding loop: its KV cache, and finished rows leaving the batch (their
-        # weights with them); `generate` would decode every row to the longest answer.
-        guidance = mod_guidance({"soup": runtime.model})
-        with weighted_lora_rows(runtime.model, sources) as row_weights:
+        # align's decoder: its KV cache, and finished rows leaving the batch (their weights
+        # with them); `generate` would decode every row to the longest answer.
+        with lora_soup(runtime.model, sources) as guidance:
             for one in passes:
                 block = np.asarray(alphas[one.alpha_start : one.alpha_stop])
                 chunk = prompts[one.prompt_start : one.prompt_stop]
-                row_weights.set(torch.as_tensor(block).repeat_interleave(len(chunk), dim=0))
+                rows = torch.as_tensor(block).repeat_interleave(len(chunk), dim=0)
                 texts = guided_generate(
                     None,
                     runtime.tokenizer,
                     [prompt for _ in block for prompt in chunk],
                     guidance,
-                    [1.0],
+                    Preference(rows, guidance.objectives),
                     max_new_tokens=options.get("max_new_tokens", 48),
                     do_sample=options.get("do_sample", False),
                     temperature=options.get("temperature", 1.0),
@@ -629,7 +627,6 @@ class MergedRoute(Route):
                     seed=None
                     if seed is None
                     else seed + one.alpha_start * len(prompts) + one.prompt_start,
-                    on_rows_kept=row_weights.keep,
                 )
                 results.append(
                     [texts[k * len(chunk) : (k + 1) * len(chunk)] for k in range(len(block))]

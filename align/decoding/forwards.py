@@ -162,8 +162,9 @@ class ModelForward:
                 new if term.coefficient is None else torch.cat([term.coefficient, new])
             )
         self._catch_up()
+        self._update_idle()
         prompt_cache = None
-        if inputs[0].shape[1]:
+        if inputs[0].shape[1] and not self.idle:  # an idle model's cache rows stay zeros
             running = self.scorer.cache
             if repeats == 1:  # every term's rows in one stacked forward
                 self._configure(self.terms, added, alpha)
